@@ -1,0 +1,3 @@
+from diffusekit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,199 @@
+"""`diffusekit` commands: train, sample, info, presets, noise.
+
+Mistakes a user can make (UserError) are printed as one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from diffusekit.errors import UserError
+
+
+def _train(args) -> None:
+    from diffusekit.config import apply_overrides, load_preset
+    from diffusekit.io.checkpoint import latest_checkpoint
+    from diffusekit.pipeline import load_config
+    from diffusekit.train import train
+
+    if args.preset is None and not args.resume:
+        raise UserError("train needs --preset NAME (see `diffusekit presets`), or --resume with --out of an existing run")
+    out = Path(args.out or f"runs/{Path(args.preset).stem}")
+    if args.preset is None:  # --resume alone: continue with the run's own config
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise UserError(f"nothing to resume in '{out}': it has no complete checkpoint")
+        config = load_config(ckpt)
+    else:
+        config = load_preset(args.preset)
+    overrides = list(args.set or [])
+    if args.budget:
+        overrides.append(f"train.budget={json.dumps(args.budget)}")
+    if args.steps:
+        overrides.append(f"train.max_steps={args.steps}")
+    config = apply_overrides(config, overrides)
+    result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"run: {result.run_dir}  step {result.step}  checkpoint: {result.checkpoint}")
+    print(f"samples: {result.run_dir / 'samples'}")
+
+
+def _sample(args) -> None:
+    import torch
+
+    from diffusekit.images import save_gif, save_grid, save_images
+    from diffusekit.pipeline import Pipeline
+    from diffusekit.schedule import sigma_to_alpha_sigma
+
+    pipe = Pipeline.from_pretrained(args.checkpoint, weights=args.weights, device=args.device)
+    spacing = args.spacing or pipe.config.sample.spacing
+    options = {"eta": args.eta} if args.eta is not None else {}
+    frames: list[torch.Tensor] = []
+    if args.animate:
+        sigmas = pipe.sigmas(args.steps or pipe.config.sample.steps, spacing)
+        shown = min(args.n, 64)
+        every = max(1, (len(sigmas) - 1) // 60)
+
+        def record(start, i, x, x0):
+            if start == 0 and (i % every == 0 or i == len(sigmas) - 2):
+                alpha, _ = sigma_to_alpha_sigma(sigmas[i + 1].to(torch.float64))
+                frames.append((x[:shown] * alpha.float().to(x.device)).clamp(-1, 1).cpu())  # x_t on the DDPM scale
+
+    images = pipe.sample(
+        args.n, steps=args.steps, sampler=args.sampler, spacing=spacing, seed=args.seed, labels=args.label,
+        batch_size=args.batch_size, callback=record if args.animate else None, progress=True, **options,
+    )
+    out = Path(args.out)
+    if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+        save_grid(images, out)
+        print(f"wrote a grid of {len(images)} samples to {out}")
+    else:
+        save_images(images, out)
+        print(f"wrote {len(images)} PNGs to {out}/")
+    if args.animate:
+        save_gif(frames, args.animate)
+        print(f"wrote the reverse process ({len(frames)} frames) to {args.animate}")
+
+
+def _info(args) -> None:
+    from diffusekit.config import config_to_dict
+    from diffusekit.io.checkpoint import read_json, resolve_checkpoint
+    from diffusekit.pipeline import build_unet, load_config
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    config = load_config(ckpt)
+    state = read_json(ckpt / "state.json", "training state")
+    params = sum(p.numel() for p in build_unet(config).parameters())
+    info = {
+        "checkpoint": str(ckpt),
+        "step": state.get("step"),
+        "images_seen": state.get("images_seen"),
+        "train_seconds": round(state.get("train_seconds", 0.0), 1),
+        "parameters": params,
+        "has_ema": (ckpt / "ema.safetensors").is_file(),
+        "config": config_to_dict(config),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    m, d, data = config.model, config.diffusion, config.data
+    print(f"checkpoint   {ckpt}")
+    print(f"trained      {info['step']} steps, {info['images_seen']} images, {info['train_seconds']} s")
+    print(f"model        U-Net {params / 1e6:.2f}M parameters; widths {list(m.channels)}, {m.layers_per_block} resnet(s)/level, "
+          f"attention at levels {list(m.attention_levels)}, {'class-conditional (' + str(m.num_classes) + ')' if m.num_classes else 'unconditional'}")
+    print(f"diffusion    {d.schedule} schedule, T = {d.timesteps}, predicts {d.prediction}, {d.loss_weighting} loss weighting"
+          + (", zero terminal SNR" if d.zero_terminal_snr else ""))
+    print(f"data         {data.dataset}{' ' + data.path if data.path else ''}, {data.channels} x {data.image_size} x {data.image_size}")
+    print(f"sampling     {config.sample.sampler}, {config.sample.steps} steps, {config.sample.spacing} spacing (defaults)")
+
+
+def _presets(args) -> None:
+    from diffusekit.config import load_preset, preset_names
+
+    for name in preset_names():
+        print(f"{name:16s} {load_preset(name).description}")
+
+
+def _noise(args) -> None:
+    import torch
+
+    from diffusekit.config import DiffusionConfig
+    from diffusekit.data import to_float
+    from diffusekit.data.folder import load_image
+    from diffusekit.images import atomic_save, make_grid, to_pil, upscale
+    from diffusekit.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule.from_config(DiffusionConfig(schedule=args.schedule, timesteps=args.timesteps))
+    x0 = to_float(torch.from_numpy(load_image(Path(args.image), args.size, args.channels)))[None]
+    ts = torch.linspace(0, schedule.num_timesteps - 1, args.frames).round().long()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
+    strip = torch.cat([schedule.q_sample(x0, t[None], noise) for t in ts])
+    atomic_save(upscale(to_pil(make_grid(strip, ncols=args.frames)), 96 * 1), args.out)
+    print(f"wrote the forward process at t = {', '.join(str(int(t)) for t in ts)} to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusekit", description="Train and sample diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a preset")
+    p.add_argument("--preset", help="a built-in preset (see `diffusekit presets`) or a .toml file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
+    p.add_argument("--out", help="run folder (default runs/PRESET)")
+    p.add_argument("--budget", help="stop after this much wall-clock time, e.g. 10m, 90s, 1h30m")
+    p.add_argument("--steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("sample", help="sample images from a run or checkpoint")
+    p.add_argument("checkpoint", metavar="RUN_OR_CKPT")
+    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--steps", type=int, help="network evaluations (default: the run's sample.steps)")
+    p.add_argument("--sampler", help="sampler name (default: the run's sample.sampler)")
+    p.add_argument("--spacing", help="timestep spacing: leading, trailing, linspace, karras, logsnr")
+    p.add_argument("--eta", type=float, help="DDIM noise (0 deterministic, 1 = DDPM)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", type=int, action="append", help="class label(s) for a class-conditional model")
+    p.add_argument("--out", default="samples.png", help="a .png grid, or a folder for one PNG per image")
+    p.add_argument("--animate", metavar="GIF", help="also write the reverse process as an animated GIF")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("info", help="describe a checkpoint")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("presets", help="list the built-in presets")
+    p.set_defaults(func=_presets)
+
+    p = sub.add_parser("noise", help="show the forward process on an image")
+    p.add_argument("image")
+    p.add_argument("--out", default="noise.png")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    p.add_argument("--schedule", default="linear", choices=("linear", "scaled_linear", "cosine", "sigmoid"))
+    p.add_argument("--timesteps", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_noise)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

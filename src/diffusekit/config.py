@@ -1,0 +1,364 @@
+"""Configs: dataclasses, TOML presets, `--set key=value` overrides, JSON round trip.
+
+A run's full config is saved beside every checkpoint, so a checkpoint alone
+rebuilds its model. Every user-facing mistake (unknown key, wrong type, value
+out of range) raises ConfigError with the key, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from diffusekit.errors import ConfigError, UserError
+
+
+@dataclass
+class ModelConfig:
+    """The U-Net (names follow diffusers' UNet2DModel where they can)."""
+
+    channels: tuple[int, ...] = (32, 64, 64)  # block_out_channels, one per level
+    layers_per_block: int = 1
+    attention_levels: tuple[int, ...] = (2,)  # levels (0 = full size) with self-attention
+    mid_attention: bool = True
+    attention_head_dim: int = 32
+    norm_groups: int = 8
+    dropout: float = 0.0
+    num_classes: int = 0  # 0: unconditional; else class labels 0..n-1 plus a null class n
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and what the network predicts."""
+
+    schedule: str = "linear"  # linear | scaled_linear | cosine | sigmoid
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    zero_terminal_snr: bool = False  # Lin et al. 2023: rescale so that abar_T = 0
+    prediction: str = "eps"  # eps | x0 | v
+    loss_weighting: str = "uniform"  # uniform | min_snr
+    snr_gamma: float = 5.0  # gamma of min-SNR-gamma weighting
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"  # mnist | folder
+    path: str = ""  # the image folder, for dataset = "folder"
+    image_size: int = 28
+    channels: int = 1  # 1 (grayscale) or 3 (RGB); images are converted
+    bad_images: str = "skip"  # skip | abort: what an unreadable image does
+    hflip: bool = False  # random horizontal flips
+    limit: int = 0  # use only the first N images (0: all)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 64
+    grad_accumulation: int = 1
+    lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine (after warm-up)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step))
+    max_steps: int = 100_000
+    budget: str = ""  # wall-clock limit such as "10m", "90s", "1h30m"; "" for none
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # CPU threads; 0 uses every core
+    log_every: int = 25
+    sample_every: int = 0  # steps between sample grids; 0: only at the end
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for sampling (sample grids in training, `diffusekit sample`)."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    spacing: str = "trailing"  # leading | trailing | linspace
+    eta: float = 0.0  # DDIM noise: 0 deterministic, 1 = DDPM
+    n: int = 64  # images in a training sample grid
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# Keys that may differ between a run and its resumption; everything else must match.
+RESUMABLE_KEYS = {
+    "description",
+    "train.max_steps",
+    "train.budget",
+    "train.device",
+    "train.threads",
+    "train.log_every",
+    "train.sample_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+}
+RESUMABLE_SECTIONS = {"sample"}
+
+
+# ----------------------------------------------------------------------------- typing
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        inner = args[0].__name__
+        return f"a list of {inner}s" if args[-1] is Ellipsis else f"{len(args)} {inner}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
+
+
+def _coerce(value, hint, key: str):
+    """Check and convert one value (from TOML, JSON or --set) to the field's type."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} expects {_type_name(hint)}, got {value!r}; e.g. --set {key}=64,128")
+        inner = args[0]
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            raise ConfigError(f"{key} expects {_type_name(hint)}, got {len(value)} values: {value!r}")
+        return tuple(_coerce(v, inner, key) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} expects {_type_name(hint)}, got {value!r}")
+
+
+def _parse_cli_value(text: str):
+    """`--set` values: TOML literals (2e-4, true, [1, 2], "x"), a bare comma list, or a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    if "," in text:
+        return [_parse_cli_value(part.strip()) for part in text.split(",") if part.strip()]
+    return text
+
+
+# ----------------------------------------------------------------------------- dict <-> config
+
+
+def _section_classes() -> dict[str, type]:
+    return {name: hint for name, hint in _field_types(Config).items() if dataclasses.is_dataclass(hint)}
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}' in {where}.{hint} Valid keys: {', '.join(sorted(valid))}")
+
+
+def all_keys() -> list[str]:
+    keys = ["description"]
+    for section, cls in _section_classes().items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def update_config(config: Config, values: dict, where: str) -> Config:
+    """Return a copy of `config` with nested `values` ({section: {key: value}}) applied."""
+    sections = _section_classes()
+    changes = {}
+    for name, value in values.items():
+        if name == "description":
+            changes[name] = _coerce(value, str, name)
+            continue
+        if name not in sections:
+            raise _unknown_key(name, ["description", *sections], where)
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{name}' in {where} must be a section ([{name}]), got {value!r}")
+        cls = sections[name]
+        hints = _field_types(cls)
+        fixed = {}
+        for key, item in value.items():
+            if key not in hints:
+                raise _unknown_key(f"{name}.{key}", all_keys(), where)
+            fixed[key] = _coerce(item, hints[key], f"{name}.{key}")
+        changes[name] = dataclasses.replace(getattr(config, name), **fixed)
+    return dataclasses.replace(config, **changes)
+
+
+def config_to_dict(config: Config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_from_dict(values: dict, where: str = "config") -> Config:
+    return validate(update_config(Config(), values, where))
+
+
+def apply_overrides(config: Config, assignments: list[str]) -> Config:
+    """Apply `--set section.key=value` strings."""
+    for text in assignments:
+        if "=" not in text:
+            raise ConfigError(f"--set expects key=value, got '{text}'; e.g. --set train.lr=2e-4")
+        key, raw = (part.strip() for part in text.split("=", 1))
+        if key not in all_keys():
+            raise _unknown_key(key, all_keys(), "--set")
+        value = _parse_cli_value(raw)
+        if key == "description":
+            config = update_config(config, {"description": str(value)}, "--set")
+            continue
+        section, name = key.split(".", 1)
+        config = update_config(config, {section: {name: value}}, "--set")
+    return validate(config)
+
+
+def diff_configs(a: Config, b: Config) -> list[tuple[str, object, object]]:
+    """Keys whose values differ, as (key, value in a, value in b)."""
+    flat_a, flat_b = _flatten(config_to_dict(a)), _flatten(config_to_dict(b))
+    return [(k, flat_a[k], flat_b[k]) for k in flat_a if flat_a[k] != flat_b[k]]
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("diffusekit") / "presets"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name_or_path: str) -> Config:
+    """A built-in preset by name, or a TOML file by path."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"preset file '{path}' does not exist; give a TOML file or one of: {', '.join(preset_names())}")
+        text, where = path.read_text(), str(path)
+    else:
+        if name_or_path not in preset_names():
+            close = difflib.get_close_matches(name_or_path, preset_names(), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise UserError(
+                f"unknown preset '{name_or_path}'.{hint} Available: {', '.join(preset_names())} "
+                "(see `diffusekit presets`), or give a path to a .toml file"
+            )
+        text = (resources.files("diffusekit") / "presets" / f"{name_or_path}.toml").read_text()
+        where = f"preset '{name_or_path}'"
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{where} is not valid TOML: {err}") from None
+    return validate(update_config(Config(), values, where))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not one of: {', '.join(choices)}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> Config:
+    """Range and consistency checks; returns the config unchanged."""
+    from diffusekit.denoiser import PREDICTIONS
+    from diffusekit.losses import WEIGHTINGS
+    from diffusekit.samplers import SAMPLERS
+    from diffusekit.schedule import BETA_SCHEDULES, SPACINGS
+
+    m, d, data, t, s = config.model, config.diffusion, config.data, config.train, config.sample
+    _check(len(m.channels) >= 1 and all(c > 0 for c in m.channels), "model.channels needs at least one positive width, e.g. 32,64,64")
+    _check(m.layers_per_block >= 1, "model.layers_per_block must be at least 1")
+    for level in m.attention_levels:
+        _check(0 <= level < len(m.channels), f"model.attention_levels has level {level}, but there are only levels 0..{len(m.channels) - 1}")
+    for c in m.channels:
+        _check(c % m.norm_groups == 0, f"model.channels {c} is not divisible by model.norm_groups = {m.norm_groups}; pick widths that are multiples of it")
+    for level in set(m.attention_levels) | ({len(m.channels) - 1} if m.mid_attention else set()):
+        c = m.channels[level]
+        _check(c % m.attention_head_dim == 0, f"model.attention_head_dim = {m.attention_head_dim} does not divide the width {c} of attention level {level}")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
+    _check(m.num_classes >= 0, "model.num_classes must be 0 (unconditional) or the number of classes")
+
+    _choice("diffusion.schedule", d.schedule, BETA_SCHEDULES)
+    _choice("diffusion.prediction", d.prediction, PREDICTIONS)
+    _choice("diffusion.loss_weighting", d.loss_weighting, WEIGHTINGS)
+    _check(d.timesteps >= 2, "diffusion.timesteps must be at least 2")
+    _check(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start and beta_end need 0 < beta_start < beta_end < 1")
+    _check(d.snr_gamma > 0, "diffusion.snr_gamma must be positive")
+
+    _choice("data.dataset", data.dataset, ("mnist", "folder"))
+    _choice("data.bad_images", data.bad_images, ("skip", "abort"))
+    _check(data.channels in (1, 3), "data.channels must be 1 (grayscale) or 3 (RGB)")
+    _check(data.image_size >= 4, "data.image_size must be at least 4")
+    factor = 2 ** (len(m.channels) - 1)
+    _check(
+        data.image_size % factor == 0,
+        f"data.image_size = {data.image_size} cannot pass through the U-Net: its {len(m.channels)} levels halve the size "
+        f"{len(m.channels) - 1} times, so the size must be a multiple of {factor} (e.g. {max(factor, data.image_size // factor * factor)} "
+        f"or {(data.image_size // factor + 1) * factor}), or use fewer levels in model.channels",
+    )
+    _check(data.dataset != "folder" or bool(data.path), "data.dataset = 'folder' needs data.path, e.g. --set data.path=my_images/")
+    _check(data.limit >= 0, "data.limit must be 0 (all) or a positive count")
+
+    _check(t.batch_size >= 1 and t.grad_accumulation >= 1, "train.batch_size and train.grad_accumulation must be at least 1")
+    _check(t.lr > 0, "train.lr must be positive")
+    _choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
+    _check(t.max_steps >= 1, "train.max_steps must be at least 1")
+    _check(t.warmup_steps >= 0 and t.grad_clip >= 0, "train.warmup_steps and train.grad_clip must not be negative")
+    _check(t.log_every >= 1 and t.checkpoint_every >= 1 and t.keep_checkpoints >= 1, "train.log_every, checkpoint_every and keep_checkpoints must be at least 1")
+    if t.budget:
+        from diffusekit.runtime import parse_duration
+
+        parse_duration(t.budget)
+
+    _choice("sample.sampler", s.sampler, SAMPLERS)
+    _choice("sample.spacing", s.spacing, SPACINGS)
+    _check(s.steps >= 1 and s.n >= 1, "sample.steps and sample.n must be at least 1")
+    return config

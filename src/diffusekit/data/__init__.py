@@ -1,0 +1,101 @@
+"""Datasets held in memory as uint8 tensors, and the shuffled batch stream used in training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from diffusekit.errors import UserError
+
+
+@dataclass
+class ImageDataset:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor | None = None  # int64 [N], class labels where the data has them
+    num_classes: int = 0
+    skipped: int = 0  # unreadable files left out
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255] (clamped)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def fit_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """Resize square uint8 images to `size` and convert 1 <-> 3 channels."""
+    if images.shape[1] != channels:
+        images = images.repeat(1, 3, 1, 1) if channels == 3 else images.float().mean(1, keepdim=True).round().to(torch.uint8)
+    if images.shape[-1] != size:
+        resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        images = resized.round().clamp(0, 255).to(torch.uint8)
+    return images
+
+
+def load_dataset(cfg, progress: bool = True) -> ImageDataset:
+    """The dataset a DataConfig names, at its image size and channel count."""
+    if cfg.dataset == "mnist":
+        from diffusekit.data.mnist import load_mnist
+
+        images, labels = load_mnist()
+        dataset = ImageDataset(fit_images(images, cfg.image_size, cfg.channels), labels, num_classes=10)
+    elif cfg.dataset == "folder":
+        from diffusekit.data.folder import load_folder
+
+        images, _, skipped = load_folder(cfg.path, cfg.image_size, cfg.channels, cfg.bad_images, cfg.limit, progress)
+        dataset = ImageDataset(images, skipped=skipped)
+    else:
+        raise UserError(f"unknown dataset '{cfg.dataset}'; use mnist or folder")
+    if cfg.limit and len(dataset) > cfg.limit:
+        labels = dataset.labels[: cfg.limit] if dataset.labels is not None else None
+        dataset = ImageDataset(dataset.images[: cfg.limit], labels, dataset.num_classes, dataset.skipped)
+    return dataset
+
+
+class BatchStream:
+    """An endless stream of index batches over N items, reshuffled each epoch.
+
+    Epoch e is a permutation drawn from a generator seeded with (seed, e), and the
+    state is just (epoch, position): a resumed run sees exactly the same batches.
+    Batches run across epoch boundaries, so every batch is full.
+    With `world` ranks, each step consumes batch_size * world indices and rank r
+    takes every world-th of them, starting at r.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if n < 1:
+            raise UserError("the dataset is empty")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch, self.position = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def next_indices(self) -> torch.Tensor:
+        need, parts = self.batch_size * self.world, []
+        while need:
+            take = min(need, self.n - self.position)
+            parts.append(self._perm[self.position : self.position + take])
+            self.position += take
+            need -= take
+            if self.position == self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+        return torch.cat(parts)[self.rank :: self.world]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._perm = self._permutation(self.epoch)

@@ -1,0 +1,84 @@
+"""A folder of the user's images (PNG, JPEG, WebP; searched recursively).
+
+Each image is converted to RGB or grayscale (transparency composited on white),
+its shorter side resized to the target size and the centre cropped. An unreadable
+file is reported by path and skipped (and counted), or aborts the load, by option.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from diffusekit.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def find_images(root: Path) -> list[Path]:
+    if not root.exists():
+        raise UserError(f"image folder '{root}' does not exist; check data.path (e.g. --set data.path=my_images/)")
+    if not root.is_dir():
+        raise UserError(f"data.path '{root}' is a file, not a folder; give the folder that holds the images")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"image folder '{root}' holds no PNG, JPEG or WebP images (searched recursively); add images or fix data.path")
+    return files
+
+
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """RGB or L; an alpha channel is composited on white."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """uint8 array [C, size, size]; raises UserError naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = resize_center_crop(to_mode(image, channels), size)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise UserError(f"cannot read image '{path}': {err}") from None
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def load_folder(root: str | Path, size: int, channels: int, bad_images: str = "skip", limit: int = 0, progress: bool = True):
+    """(images uint8 [N, C, size, size], relative file names, number skipped)."""
+    root = Path(root)
+    files = find_images(root)
+    if limit:
+        files = files[:limit]
+    arrays, names, skipped = [], [], 0
+    for path in tqdm(files, desc="loading images", unit="img", disable=not progress or len(files) < 200, file=sys.stderr):
+        try:
+            arrays.append(load_image(path, size, channels))
+            names.append(str(path.relative_to(root)))
+        except UserError as err:
+            if bad_images == "abort":
+                raise UserError(f"{err}. Remove or replace the file, or set data.bad_images=skip to skip unreadable images") from None
+            skipped += 1
+            print(f"warning: skipping unreadable image {path}", file=sys.stderr)
+    if not arrays:
+        raise UserError(f"none of the {len(files)} image files in '{root}' could be read; check that they are valid PNG/JPEG/WebP files")
+    if skipped:
+        print(f"warning: skipped {skipped} unreadable image(s) of {len(files)} in {root}", file=sys.stderr)
+    return torch.from_numpy(np.stack(arrays)), names, skipped

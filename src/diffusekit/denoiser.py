@@ -1,0 +1,79 @@
+"""The one seam between networks and samplers: D(x, sigma, cond) -> x0_hat.
+
+All conversions between what a network predicts (eps, x0 or v) and the clean
+image live here. With alpha = sqrt(abar), s = sqrt(1 - abar) and
+x_t = alpha * x0 + s * eps (DDPM eq. 4):
+
+    eps target:  eps                 x0 = (x_t - s * eps) / alpha
+    x0 target:   x0                  x0 = output
+    v target:    alpha*eps - s*x0    x0 = alpha * x_t - s * v    (Salimans & Ho 2022, sec. 4)
+
+Samplers use the k-diffusion variable x = x_t / alpha = x0 + sigma * eps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffusekit.schedule import NoiseSchedule, sigma_to_alpha_sigma
+
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def _expand(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return c.to(like.dtype).view(-1, *[1] * (like.ndim - 1))
+
+
+def prediction_target(prediction: str, x0, eps, alpha, s) -> torch.Tensor:
+    """What the network is trained to output for x_t = alpha * x0 + s * eps."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return _expand(alpha, x0) * eps - _expand(s, x0) * x0
+    raise ValueError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
+
+
+def x0_from_prediction(prediction: str, output, x_t, alpha, s) -> torch.Tensor:
+    """The clean image implied by a network output at x_t = alpha * x0 + s * eps."""
+    if prediction == "eps":
+        return (x_t - _expand(s, x_t) * output) / _expand(alpha, x_t)
+    if prediction == "x0":
+        return output
+    if prediction == "v":
+        return _expand(alpha, x_t) * x_t - _expand(s, x_t) * output
+    raise ValueError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
+
+
+def eps_from_x0(x0, x_t, alpha, s) -> torch.Tensor:
+    return (x_t - _expand(alpha, x_t) * x0) / _expand(s, x_t)
+
+
+class Denoiser:
+    """Wraps a discrete-time network net(x_t, t, **cond) as D(x, sigma, cond) -> x0_hat.
+
+    sigma is mapped back to a (possibly fractional) timestep t, and x to the
+    DDPM scale x_t = x / sqrt(1 + sigma^2), before the network is called.
+    """
+
+    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, prediction: str):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
+        self.net, self.schedule, self.prediction = net, schedule, prediction
+
+    @property
+    def sigma_min(self) -> float:
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.schedule.sigma_max
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        sigma = sigma.to(x.device, torch.float64).expand(x.shape[0])
+        alpha, s = sigma_to_alpha_sigma(sigma)
+        x_t = x * _expand(alpha, x)
+        t = self.schedule.sigma_to_t(sigma).to(torch.float32)
+        output = self.net(x_t, t, **(cond or {})).to(x.dtype)
+        return x0_from_prediction(self.prediction, output, x_t, alpha, s)

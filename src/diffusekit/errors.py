@@ -1,0 +1,14 @@
+"""The one exception type for mistakes a user can make and fix.
+
+The CLI prints its message (no traceback) and exits with code 2. Library code
+raises it for bad input: a missing file, a corrupt image, a wrong config value,
+an incompatible checkpoint. Bugs stay ordinary exceptions with tracebacks.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input; the message names it and the fix."""
+
+
+class ConfigError(UserError):
+    """A config key or value that is unknown, wrongly typed or out of range."""

@@ -1,0 +1,180 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else; never pickle.
+
+    RUN/checkpoints/step_00001000/
+        config.json           the full config: enough to rebuild the model
+        model.safetensors     raw weights
+        ema.safetensors       EMA weights (what sampling uses by default)
+        optimizer.safetensors optimizer moments, as flat tensors ("state.<param>.<name>")
+        rng.safetensors       RNG states (torch CPU, the training generator, CUDA)
+        state.json            step, data position, optimizer hyper-parameters, ...
+    RUN/checkpoints/latest    the name of the newest complete checkpoint
+
+A checkpoint is written into a temporary folder and renamed into place, and only
+then does `latest` (itself replaced atomically) point at it: a crash mid-save
+never leaves a half-written checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from diffusekit.errors import UserError
+
+LATEST = "latest"
+WEIGHT_FILES = {"ema": "ema.safetensors", "model": "model.safetensors"}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, config: dict, keep: int = 2) -> Path:
+    """Write checkpoints/step_N/ atomically, point `latest` at it, keep the newest `keep`."""
+    folder = Path(run_dir) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / checkpoint_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=folder))
+    try:
+        for name, group in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / f"{name}.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text_atomic(folder / LATEST, final.name + "\n")
+    prune_checkpoints(folder, keep)
+    return final
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("step_*") if p.is_dir())
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    latest = (folder / LATEST).read_text().strip()
+    for old in list_checkpoints(folder)[:-keep]:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder (its latest checkpoint) or a checkpoint folder -> the checkpoint folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"'{path}' does not exist; give a run folder (e.g. runs/mnist) or one of its checkpoints/step_* folders")
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise UserError(f"'{path}' is neither a run folder with a checkpoint nor a checkpoint folder (no checkpoints/latest, no model.safetensors)")
+    return found
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} '{path}' is missing; the checkpoint is incomplete") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{what} '{path}' is not valid JSON ({err}); the checkpoint is damaged") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise UserError(f"'{path}' is missing; the checkpoint is incomplete") from None
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"cannot read '{path}' ({err}); the file is damaged or not a safetensors file") from None
+
+
+def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
+    """EMA weights by default; raw weights with which='model' (or when no EMA was saved)."""
+    path = Path(ckpt) / WEIGHT_FILES[which]
+    if which == "ema" and not path.is_file():
+        path = Path(ckpt) / WEIGHT_FILES["model"]
+    return read_tensors(path)
+
+
+def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with one clear message when the weights belong to another model."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        details = []
+        if wrong:
+            details.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[0]}")
+        if missing:
+            details.append(f"{len(missing)} missing, e.g. {missing[0]}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+        raise UserError(
+            f"the weights in {source} do not fit this model's config ({'; '.join(details)}); "
+            "they come from a model of another shape: use the config.json saved with those weights"
+        )
+    module.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+
+def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state dict -> (tensors for safetensors, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for index, values in state_dict["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in rest.get("scalars", {}).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}

@@ -1,0 +1,166 @@
+"""The denoising U-Net (Ronneberger et al. 2015, as used by Ho et al. 2020).
+
+Structure and parameter names are those of diffusers' UNet2DModel with
+DownBlock2D / AttnDownBlock2D, UNetMidBlock2D and UpBlock2D / AttnUpBlock2D, so
+a UNet2DModel state dict of the same shape loads key for key:
+
+    conv_in -> down_blocks[i] (resnets, attentions?, downsamplers?) -> mid_block
+    -> up_blocks[i] (resnets fed with skips, attentions?, upsamplers?) -> conv_out
+
+Every down-path output (after conv_in, each resnet, each downsampler) is kept as
+a skip and consumed, last first, by one up-path resnet.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffusekit.errors import UserError
+from diffusekit.nn.blocks import Downsample2D, ResnetBlock2D, SelfAttention2D, TimestepEmbedding, Upsample2D, timestep_embedding
+
+
+class DownBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, temb: int, layers: int, attention: bool, downsample: bool, groups: int, head_dim: int, dropout: float):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, groups, dropout) for i in range(layers)])
+        if attention:
+            self.attentions = nn.ModuleList([SelfAttention2D(out_ch, head_dim, groups) for _ in range(layers)])
+        if downsample:
+            self.downsamplers = nn.ModuleList([Downsample2D(out_ch)])
+
+    def forward(self, x, temb):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if hasattr(self, "attentions"):
+                x = self.attentions[i](x)
+            skips.append(x)
+        if hasattr(self, "downsamplers"):
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch: int, temb: int, attention: bool, groups: int, head_dim: int, dropout: float):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb, groups, dropout) for _ in range(2)])
+        if attention:
+            self.attentions = nn.ModuleList([SelfAttention2D(ch, head_dim, groups)])
+
+    def forward(self, x, temb):
+        x = self.resnets[0](x, temb)
+        if hasattr(self, "attentions"):
+            x = self.attentions[0](x)
+        return self.resnets[1](x, temb)
+
+
+class UpBlock(nn.Module):
+    def __init__(self, prev_ch: int, out_ch: int, skip_chs: list[int], temb: int, attention: bool, upsample: bool, groups: int, head_dim: int, dropout: float):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D((prev_ch if i == 0 else out_ch) + skip, out_ch, temb, groups, dropout) for i, skip in enumerate(skip_chs)]
+        )
+        if attention:
+            self.attentions = nn.ModuleList([SelfAttention2D(out_ch, head_dim, groups) for _ in skip_chs])
+        if upsample:
+            self.upsamplers = nn.ModuleList([Upsample2D(out_ch)])
+
+    def forward(self, x, temb, skips: list[torch.Tensor]):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if hasattr(self, "attentions"):
+                x = self.attentions[i](x)
+        if hasattr(self, "upsamplers"):
+            x = self.upsamplers[0](x)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        channels: tuple[int, ...] = (32, 64, 64),
+        layers_per_block: int = 1,
+        attention_levels: tuple[int, ...] = (2,),
+        mid_attention: bool = True,
+        attention_head_dim: int = 32,
+        norm_groups: int = 8,
+        dropout: float = 0.0,
+        num_classes: int = 0,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.in_channels, self.num_levels, self.num_classes = in_channels, len(channels), num_classes
+        temb = channels[0] * 4
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], temb)
+        if num_classes:
+            # index num_classes is the null class: "no label", learned by label dropout for guidance
+            self.class_embedding = nn.Embedding(num_classes + 1, temb)
+
+        last = len(channels) - 1
+        skip_chs = [channels[0]]
+        self.down_blocks = nn.ModuleList()
+        for level, ch in enumerate(channels):
+            prev = channels[max(level - 1, 0)]
+            self.down_blocks.append(DownBlock(prev, ch, temb, layers_per_block, level in attention_levels, level != last, norm_groups, attention_head_dim, dropout))
+            skip_chs += [ch] * layers_per_block + ([ch] if level != last else [])
+        self.mid_block = MidBlock(channels[-1], temb, mid_attention, norm_groups, attention_head_dim, dropout)
+        self.up_blocks = nn.ModuleList()
+        prev = channels[-1]
+        for level in reversed(range(len(channels))):
+            ch = channels[level]
+            block_skips = [skip_chs.pop() for _ in range(layers_per_block + 1)]
+            self.up_blocks.append(UpBlock(prev, ch, block_skips, temb, level in attention_levels, level != 0, norm_groups, attention_head_dim, dropout))
+            prev = ch
+        self.conv_norm_out = nn.GroupNorm(norm_groups, channels[0], eps=norm_eps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
+
+    @classmethod
+    def from_config(cls, cfg, in_channels: int, out_channels: int | None = None) -> "UNet":
+        return cls(
+            in_channels,
+            out_channels or in_channels,
+            channels=tuple(cfg.channels),
+            layers_per_block=cfg.layers_per_block,
+            attention_levels=tuple(cfg.attention_levels),
+            mid_attention=cfg.mid_attention,
+            attention_head_dim=cfg.attention_head_dim,
+            norm_groups=cfg.norm_groups,
+            dropout=cfg.dropout,
+            num_classes=cfg.num_classes,
+        )
+
+    def check_input(self, x: torch.Tensor) -> None:
+        factor = 2 ** (self.num_levels - 1)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise UserError(f"the U-Net takes images of shape [batch, {self.in_channels}, H, W], got {list(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % factor or w % factor:
+            raise UserError(
+                f"image size {h}x{w} cannot pass through this U-Net: its {self.num_levels} levels halve the size "
+                f"{self.num_levels - 1} times, so height and width must be multiples of {factor}"
+            )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x)
+        t = t.to(x.device, torch.float32).reshape(-1).expand(x.shape[0])
+        emb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype))
+        if self.num_classes:
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.class_embedding(class_labels).to(emb.dtype)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, emb)
+            skips += block_skips
+        h = self.mid_block(h, emb)
+        for block in self.up_blocks:
+            h = block(h, emb, skips)
+        return self.conv_out(self.conv_act(self.conv_norm_out(h)))

@@ -1,0 +1,70 @@
+"""Process-level settings: device choice, CPU threads, durations, per-sample generators."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from diffusekit.errors import UserError
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
+
+
+def parse_duration(text: str) -> float:
+    """'10m' -> 600.0, '1h30m' -> 5400.0, '90s' or '90' -> 90.0 seconds."""
+    cleaned = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", cleaned):
+        return float(cleaned)
+    parts = _DURATION.findall(cleaned)
+    if not cleaned or "".join(n + u for n, u in parts) != cleaned:
+        raise UserError(f"cannot read the duration '{text}'; write it like 90s, 10m, 1h or 1h30m")
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def use_all_cores(threads: int = 0) -> int:
+    """Use every core by default (torch often starts with half of them)."""
+    count = threads if threads > 0 else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' was asked for but no CUDA GPU is visible; use --set train.device=cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+
+
+def sample_generators(seed: int, count: int, start: int = 0) -> list[torch.Generator]:
+    """One CPU generator per sample, so that image i of seed s never depends on the batch size."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(count)]
+
+
+def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Gaussian noise from None (global RNG), one generator, or a list of per-sample generators.
+
+    Per-sample noise is drawn on the CPU and moved, so it is identical on every device.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        noise = torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in generator])
+        return noise.to(device) if device is not None else noise
+    if generator is not None and device is not None and generator.device != torch.device(device):
+        return torch.randn(shape, generator=generator, dtype=dtype, device=generator.device).to(device)
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device)

@@ -1,0 +1,190 @@
+"""Noise schedules and the closed-form forward process.
+
+Notation (Ho et al. 2020): beta_t the per-step noise, alpha_t = 1 - beta_t,
+abar_t = prod_{s<=t} alpha_s. The forward process in closed form (DDPM eq. 4):
+
+    x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps,   eps ~ N(0, I).
+
+Samplers work in the k-diffusion ("variance exploding") view of the same process,
+x = x0 + sigma * eps with sigma_t = sqrt((1 - abar_t) / abar_t): that x is the
+DDPM x_t divided by sqrt(abar_t). log-SNR = log(abar / (1 - abar)) = -2 log sigma.
+Timesteps are 0-based: t = 0 is the least noisy, t = T - 1 the noisiest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# abar_T = 0 (zero terminal SNR) would make sigma infinite; samplers use this
+# floor instead, as diffusers does (2**-24, i.e. sigma_max ~ 4096).
+MIN_ALPHA_CUMPROD = 2.0**-24
+
+
+def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Ho et al. 2020: betas evenly spaced from 1e-4 to 0.02 over T = 1000 steps."""
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def scaled_linear_betas(T: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Stable Diffusion's schedule: linear in sqrt(beta)."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+
+
+def cosine_alpha_cumprod(t: torch.Tensor, s: float = 0.008) -> torch.Tensor:
+    """Nichol & Dhariwal 2021 eq. 17: abar(t) = f(t) / f(0), f(t) = cos^2(pi/2 (t + s) / (1 + s)), t in [0, 1]."""
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    return f / math.cos(s / (1 + s) * math.pi / 2) ** 2
+
+
+def cosine_betas(T: int, beta_start: float = 0.0, beta_end: float = 0.0, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal 2021: beta_t = 1 - abar(t+1)/abar(t), clipped at 0.999 near t = T."""
+    grid = torch.arange(T + 1, dtype=torch.float64) / T
+    abar = cosine_alpha_cumprod(grid)
+    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+
+
+def sigmoid_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Betas along a sigmoid from beta_start to beta_end (GeoDiff; diffusers' "sigmoid")."""
+    return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+
+
+BETA_SCHEDULES = {
+    "linear": linear_betas,
+    "scaled_linear": scaled_linear_betas,
+    "cosine": cosine_betas,
+    "sigmoid": sigmoid_betas,
+}
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(abar) so that abar_0 is kept and abar_T = 0."""
+    abar_sqrt = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    abar_sqrt = (abar_sqrt - last) * first / (first - last)
+    abar = abar_sqrt**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
+# ----------------------------------------------------------------------------- conversions
+
+
+def sigma_to_alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-diffusion sigma -> the DDPM coefficients (sqrt(abar), sqrt(1 - abar))."""
+    alpha = 1 / torch.sqrt(1 + sigma**2)
+    return alpha, sigma * alpha
+
+
+def sigma_to_log_snr(sigma: torch.Tensor) -> torch.Tensor:
+    return -2 * torch.log(sigma)
+
+
+def log_snr_to_sigma(log_snr: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-log_snr / 2)
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """np.interp for increasing xp, clamped at the ends."""
+    x = x.clamp(xp[0], xp[-1])
+    idx = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    w = (x - x0) / (x1 - x0)
+    return f0 + w * (f1 - f0)
+
+
+# ----------------------------------------------------------------------------- the schedule
+
+SPACINGS = ("leading", "trailing", "linspace", "karras", "logsnr")
+
+
+class NoiseSchedule:
+    """A discrete-time forward process defined by its betas (float64 throughout)."""
+
+    def __init__(self, betas: torch.Tensor):
+        self.betas = betas.to(torch.float64)
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
+        abar = self.alphas_cumprod.clamp(min=MIN_ALPHA_CUMPROD)
+        self.sigmas = ((1 - abar) / abar).sqrt()  # increasing in t
+        self.log_sigmas = self.sigmas.log()
+
+    @classmethod
+    def from_config(cls, cfg) -> "NoiseSchedule":
+        betas = BETA_SCHEDULES[cfg.schedule](cfg.timesteps, cfg.beta_start, cfg.beta_end)
+        if cfg.zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        return cls(betas)
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.betas)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        abar = self.alphas_cumprod.to(t.device)[t]
+        return abar / (1 - abar)
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        return self.snr(t).log()
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(abar_t), sqrt(1 - abar_t)) for integer timesteps, float64."""
+        abar = self.alphas_cumprod.to(t.device)[t]
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Closed-form forward process, DDPM eq. 4: sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+        alpha, sigma = (c.to(x0.dtype).view(-1, *[1] * (x0.ndim - 1)) for c in self.alpha_sigma(t))
+        return alpha * x0 + sigma * noise
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Continuous timestep for a sigma, interpolating log-sigma between the discrete steps."""
+        log_sigma = sigma.to(torch.float64).clamp(min=1e-12).log()
+        t = torch.arange(self.num_timesteps, dtype=torch.float64, device=sigma.device)
+        return _interp(log_sigma, self.log_sigmas.to(sigma.device), t)
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        grid = torch.arange(self.num_timesteps, dtype=torch.float64, device=t.device)
+        return _interp(t.to(torch.float64), grid, self.log_sigmas.to(t.device)).exp()
+
+    # ------------------------------------------------------------------ inference steps
+
+    def timesteps(self, steps: int, spacing: str = "trailing", steps_offset: int = 0) -> torch.Tensor:
+        """Descending integer timesteps for `steps` network calls (spacings as in diffusers).
+
+        leading:  0, T/n, 2T/n, ...  (never reaches T-1; DDIM paper)
+        trailing: ..., T-1-T/n, T-1  (Lin et al. 2023: always starts at the noisiest step)
+        linspace: round(linspace(0, T-1, n))
+        """
+        T = self.num_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be between 1 and {T}, got {steps}")
+        if spacing == "leading":
+            ts = torch.arange(steps, dtype=torch.float64) * (T // steps) + steps_offset
+        elif spacing == "trailing":
+            ts = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64)).flip(0) - 1
+        elif spacing == "linspace":
+            ts = torch.round(torch.linspace(0, T - 1, steps, dtype=torch.float64))
+        else:
+            raise ValueError(f"'{spacing}' is not a timestep spacing; use leading, trailing or linspace")
+        return ts.clamp(0, T - 1).long().flip(0)
+
+    def sampling_sigmas(self, steps: int, spacing: str = "trailing", rho: float = 7.0) -> torch.Tensor:
+        """steps + 1 decreasing sigmas ending in 0: the sampler evaluates the network at the first `steps`."""
+        if spacing == "karras":  # Karras et al. 2022 eq. 5, uniform in sigma^(1/rho)
+            ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+            lo, hi = self.sigma_min ** (1 / rho), self.sigma_max ** (1 / rho)
+            sigmas = (hi + ramp * (lo - hi)) ** rho
+        elif spacing == "logsnr":  # uniform in log-SNR = -2 log sigma
+            sigmas = torch.linspace(math.log(self.sigma_max), math.log(self.sigma_min), steps, dtype=torch.float64).exp()
+        else:
+            sigmas = self.sigmas[self.timesteps(steps, spacing)]
+        return torch.cat([sigmas, sigmas.new_zeros(1)])
