@@ -1,0 +1,145 @@
+"""Shared fixtures: a tiny config, image folders, fake networks and a tiny trained run.
+
+Everything here is sized for a 2-core CPU: U-Nets of widths 8/16, 8x8 images,
+T = 100 timesteps, a handful of optimizer steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusekit.config import Config, update_config, validate
+from diffusekit.schedule import NoiseSchedule
+
+# Ho et al.'s betas (1e-4 .. 0.02 over T = 1000) rescaled to T = 100, so that the
+# last step is still almost pure noise (abar_T ~ 4e-5).
+TINY_T = 100
+TINY_BETAS = (1e-3, 0.2)
+
+TINY = {
+    "model": {
+        "channels": [8, 16],
+        "layers_per_block": 1,
+        "attention_levels": [1],
+        "mid_attention": True,
+        "attention_head_dim": 8,
+        "norm_groups": 4,
+    },
+    "diffusion": {"schedule": "linear", "timesteps": TINY_T, "beta_start": TINY_BETAS[0], "beta_end": TINY_BETAS[1]},
+    "data": {"dataset": "folder", "path": "set-me", "image_size": 8, "channels": 1},
+    "train": {
+        "batch_size": 8,
+        "lr": 1e-3,
+        "warmup_steps": 0,
+        "ema_decay": 0.9,
+        "max_steps": 4,
+        "device": "cpu",
+        "threads": 1,
+        "precision": "fp32",
+        "log_every": 1,
+        "checkpoint_every": 1000,
+    },
+    "sample": {"steps": 5, "n": 4},
+}
+
+
+def tiny_config(**sets) -> Config:
+    """The tiny config with `section__key=value` overrides, e.g. tiny_config(train__max_steps=2)."""
+    values = {section: dict(keys) for section, keys in TINY.items()}
+    for name, value in sets.items():
+        section, key = name.split("__", 1)
+        values[section][key] = value
+    return validate(update_config(Config(), values, "tests"))
+
+
+def tiny_schedule(**kwargs) -> NoiseSchedule:
+    cfg = tiny_config(**{f"diffusion__{k}": v for k, v in kwargs.items()}).diffusion
+    return NoiseSchedule.from_config(cfg)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Keep torch on one thread: on a loaded 2-core machine two threads spin and crawl.
+
+    Pipeline.from_pretrained and Trainer change the thread count; restore it after each test.
+    """
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- image files
+
+
+def write_images(folder: Path, arrays, suffix: str = ".png", names=None) -> list[Path]:
+    """Write uint8 arrays ([H, W] gray, [H, W, 3] RGB or [H, W, 4] RGBA) as image files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, array in enumerate(arrays):
+        path = folder / (names[i] if names else f"img_{i:03d}{suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def random_images(count: int, size: int = 8, channels: int = 1, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = (count, size, size) if channels == 1 else (count, size, size, channels)
+    return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """16 random 8x8 grayscale PNGs."""
+    folder = tmp_path / "images"
+    write_images(folder, random_images(16))
+    return folder
+
+
+# ----------------------------------------------------------------------------- a trained run
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny run trained for 2 steps (shared by the tests that only read it)."""
+    from diffusekit.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    write_images(root / "images", random_images(16, seed=1))
+    config = tiny_config(data__path=str(root / "images"), train__max_steps=2)
+    train(config, root / "run", progress=False)
+    torch.set_num_threads(1)
+    return root / "run"
+
+
+# ----------------------------------------------------------------------------- fake networks
+
+
+class TargetNet(torch.nn.Module):
+    """A 'network' that knows the clean image x0 and returns its exact target at x_t.
+
+    It must be called on the timestep grid or between grid points; abar(t) follows the
+    schedule's own interpolation (t_to_sigma), so any mistake in how the caller maps
+    sigma to t, or x to x_t, shows up as a wrong target.
+    """
+
+    def __init__(self, x0: torch.Tensor, schedule: NoiseSchedule, prediction: str):
+        super().__init__()
+        self.x0, self.schedule, self.prediction = x0, schedule, prediction
+        self.calls: list[torch.Tensor] = []
+
+    def forward(self, x_t, t, **cond):
+        from diffusekit.denoiser import prediction_target
+        from diffusekit.schedule import sigma_to_alpha_sigma
+
+        self.calls.append(t.detach().clone())
+        alpha, s = sigma_to_alpha_sigma(self.schedule.t_to_sigma(t.to(torch.float64)))
+        a, b = (c.view(-1, *[1] * (x_t.ndim - 1)) for c in (alpha, s))
+        eps = (x_t.double() - a * self.x0.double()) / b
+        return prediction_target(self.prediction, self.x0.double(), eps, alpha, s).to(x_t.dtype)
