@@ -18,7 +18,7 @@ from diffusekit.denoiser import Denoiser
 from diffusekit.errors import UserError
 from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, read_json, resolve_checkpoint
 from diffusekit.nn.unet import UNet
-from diffusekit.runtime import pick_device, randn, sample_generators, use_all_cores
+from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores
 from diffusekit.samplers import get_sampler
 from diffusekit.schedule import NoiseSchedule
 
@@ -51,7 +51,7 @@ class Pipeline:
         load_state_dict_checked(net, load_weights(ckpt, weights), source=str(ckpt))
         state = read_json(ckpt / "state.json", "training state")
         dev = pick_device(device)
-        return cls(config, net.to(dev), dev, checkpoint=ckpt, step=state.get("step"))
+        return cls(config, prepare_module(net, dev), dev, checkpoint=ckpt, step=state.get("step"))
 
     def sigmas(self, steps: int, spacing: str) -> torch.Tensor:
         return self.schedule.sampling_sigmas(steps, spacing)

@@ -63,14 +63,17 @@ def sample_ddpm(denoiser, x, sigmas, cond=None, generator=None, callback=None, v
 
 
 @torch.no_grad()
-def sample_ddim(denoiser, x, sigmas, cond=None, generator=None, callback=None, eta: float = 0.0):
-    """DDIM (Song et al. 2021, eq. 12). eta = 0: deterministic (Euler in sigma); eta = 1: DDPM fixed-small."""
+def sample_euler_ancestral(denoiser, x, sigmas, cond=None, generator=None, callback=None, eta: float = 1.0):
+    """Euler steps to sigma_down plus fresh noise sigma_up (k-diffusion; diffusers' EulerAncestralDiscrete at eta = 1).
+
+    With the DDPM timesteps' sigmas this is exactly DDIM (Song et al. 2021, eq. 12) with the same eta:
+    eta = 0 is deterministic DDIM = Euler on the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma.
+    """
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = denoiser(x, sigma, cond)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        eps = (x - x0) / sigma
-        x = x0 + sigma_down.to(x.dtype) * eps
+        x = x + ((x - x0) / sigma) * (sigma_down - sigma).to(x.dtype)
         if sigma_up > 0:
             x = x + sigma_up.to(x.dtype) * _noise_like(x, generator)
         if callback is not None:
@@ -78,9 +81,114 @@ def sample_ddim(denoiser, x, sigmas, cond=None, generator=None, callback=None, e
     return x
 
 
+def sample_ddim(denoiser, x, sigmas, cond=None, generator=None, callback=None, eta: float = 0.0):
+    """DDIM (Song et al. 2021): eta = 0 deterministic, eta = 1 the DDPM posterior (fixed-small variance)."""
+    return sample_euler_ancestral(denoiser, x, sigmas, cond, generator, callback, eta=eta)
+
+
+def sample_euler(denoiser, x, sigmas, cond=None, generator=None, callback=None):
+    """Euler on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without churn)."""
+    return sample_euler_ancestral(denoiser, x, sigmas, cond, generator, callback, eta=0.0)
+
+
+@torch.no_grad()
+def sample_heun(denoiser, x, sigmas, cond=None, generator=None, callback=None):
+    """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1): an Euler step corrected by the
+    slope at its end point; the last step, to sigma = 0, stays Euler. 2 * steps - 1 network calls."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, sigma, cond)
+        slope = (x - x0) / sigma
+        dt = (sigma_next - sigma).to(x.dtype)
+        if sigma_next == 0:
+            x = x + slope * dt
+        else:
+            x_euler = x + slope * dt
+            slope_next = (x_euler - denoiser(x_euler, sigma_next, cond)) / sigma_next
+            x = x + (slope + slope_next) / 2 * dt
+        if callback is not None:
+            callback(i, x, x0)
+    return x
+
+
+def _dpmpp_data_term(history, h, phi):
+    """The x0 estimate the DPM-Solver++ step integrates, from the last 1-3 (lambda, x0_hat) pairs.
+
+    2nd order (midpoint): x0 + D1/2 with D1 = (x0 - x0_prev) / r0, r0 = h_prev / h.
+    3rd order: x0 + (c1 D1 + c2 D2) / phi with the coefficients of the DPM-Solver authors' and
+    diffusers' multistep update, c1 = 1 - (1 - e^-h)/h, c2 = (1 - e^-h - h)/h^2 + 1/2.
+    """
+    lam, x0 = history[-1]
+    if len(history) == 1:
+        return x0
+    r0 = ((lam - history[-2][0]) / h).to(x0.dtype)
+    d1_0 = (x0 - history[-2][1]) / r0
+    if len(history) == 2:
+        return x0 + 0.5 * d1_0
+    r1 = ((history[-2][0] - history[-3][0]) / h).to(x0.dtype)
+    d1_1 = (history[-2][1] - history[-3][1]) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    c1 = 1 + torch.expm1(-h) / h
+    c2 = (-torch.expm1(-h) - h) / h**2 + 0.5
+    return x0 + ((c1 / phi).to(x0.dtype) * d1 + (c2 / phi).to(x0.dtype) * d2)
+
+
+@torch.no_grad()
+def sample_dpmpp(denoiser, x, sigmas, cond=None, generator=None, callback=None, order: int = 2, eta: float = 0.0):
+    """Multistep DPM-Solver++ (Lu et al. 2022, "DPM-Solver++", Algorithm 2 and its 3rd-order and SDE forms).
+
+    In this scaling lambda = -log(sigma) and h = lambda_next - lambda. Past x0_hat values give
+    divided differences D1, D2 (in units of h); the update integrates the exponential exactly:
+        x' = (s'/s) e^{-eta h} x + (1 - e^{-(1 + eta) h}) (D0 + D1 / 2)  [+ s' sqrt(1 - e^{-2 eta h}) z]
+    eta = 0 is the ODE solver (2M, 3M), eta = 1 the SDE solver (2M SDE). The order rises from 1
+    as history builds up; the step to sigma = 0 is first order, and with fewer than 15 steps
+    the one before it is at most second order (as in diffusers), which keeps few-step sampling stable.
+    """
+    if order not in (1, 2, 3) or (order == 3 and eta != 0):
+        raise ValueError("DPM-Solver++ supports order 1, 2 or 3 (order 3 only with eta = 0)")
+    steps = len(sigmas) - 1
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (lambda, x0_hat), newest last
+    for i in range(steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, sigma, cond)
+        lam = -sigma.log()
+        history = (history + [(lam, x0)])[-order:]
+        if sigma_next == 0:
+            x = x0
+        else:
+            use = min(order, len(history), 2 if (i == steps - 2 and steps < 15) else order)
+            h = -sigma_next.log() - lam
+            phi = -torch.expm1(-(1 + eta) * h)  # 1 - e^{-(1+eta) h}
+            x = ((sigma_next / sigma) * torch.exp(-eta * h)).to(x.dtype) * x + phi.to(x.dtype) * _dpmpp_data_term(history[-use:], h, phi)
+            if eta > 0:
+                x = x + (sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()).to(x.dtype) * _noise_like(x, generator)
+        if callback is not None:
+            callback(i, x, x0)
+    return x
+
+
+def sample_dpmpp_2m(denoiser, x, sigmas, cond=None, generator=None, callback=None):
+    return sample_dpmpp(denoiser, x, sigmas, cond, generator, callback, order=2, eta=0.0)
+
+
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, cond=None, generator=None, callback=None, eta: float = 1.0):
+    return sample_dpmpp(denoiser, x, sigmas, cond, generator, callback, order=2, eta=eta)
+
+
+def sample_dpmpp_3m(denoiser, x, sigmas, cond=None, generator=None, callback=None):
+    return sample_dpmpp(denoiser, x, sigmas, cond, generator, callback, order=3, eta=0.0)
+
+
 SAMPLERS = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_3m": sample_dpmpp_3m,
 }
 
 

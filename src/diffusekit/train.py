@@ -35,7 +35,7 @@ from diffusekit.io.checkpoint import (
 from diffusekit.losses import diffusion_loss
 from diffusekit.optim import ema_decay_at, ema_update, lr_at, make_optimizer
 from diffusekit.pipeline import Pipeline, build_unet, load_config
-from diffusekit.runtime import parse_duration, pick_device, use_all_cores
+from diffusekit.runtime import parse_duration, pick_device, prepare_module, use_all_cores
 from diffusekit.schedule import NoiseSchedule
 
 
@@ -81,7 +81,7 @@ class Trainer:
         self.use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         torch.manual_seed(tc.seed)  # initial weights
         self.dataset = load_dataset(config.data, progress)
-        self.net = build_unet(config).to(self.device)
+        self.net = prepare_module(build_unet(config), self.device)
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.optimizer = make_optimizer(self.net.parameters(), tc)
         self.schedule = NoiseSchedule.from_config(config.diffusion)
