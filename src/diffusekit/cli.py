@@ -63,7 +63,7 @@ def _sample(args) -> None:
 
     images = pipe.sample(
         args.n, steps=args.steps, sampler=args.sampler, spacing=spacing, seed=args.seed, labels=args.label,
-        batch_size=args.batch_size, callback=record if args.animate else None, progress=True, **options,
+        guidance=args.guidance, guidance_rescale=args.guidance_rescale, batch_size=args.batch_size, callback=record if args.animate else None, progress=True, **options,
     )
     out = Path(args.out)
     if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
@@ -154,10 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--steps", type=int, help="network evaluations (default: the run's sample.steps)")
     p.add_argument("--sampler", help="sampler name (default: the run's sample.sampler)")
-    p.add_argument("--spacing", help="timestep spacing: leading, trailing, linspace, karras, logsnr")
-    p.add_argument("--eta", type=float, help="DDIM noise (0 deterministic, 1 = DDPM)")
+    p.add_argument("--schedule", "--spacing", dest="spacing", help="step schedule: leading, trailing, linspace, karras or logsnr")
+    p.add_argument("--eta", type=float, help="noise of ddim / euler_ancestral / dpmpp_2m_sde (0 deterministic)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label", type=int, action="append", help="class label(s) for a class-conditional model")
+    p.add_argument("--label", type=int, action="append", help="class label(s) for a class-conditional model (repeatable)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1: none; needs --label)")
+    p.add_argument("--guidance-rescale", type=float, help="guidance rescale phi in [0, 1] (Lin et al. 2023)")
     p.add_argument("--out", default="samples.png", help="a .png grid, or a folder for one PNG per image")
     p.add_argument("--animate", metavar="GIF", help="also write the reverse process as an animated GIF")
     p.add_argument("--batch-size", type=int, default=64)

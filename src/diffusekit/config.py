@@ -70,6 +70,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    label_dropout: float = 0.1  # class-conditional models: share of labels replaced by the null class
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step))
     max_steps: int = 100_000
@@ -91,6 +92,8 @@ class SampleConfig:
     steps: int = 50
     spacing: str = "trailing"  # leading | trailing | linspace
     eta: float = 0.0  # DDIM noise: 0 deterministic, 1 = DDPM
+    guidance: float = 1.0  # classifier-free guidance scale (1: plain conditional model)
+    guidance_rescale: float = 0.0  # Lin et al. 2023 rescale factor phi in [0, 1]
     n: int = 64  # images in a training sample grid
     seed: int = 0
 
@@ -351,6 +354,7 @@ def validate(config: Config) -> Config:
     _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
     _check(t.max_steps >= 1, "train.max_steps must be at least 1")
+    _check(0.0 <= t.label_dropout < 1.0, "train.label_dropout must be in [0, 1)")
     _check(t.warmup_steps >= 0 and t.grad_clip >= 0, "train.warmup_steps and train.grad_clip must not be negative")
     _check(t.log_every >= 1 and t.checkpoint_every >= 1 and t.keep_checkpoints >= 1, "train.log_every, checkpoint_every and keep_checkpoints must be at least 1")
     if t.budget:
@@ -361,4 +365,5 @@ def validate(config: Config) -> Config:
     _choice("sample.sampler", s.sampler, SAMPLERS)
     _choice("sample.spacing", s.spacing, SPACINGS)
     _check(s.steps >= 1 and s.n >= 1, "sample.steps and sample.n must be at least 1")
+    _check(s.guidance >= 0 and 0.0 <= s.guidance_rescale <= 1.0, "sample.guidance must be >= 0 and sample.guidance_rescale in [0, 1]")
     return config

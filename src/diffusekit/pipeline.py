@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 from diffusekit.config import Config, config_from_dict
 from diffusekit.denoiser import Denoiser
 from diffusekit.errors import UserError
+from diffusekit.guidance import GuidedDenoiser
 from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, read_json, resolve_checkpoint
 from diffusekit.nn.unet import UNet
 from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores
@@ -68,6 +70,16 @@ class Pipeline:
             raise UserError(f"labels must be between 0 and {num_classes - 1} for this model")
         return labels
 
+    def null_cond(self, count: int) -> dict:
+        """The condition meaning "no label": the null class index num_classes."""
+        return {"class_labels": torch.full((count,), self.config.model.num_classes, dtype=torch.long, device=self.device)}
+
+    def guided(self, guidance: float, rescale: float, count: int):
+        """The denoiser for a batch: classifier-free guidance where it changes anything."""
+        if guidance == 1.0 or not self.config.model.num_classes:
+            return self.denoiser
+        return GuidedDenoiser(self.denoiser, self.null_cond(count), guidance, rescale)
+
     @torch.no_grad()
     def sample(
         self,
@@ -77,6 +89,8 @@ class Pipeline:
         spacing: str | None = None,
         seed: int | None = None,
         labels=None,
+        guidance: float | None = None,
+        guidance_rescale: float | None = None,
         batch_size: int = 64,
         callback=None,
         progress: bool = False,
@@ -84,16 +98,27 @@ class Pipeline:
     ) -> torch.Tensor:
         """n images as a tensor in [-1, 1]. Image i depends only on (seed, i), not on batch_size.
 
-        callback(first_index, step, x, x0_hat) sees each batch's state after every step.
+        labels: class label(s) for a class-conditional model, repeated to n; guidance: the
+        classifier-free guidance scale. callback(first_index, step, x, x0_hat) sees each
+        batch's state after every step.
         """
         defaults = self.config.sample
         steps, sampler = steps or defaults.steps, sampler or defaults.sampler
         spacing, seed = spacing or defaults.spacing, defaults.seed if seed is None else seed
+        rescale = defaults.guidance_rescale if guidance_rescale is None else guidance_rescale
         if sampler == "ddim":
             sampler_options.setdefault("eta", defaults.eta)
         sample_fn = get_sampler(sampler)
+        unknown = [k for k in sampler_options if k not in inspect.signature(sample_fn).parameters]
+        if unknown:
+            raise UserError(f"the {sampler} sampler has no option '{unknown[0]}'; drop it or pick a sampler that takes it")
         sigmas = self.sigmas(steps, spacing).to(self.device)
         all_labels = self._labels(labels, n)
+        if all_labels is None:  # unconditional samples (the null class of a conditional model)
+            if guidance not in (None, 1.0):
+                raise UserError("classifier-free guidance needs a condition: give --label (guidance compares it with the null class)")
+            guidance = 1.0
+        guidance = defaults.guidance if guidance is None else guidance
         shape = image_shape(self.config)
         out = []
         bar = tqdm(total=n * steps, desc=f"sampling ({sampler}, {steps} steps)", unit="step", disable=not progress, leave=False)
@@ -102,13 +127,14 @@ class Pipeline:
             gens = sample_generators(seed, count, start)
             x = randn((count, *shape), generator=gens, device=self.device) * (1 + sigmas[0] ** 2).sqrt().float()
             cond = {"class_labels": all_labels[start : start + count].to(self.device)} if all_labels is not None else None
+            denoiser = self.guided(guidance, rescale, count)
 
             def on_step(i, x, x0, start=start, count=count):
                 bar.update(count)
                 if callback is not None:
                     callback(start, i, x, x0)
 
-            out.append(sample_fn(self.denoiser, x, sigmas, cond=cond, generator=gens, callback=on_step, **sampler_options).clamp(-1, 1).cpu())
+            out.append(sample_fn(denoiser, x, sigmas, cond=cond, generator=gens, callback=on_step, **sampler_options).clamp(-1, 1).cpu())
         bar.close()
         return torch.cat(out)
 

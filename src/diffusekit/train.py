@@ -88,10 +88,17 @@ class Trainer:
         self.stream = BatchStream(len(self.dataset), tc.batch_size * tc.grad_accumulation, tc.seed)
         self.generator = torch.Generator(self.device).manual_seed(tc.seed + 1)  # t, noise and flips
         self.step, self.images_seen, self.train_seconds = 0, 0, 0.0
-        if self.dataset.labels is not None and config.model.num_classes:
-            self.labels = self.dataset.labels.to(self.device)
-        else:
-            self.labels = None
+        self.labels = self._class_labels()
+
+    def _class_labels(self) -> torch.Tensor | None:
+        wanted, dataset = self.config.model.num_classes, self.dataset
+        if not wanted:
+            return None
+        if dataset.labels is None:
+            raise UserError(f"model.num_classes = {wanted} but the {self.config.data.dataset} dataset has no class labels; set model.num_classes=0")
+        if dataset.num_classes != wanted:
+            raise UserError(f"model.num_classes = {wanted} but the dataset has {dataset.num_classes} classes; set model.num_classes={dataset.num_classes}")
+        return dataset.labels.to(self.device)
 
     # ------------------------------------------------------------------ state
 
@@ -137,8 +144,13 @@ class Trainer:
         if self.config.data.hflip:
             flip = torch.rand(len(idx), generator=self.generator, device=self.generator.device).to(self.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        cond = {"class_labels": self.labels[idx.to(self.device)]} if self.labels is not None else None
-        return x0, cond
+        if self.labels is None:
+            return x0, None
+        labels = self.labels[idx.to(self.device)]
+        if self.config.train.label_dropout > 0:  # the null class, so that guidance has an unconditional model
+            drop = torch.rand(len(idx), generator=self.generator, device=self.generator.device).to(self.device) < self.config.train.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.config.model.num_classes), labels)
+        return x0, {"class_labels": labels}
 
     def train_step(self) -> float:
         tc, dc = self.config.train, self.config.diffusion
@@ -175,10 +187,10 @@ class Trainer:
     def sample_grid(self) -> Path:
         sc = self.config.sample
         pipe = Pipeline(self.config, self.ema, self.device)
-        labels = torch.arange(sc.n) % self.config.model.num_classes if self.config.model.num_classes else None
+        classes = self.config.model.num_classes
+        labels = torch.arange(sc.n) % classes if classes else None  # one class per column
         images = pipe.sample(sc.n, steps=sc.steps, sampler=sc.sampler, spacing=sc.spacing, seed=sc.seed, labels=labels)
-        self.ema.eval()
-        return save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png")
+        return save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", ncols=classes or None)
 
     # ------------------------------------------------------------------ the loop
 
