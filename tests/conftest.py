@@ -6,6 +6,7 @@ T = 100 timesteps, a handful of optimizer steps.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,16 @@ def tiny_config(**sets) -> Config:
 def tiny_schedule(**kwargs) -> NoiseSchedule:
     cfg = tiny_config(**{f"diffusion__{k}": v for k, v in kwargs.items()}).diffusion
     return NoiseSchedule.from_config(cfg)
+
+
+def write_preset(path: Path, values: dict) -> Path:
+    """Write a config dict ({section: {key: value}}) as a TOML preset file."""
+    lines = [f"{key} = {json.dumps(value)}" for key, value in values.items() if not isinstance(value, dict)]
+    for section, keys in values.items():
+        if isinstance(keys, dict):
+            lines += ["", f"[{section}]"] + [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 @pytest.fixture(autouse=True)
