@@ -56,9 +56,15 @@ def load_dataset(cfg, progress: bool = True) -> ImageDataset:
     else:
         raise UserError(f"unknown dataset '{cfg.dataset}'; use mnist or folder")
     if cfg.limit and len(dataset) > cfg.limit:
-        labels = dataset.labels[: cfg.limit] if dataset.labels is not None else None
-        dataset = ImageDataset(dataset.images[: cfg.limit], labels, dataset.num_classes, dataset.skipped)
+        dataset = evenly_spaced_subset(dataset, cfg.limit)
     return dataset
+
+
+def evenly_spaced_subset(dataset: ImageDataset, count: int) -> ImageDataset:
+    """`count` items spread evenly over the dataset, so a subset of sorted data keeps every class."""
+    idx = torch.linspace(0, len(dataset) - 1, count).round().long()
+    labels = dataset.labels[idx] if dataset.labels is not None else None
+    return ImageDataset(dataset.images[idx], labels, dataset.num_classes, dataset.skipped)
 
 
 class BatchStream:
