@@ -50,11 +50,14 @@ TINY = {
 
 
 def tiny_config(**sets) -> Config:
-    """The tiny config with `section__key=value` overrides, e.g. tiny_config(train__max_steps=2)."""
-    values = {section: dict(keys) for section, keys in TINY.items()}
+    """The tiny config with `section__key=value` overrides, e.g. tiny_config(train__max_steps=2, description="x")."""
+    values: dict = {section: dict(keys) for section, keys in TINY.items()}
     for name, value in sets.items():
-        section, key = name.split("__", 1)
-        values[section][key] = value
+        section, _, key = name.rpartition("__")
+        if section:
+            values[section][key] = value
+        else:
+            values[key] = value
     return validate(update_config(Config(), values, "tests"))
 
 
