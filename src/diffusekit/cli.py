@@ -1,4 +1,4 @@
-"""`diffusekit` commands: train, sample, info, presets, noise.
+"""`diffusekit` commands: train, sample, eval, info, presets, noise.
 
 Mistakes a user can make (UserError) are printed as one line and exit with code 2.
 """
@@ -75,6 +75,31 @@ def _sample(args) -> None:
     if args.animate:
         save_gif(frames, args.animate)
         print(f"wrote the reverse process ({len(frames)} frames) to {args.animate}")
+
+
+def _eval(args) -> None:
+    from diffusekit.evaluate import evaluate_checkpoint, evaluate_images, format_report, write_report
+
+    if (args.checkpoint is None) == (args.images is None):
+        raise UserError("eval takes either a run/checkpoint or --images DIR (not both)")
+    weights = args.inception_weights
+    if args.images:
+        from diffusekit.data import to_float
+        from diffusekit.data.folder import load_folder
+
+        reference = args.ref or "mnist"
+        size, channels = (28, 1) if reference == "mnist" else (args.size, 3)
+        images, _, _ = load_folder(args.images, args.size if reference != "mnist" else size, channels)
+        report = evaluate_images(to_float(images), reference, args.features, weights)
+        out = Path(args.json or "eval.json")
+    else:
+        report = evaluate_checkpoint(
+            args.checkpoint, n=args.n, sampler=args.sampler, steps=args.steps, spacing=args.spacing, seed=args.seed,
+            guidance=args.guidance, reference=args.ref, features=args.features, weights=weights,
+        )
+        out = Path(args.json or Path(report["checkpoint"]) / f"eval-{report['sampler']}-{report['steps']}steps-n{args.n}.json")
+    print(format_report(report))
+    print(f"wrote {write_report(report, out)}")
 
 
 def _info(args) -> None:
@@ -166,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("eval", help="measure sample quality (FD, KID, precision/recall, digit labels)")
+    p.add_argument("checkpoint", metavar="RUN_OR_CKPT", nargs="?")
+    p.add_argument("--images", metavar="DIR", help="evaluate a folder of images instead of sampling")
+    p.add_argument("--ref", help="reference set: mnist or an image folder (default: the run's training data)")
+    p.add_argument("--features", choices=("mnist", "inception", "random"), help="feature network (default: mnist for digits, else random)")
+    p.add_argument("--inception-weights", metavar="PATH", help="local Inception-v3 FID weights (or set DIFFUSEKIT_INCEPTION_WEIGHTS)")
+    p.add_argument("--n", type=int, default=2000, help="number of samples")
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--schedule", "--spacing", dest="spacing")
+    p.add_argument("--guidance", type=float, help="guidance scale for class-conditional models")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="with --images and a folder reference: the size both are compared at")
+    p.add_argument("--json", help="where to write the JSON report")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint", metavar="CKPT")

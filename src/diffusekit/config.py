@@ -99,6 +99,17 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic quality evaluation during training (EMA model), logged to metrics.jsonl."""
+
+    every: int = 0  # steps between evaluations; 0: off
+    n: int = 500  # samples per evaluation
+    sampler: str = "dpmpp_2m"
+    steps: int = 20
+    features: str = ""  # mnist | random | inception; "" picks mnist for digits, random otherwise
+
+
+@dataclass
 class Config:
     description: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -106,6 +117,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Keys that may differ between a run and its resumption; everything else must match.
@@ -120,7 +132,7 @@ RESUMABLE_KEYS = {
     "train.checkpoint_every",
     "train.keep_checkpoints",
 }
-RESUMABLE_SECTIONS = {"sample"}
+RESUMABLE_SECTIONS = {"sample", "eval"}
 
 
 # ----------------------------------------------------------------------------- typing
@@ -366,4 +378,9 @@ def validate(config: Config) -> Config:
     _choice("sample.spacing", s.spacing, SPACINGS)
     _check(s.steps >= 1 and s.n >= 1, "sample.steps and sample.n must be at least 1")
     _check(s.guidance >= 0 and 0.0 <= s.guidance_rescale <= 1.0, "sample.guidance must be >= 0 and sample.guidance_rescale in [0, 1]")
+
+    e = config.eval
+    _check(e.every >= 0 and e.n >= 10 and e.steps >= 1, "eval.every must be >= 0, eval.n >= 10 and eval.steps >= 1")
+    _choice("eval.sampler", e.sampler, SAMPLERS)
+    _choice("eval.features", e.features, ("", "mnist", "random", "inception"))
     return config

@@ -192,6 +192,15 @@ class Trainer:
         images = pipe.sample(sc.n, steps=sc.steps, sampler=sc.sampler, spacing=sc.spacing, seed=sc.seed, labels=labels)
         return save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", ncols=classes or None)
 
+    def evaluate(self) -> dict:
+        from diffusekit.evaluate import evaluate_checkpoint
+
+        ec = self.config.eval
+        pipe = Pipeline(self.config, self.ema, self.device)
+        report = evaluate_checkpoint(None, n=ec.n, sampler=ec.sampler, steps=ec.steps, features=ec.features or None, pipeline=pipe)
+        self.log({"step": self.step, "eval": {k: v for k, v in report.items() if k not in ("checkpoint", "step")}})
+        return report
+
     # ------------------------------------------------------------------ the loop
 
     def run(self, resume_from: Path | None = None) -> TrainResult:
@@ -226,7 +235,8 @@ class Trainer:
                           "images_per_s": rate, "elapsed_s": time.perf_counter() - start, "epoch": self.stream.epoch})
             if tc.sample_every and self.step % tc.sample_every == 0:
                 self.sample_grid()
-                self.net.train()
+            if self.config.eval.every and self.step % self.config.eval.every == 0:
+                self.evaluate()
             if self.step % tc.checkpoint_every == 0:
                 last_ckpt = self.save()
         bar.close()
