@@ -77,12 +77,13 @@ def write_preset(path: Path, values: dict) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(monkeypatch):
     """Keep torch on one thread: on a loaded 2-core machine two threads spin and crawl.
 
-    Pipeline.from_pretrained and Trainer change the thread count; restore it after each test.
+    Pipeline.from_pretrained asks for every core (as it should for users); here it gets one.
     """
     torch.set_num_threads(1)
+    monkeypatch.setattr("diffusekit.pipeline.use_all_cores", lambda threads=0: 1)
     yield
     torch.set_num_threads(1)
 
@@ -128,7 +129,6 @@ def trained_run(tmp_path_factory) -> Path:
     write_images(root / "images", random_images(16, seed=1))
     config = tiny_config(data__path=str(root / "images"), train__max_steps=2)
     train(config, root / "run", progress=False)
-    torch.set_num_threads(1)
     return root / "run"
 
 

@@ -34,7 +34,6 @@ def learned(tmp_path_factory):
     config = tiny_config(data__path=str(root / "images"), diffusion__prediction="x0", train__max_steps=200, train__batch_size=16,
                          train__lr=3e-3, train__ema_decay=0.99, train__log_every=10, sample__n=4)
     train(config, root / "run", progress=False)
-    torch.set_num_threads(1)
     return root / "run", torch.from_numpy(modes).float() / 127.5 - 1
 
 
