@@ -240,7 +240,7 @@ def test_timesteps_count_and_order_for_every_step_count(spacing):
 @pytest.mark.xfail(
     strict=True,
     reason="BUG: schedule.py timesteps(): torch.arange/linspace differ from numpy in the last bit, so rounding "
-    "ties land elsewhere than in diffusers (e.g. T=1000, 48 trailing steps: 936 vs 937)",
+    "ties land elsewhere than in diffusers (e.g. T=1000, 48 trailing steps: 937 where diffusers has 936)",
 )
 @pytest.mark.parametrize("spacing", ["trailing", "linspace"])
 def test_timesteps_match_diffusers_at_rounding_ties(spacing):
