@@ -65,8 +65,6 @@ def test_bad_preset_file_names_the_key_and_the_file(tmp_path, text, message):
         load_preset(str(tmp_path / "bad.toml"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: config.py load_preset(): a folder named like a preset in the current directory "
-                                       "(e.g. a data folder 'mnist/') is taken for a preset file path: path.exists() should be is_file()")
 def test_preset_name_is_not_shadowed_by_a_folder(tmp_path, monkeypatch):
     expected = load_preset("mnist")
     monkeypatch.chdir(tmp_path)
@@ -202,8 +200,6 @@ def test_existing_out_is_left_untouched(capsys, run_copy, tmp_path):
     assert snapshot(run_copy) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: train.py prepare_run_dir() deletes the old run for --overwrite before the new "
-                                       "run's dataset is loaded, so a bad data.path loses the old run and trains nothing")
 def test_overwrite_that_fails_keeps_the_old_run(capsys, run_copy, tmp_path):
     before = snapshot(run_copy)
     result = cli(capsys, "train", "--preset", tmp_path / "same.toml", "--set", f"data.path={tmp_path / 'nowhere'}",
@@ -212,8 +208,6 @@ def test_overwrite_that_fails_keeps_the_old_run(capsys, run_copy, tmp_path):
     assert snapshot(run_copy) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cli.py _train(): `train --resume` without --out or --preset builds "
-                                       "Path(None) and dies with a TypeError traceback instead of a UserError")
 def test_resume_without_out(capsys):
     assert_user_error(cli(capsys, "train", "--resume"), "--out")
 
@@ -223,10 +217,8 @@ def test_resume_without_out(capsys):
     [
         pytest.param(["--sampler", "magic"], id="sampler"),
         pytest.param(["--label", "1"], id="label-unconditional"),
-        pytest.param(["--steps", "500"], id="steps-above-T", marks=pytest.mark.xfail(strict=True, reason=(
-            "BUG: schedule.py timesteps() raises ValueError for steps > T, which the CLI shows as a traceback (exit 1)"))),
-        pytest.param(["--spacing", "sideways"], id="spacing", marks=pytest.mark.xfail(strict=True, reason=(
-            "BUG: an unknown --spacing raises ValueError in schedule.py timesteps(): a traceback, exit 1"))),
+        pytest.param(["--steps", "500"], id="steps-above-T"),
+        pytest.param(["--spacing", "sideways"], id="spacing"),
         pytest.param(["--sampler", "ddpm", "--eta", "1"], id="eta-for-ddpm"),
     ],
 )
@@ -310,8 +302,6 @@ def test_noise_strip(capsys, photo, tmp_path):
         assert strip.mode == "RGB" and strip.width > 3 * strip.height
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cli.py _noise(): torch.from_numpy() on the read-only array that load_image() "
-                                       "returns prints a PyTorch 'NumPy array is not writable' UserWarning on the user's terminal")
 def test_noise_prints_nothing_on_stderr(photo, tmp_path):
     # in a fresh process: PyTorch prints that warning only once per process
     proc = subprocess.run([sys.executable, "-m", "diffusekit", "noise", str(photo), "--out", str(tmp_path / "strip.png"), "--size", "16"],

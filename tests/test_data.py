@@ -85,8 +85,6 @@ def test_small_images_are_enlarged(tmp_path):
     assert images[0, :, 4, 4].tolist() == [10, 20, 30]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: data/folder.py to_mode(): a 16-bit grayscale PNG (mode I;16) is converted "
-                                       "with Image.convert('L'), which clips every value above 255 to white instead of scaling")
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024)  # 0 .. 64512
     Image.fromarray(ramp).save(tmp_path / "deep.png")

@@ -216,18 +216,7 @@ def test_trailing_starts_at_the_noisiest_step_and_leading_never_does():
 
 @pytest.mark.parametrize(
     "spacing",
-    [
-        "leading",
-        "linspace",
-        pytest.param(
-            "trailing",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: schedule.py timesteps(): trailing uses a float arange that yields steps + 1 "
-                "timesteps for e.g. T=100, steps=29 (the extra one clamped from -1 to 0)",
-            ),
-        ),
-    ],
+    ["leading", "linspace", "trailing"],
 )
 def test_timesteps_count_and_order_for_every_step_count(spacing):
     sched = schedule(T=100)
@@ -237,11 +226,6 @@ def test_timesteps_count_and_order_for_every_step_count(spacing):
         assert torch.all(ts.diff() < 0) and 0 <= ts.min() and ts.max() <= 99
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: schedule.py timesteps(): torch.arange/linspace differ from numpy in the last bit, so rounding "
-    "ties land elsewhere than in diffusers (e.g. T=1000, 48 trailing steps: 937 where diffusers has 936)",
-)
 @pytest.mark.parametrize("spacing", ["trailing", "linspace"])
 def test_timesteps_match_diffusers_at_rounding_ties(spacing):
     sched = schedule()

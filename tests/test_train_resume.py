@@ -153,9 +153,6 @@ def test_time_budget_stops_the_run_and_saves(run_config, tmp_path):
     assert json.loads((result.checkpoint / "state.json").read_text())["step"] == result.step
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: train.py train_step(): each micro-batch draws its own t and noise from the "
-                                       "generator (t1, eps1, t2, eps2 instead of t, eps for the whole batch), so batch 8 x "
-                                       "accumulation 2 trains on other noise than batch 16 x 1")
 def test_gradient_accumulation_matches_one_large_batch(run_config, tmp_path):
     """Batch 8 x accumulation 2 and batch 16 x 1 see the same 16 images and must give the same gradient."""
     grads = {}

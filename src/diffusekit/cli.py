@@ -19,7 +19,7 @@ def _train(args) -> None:
     from diffusekit.pipeline import load_config
     from diffusekit.train import train
 
-    if args.preset is None and not args.resume:
+    if args.preset is None and not (args.resume and args.out):
         raise UserError("train needs --preset NAME (see `diffusekit presets`), or --resume with --out of an existing run")
     out = Path(args.out or f"runs/{Path(args.preset).stem}")
     if args.preset is None:  # --resume alone: continue with the run's own config
@@ -151,7 +151,7 @@ def _noise(args) -> None:
     from diffusekit.schedule import NoiseSchedule
 
     schedule = NoiseSchedule.from_config(DiffusionConfig(schedule=args.schedule, timesteps=args.timesteps))
-    x0 = to_float(torch.from_numpy(load_image(Path(args.image), args.size, args.channels)))[None]
+    x0 = to_float(torch.from_numpy(load_image(Path(args.image), args.size, args.channels).copy()))[None]
     ts = torch.linspace(0, schedule.num_timesteps - 1, args.frames).round().long()
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
     strip = torch.cat([schedule.q_sample(x0, t[None], noise) for t in ts])

@@ -285,7 +285,7 @@ def preset_names() -> list[str]:
 def load_preset(name_or_path: str) -> Config:
     """A built-in preset by name, or a TOML file by path."""
     path = Path(name_or_path)
-    if name_or_path.endswith(".toml") or path.exists():
+    if name_or_path.endswith(".toml") or path.is_file():
         if not path.is_file():
             raise UserError(f"preset file '{path}' does not exist; give a TOML file or one of: {', '.join(preset_names())}")
         text, where = path.read_text(), str(path)

@@ -34,6 +34,14 @@ def loss_weights(weighting: str, prediction: str, snr: torch.Tensor, gamma: floa
     raise ValueError(f"unknown loss weighting '{weighting}'; use one of {WEIGHTINGS}")
 
 
+def draw_t_and_noise(schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator | None = None):
+    """t ~ U{0..T-1} per sample and eps ~ N(0, I), drawn on the generator's device, returned on x0's."""
+    device = generator.device if generator is not None else x0.device
+    t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator, device=device)
+    eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    return t.to(x0.device), eps.to(x0.device)
+
+
 def diffusion_loss(
     net,
     schedule: NoiseSchedule,
@@ -44,15 +52,19 @@ def diffusion_loss(
     snr_gamma: float = 5.0,
     cond: dict | None = None,
     generator: torch.Generator | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One Monte-Carlo estimate of the loss: t ~ U{0..T-1}, eps ~ N(0, I), MSE on the target."""
-    batch = x0.shape[0]
-    t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator, device=generator.device if generator else None)
-    eps = torch.randn(x0.shape, generator=generator, device=t.device, dtype=x0.dtype)
-    t, eps = t.to(x0.device), eps.to(x0.device)
-    x_t = schedule.q_sample(x0, t, eps)
+    """One Monte-Carlo estimate of the loss: t ~ U{0..T-1}, eps ~ N(0, I), MSE on the target.
+
+    t and noise are drawn here unless given (gradient accumulation draws them for the
+    whole batch first, so that splitting a batch does not change what it trains on).
+    """
+    if t is None or noise is None:
+        t, noise = draw_t_and_noise(schedule, x0, generator)
+    x_t = schedule.q_sample(x0, t, noise)
     alpha, s = schedule.alpha_sigma(t)
-    target = prediction_target(prediction, x0, eps, alpha, s)
+    target = prediction_target(prediction, x0, noise, alpha, s)
     output = net(x_t, t.to(torch.float32), **(cond or {}))
     per_sample = (output.float() - target.float()).pow(2).flatten(1).mean(1)
     weights = loss_weights(weighting, prediction, schedule.snr(t), snr_gamma).to(per_sample.dtype)

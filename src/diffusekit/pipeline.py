@@ -22,7 +22,7 @@ from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, read
 from diffusekit.nn.unet import UNet
 from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores
 from diffusekit.samplers import get_sampler
-from diffusekit.schedule import NoiseSchedule
+from diffusekit.schedule import SPACINGS, NoiseSchedule
 
 
 def image_shape(config: Config) -> tuple[int, int, int]:
@@ -56,6 +56,11 @@ class Pipeline:
         return cls(config, prepare_module(net, dev), dev, checkpoint=ckpt, step=state.get("step"))
 
     def sigmas(self, steps: int, spacing: str) -> torch.Tensor:
+        if spacing not in SPACINGS:
+            raise UserError(f"unknown step schedule '{spacing}'; use one of: {', '.join(SPACINGS)}")
+        T = self.schedule.num_timesteps
+        if not 1 <= steps <= T:
+            raise UserError(f"--steps {steps} is out of range: this model has {T} timesteps, so use 1 to {T}")
         return self.schedule.sampling_sigmas(steps, spacing)
 
     def _labels(self, labels, n: int) -> torch.Tensor | None:

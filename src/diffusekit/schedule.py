@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 # abar_T = 0 (zero terminal SNR) would make sigma infinite; samplers use this
@@ -167,15 +168,16 @@ class NoiseSchedule:
         T = self.num_timesteps
         if not 1 <= steps <= T:
             raise ValueError(f"steps must be between 1 and {T}, got {steps}")
+        # numpy, as diffusers computes them, so that rounding ties land on the same integers
         if spacing == "leading":
-            ts = torch.arange(steps, dtype=torch.float64) * (T // steps) + steps_offset
+            ts = (np.arange(steps) * (T // steps)).round() + steps_offset
         elif spacing == "trailing":
-            ts = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64)).flip(0) - 1
+            ts = np.round(np.arange(T, 0, -T / steps))[:steps][::-1] - 1  # a float arange can give steps + 1 values
         elif spacing == "linspace":
-            ts = torch.round(torch.linspace(0, T - 1, steps, dtype=torch.float64))
+            ts = np.linspace(0, T - 1, steps).round()
         else:
             raise ValueError(f"'{spacing}' is not a timestep spacing; use leading, trailing or linspace")
-        return ts.clamp(0, T - 1).long().flip(0)
+        return torch.from_numpy(ts.copy()).clamp(0, T - 1).long().flip(0)
 
     def sampling_sigmas(self, steps: int, spacing: str = "trailing", rho: float = 7.0) -> torch.Tensor:
         """steps + 1 decreasing sigmas ending in 0: the sampler evaluates the network at the first `steps`."""

@@ -32,7 +32,7 @@ from diffusekit.io.checkpoint import (
     unflatten_optimizer_state,
     write_json_atomic,
 )
-from diffusekit.losses import diffusion_loss
+from diffusekit.losses import diffusion_loss, draw_t_and_noise
 from diffusekit.optim import ema_decay_at, ema_update, lr_at, make_optimizer
 from diffusekit.pipeline import Pipeline, build_unet, load_config
 from diffusekit.runtime import parse_duration, pick_device, prepare_module, use_all_cores
@@ -51,7 +51,7 @@ class TrainResult:
 
 
 def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) -> Path | None:
-    """Check the run folder against the request; returns the checkpoint to resume from, if any."""
+    """Check the run folder against the request (deleting nothing); returns the checkpoint to resume from, if any."""
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
@@ -65,10 +65,8 @@ def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool
                 "--set changes, or start a new run with another --out"
             )
         return ckpt
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"'{run_dir}' already holds files; pass --resume to continue that run, --overwrite to replace it, or choose another --out")
-        shutil.rmtree(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise UserError(f"'{run_dir}' already holds files; pass --resume to continue that run, --overwrite to replace it, or choose another --out")
     return None
 
 
@@ -157,6 +155,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, tc)
         x0, cond = self.next_batch()
+        t, noise = draw_t_and_noise(self.schedule, x0, self.generator)  # for the whole batch, then split
         micro = tc.batch_size
         total = 0.0
         for i in range(tc.grad_accumulation):
@@ -165,7 +164,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
                 loss = diffusion_loss(
                     self.net, self.schedule, x0[part], prediction=dc.prediction, weighting=dc.loss_weighting,
-                    snr_gamma=dc.snr_gamma, cond=part_cond, generator=self.generator,
+                    snr_gamma=dc.snr_gamma, cond=part_cond, t=t[part], noise=noise[part],
                 )
             (loss / tc.grad_accumulation).backward()
             total += loss.detach()
@@ -252,4 +251,7 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrit
     """Train `config` into `run_dir` (a new run, or --resume the run there)."""
     run_dir = Path(run_dir)
     ckpt = prepare_run_dir(run_dir, config, resume, overwrite)  # on resume, config differs only in resumable keys
-    return Trainer(config, run_dir, progress).run(resume_from=ckpt)
+    trainer = Trainer(config, run_dir, progress)  # loads the data: a bad dataset fails here, before anything is deleted
+    if overwrite and ckpt is None and run_dir.exists():
+        shutil.rmtree(run_dir)
+    return trainer.run(resume_from=ckpt)

@@ -32,7 +32,9 @@ def find_images(root: Path) -> list[Path]:
 
 
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """RGB or L; an alpha channel is composited on white."""
+    """RGB or L; an alpha channel is composited on white; 16-bit grayscale is scaled to 8 bits."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit PNGs; convert("L") would clip at 255
+        image = Image.fromarray((np.asarray(image, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8), mode="L")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
