@@ -55,7 +55,7 @@ def tiny_config(**sets) -> Config:
     for name, value in sets.items():
         section, _, key = name.rpartition("__")
         if section:
-            values[section][key] = value
+            values.setdefault(section, {})[key] = value
         else:
             values[key] = value
     return validate(update_config(Config(), values, "tests"))

@@ -265,7 +265,9 @@ def test_info(capsys, trained_run):
 
 def test_presets(capsys):
     code, out, _ = cli(capsys, "presets")
-    assert code == 0 and out.startswith("mnist ") and load_preset("mnist").description in out
+    lines = out.splitlines()
+    assert code == 0 and any(line.startswith("mnist ") for line in lines) and load_preset("mnist").description in out
+    assert len(lines) == len(preset_names())
 
 
 def test_sample_grid(capsys, trained_run, tmp_path):

@@ -14,7 +14,7 @@ from diffusekit.errors import UserError
 from diffusekit.io.checkpoint import latest_checkpoint, read_tensors
 from diffusekit.optim import ema_decay_at, ema_update, lr_at
 from diffusekit.pipeline import Pipeline
-from diffusekit.train import Trainer, train
+from diffusekit.train import DiffusionTrainer, train
 
 CHECKPOINT_FILES = {"config.json", "state.json", "model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors"}
 
@@ -39,7 +39,7 @@ def assert_same_tensors(a: dict, b: dict):
 
 
 def test_checkpoint_holds_the_trained_weights(run_config, tmp_path):
-    trainer = Trainer(run_config(train__max_steps=2), tmp_path / "run", progress=False)
+    trainer = DiffusionTrainer(run_config(train__max_steps=2), tmp_path / "run", progress=False)
     result = trainer.run()
     assert result.step == 2 and result.stopped_by == "max_steps"
     assert {p.name for p in result.checkpoint.iterdir()} == CHECKPOINT_FILES
@@ -157,15 +157,15 @@ def test_gradient_accumulation_matches_one_large_batch(run_config, tmp_path):
     """Batch 8 x accumulation 2 and batch 16 x 1 see the same 16 images and must give the same gradient."""
     grads = {}
     for batch, accumulation in ((16, 1), (8, 2)):
-        trainer = Trainer(run_config(train__batch_size=batch, train__grad_accumulation=accumulation, train__grad_clip=0.0),
+        trainer = DiffusionTrainer(run_config(train__batch_size=batch, train__grad_accumulation=accumulation, train__grad_clip=0.0),
                           tmp_path / f"run{batch}", progress=False)
-        step = trainer.optimizer.step
+        step = trainer.optimizers["optimizer"].step
 
         def capture(*args, trainer=trainer, step=step, batch=batch, **kwargs):
             grads[batch] = {name: p.grad.clone() for name, p in trainer.net.named_parameters()}
             return step(*args, **kwargs)
 
-        trainer.optimizer.step = capture
+        trainer.optimizers["optimizer"].step = capture
         trainer.train_step()
     for name, grad in grads[16].items():
         torch.testing.assert_close(grads[8][name], grad, rtol=1e-4, atol=1e-6, msg=name)

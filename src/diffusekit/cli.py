@@ -1,4 +1,4 @@
-"""`diffusekit` commands: train, sample, eval, info, presets, noise.
+"""`diffusekit` commands: train, train-vae, sample, eval, info, presets, noise.
 
 Mistakes a user can make (UserError) are printed as one line and exit with code 2.
 """
@@ -17,7 +17,11 @@ def _train(args) -> None:
     from diffusekit.config import apply_overrides, load_preset
     from diffusekit.io.checkpoint import latest_checkpoint
     from diffusekit.pipeline import load_config
-    from diffusekit.train import train
+
+    if args.command == "train-vae":
+        from diffusekit.train_vae import train_vae as train
+    else:
+        from diffusekit.train import train
 
     if args.preset is None and not (args.resume and args.out):
         raise UserError("train needs --preset NAME (see `diffusekit presets`), or --resume with --out of an existing run")
@@ -58,6 +62,9 @@ def _sample(args) -> None:
 
         def record(start, i, x, x0):
             if start == 0 and (i % every == 0 or i == len(sigmas) - 2):
+                if pipe.vae is not None:  # latents: show the decoded prediction x0_hat
+                    frames.append(pipe.decode(x0[:shown]))
+                    return
                 alpha, _ = sigma_to_alpha_sigma(sigmas[i + 1].to(torch.float64))
                 frames.append((x[:shown] * alpha.float().to(x.device)).clamp(-1, 1).cpu())  # x_t on the DDPM scale
 
@@ -105,12 +112,13 @@ def _eval(args) -> None:
 def _info(args) -> None:
     from diffusekit.config import config_to_dict
     from diffusekit.io.checkpoint import read_json, resolve_checkpoint
-    from diffusekit.pipeline import build_unet, load_config
+    from diffusekit.pipeline import build_unet, build_vae, load_config
 
     ckpt = resolve_checkpoint(args.checkpoint)
     config = load_config(ckpt)
     state = read_json(ckpt / "state.json", "training state")
-    params = sum(p.numel() for p in build_unet(config).parameters())
+    autoencoder = config.task == "autoencoder"
+    params = sum(p.numel() for p in (build_vae(config) if autoencoder else build_unet(config)).parameters())
     info = {
         "checkpoint": str(ckpt),
         "step": state.get("step"),
@@ -123,9 +131,17 @@ def _info(args) -> None:
     if args.json:
         print(json.dumps(info, indent=2))
         return
-    m, d, data = config.model, config.diffusion, config.data
+    m, d, data, v = config.model, config.diffusion, config.data, config.vae
     print(f"checkpoint   {ckpt}")
     print(f"trained      {info['step']} steps, {info['images_seen']} images, {info['train_seconds']} s")
+    vae_line = (f"KL autoencoder, widths {list(v.channels)}, {v.latent_channels} latent channels, "
+                f"{2 ** (len(v.channels) - 1)}x smaller latents, latent scale {v.scale_factor:.4g}")
+    if autoencoder:
+        print(f"model        {vae_line}; {params / 1e6:.2f}M parameters")
+        print(f"data         {data.dataset}{' ' + data.path if data.path else ''}, {data.channels} x {data.image_size} x {data.image_size}")
+        return
+    if config.latent.vae:
+        print(f"latent       {vae_line} (from {config.latent.vae})")
     print(f"model        U-Net {params / 1e6:.2f}M parameters; widths {list(m.channels)}, {m.layers_per_block} resnet(s)/level, "
           f"attention at levels {list(m.attention_levels)}, {'class-conditional (' + str(m.num_classes) + ')' if m.num_classes else 'unconditional'}")
     print(f"diffusion    {d.schedule} schedule, T = {d.timesteps}, predicts {d.prediction}, {d.loss_weighting} loss weighting"
@@ -163,16 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusekit", description="Train and sample diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model from a preset")
-    p.add_argument("--preset", help="a built-in preset (see `diffusekit presets`) or a .toml file")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
-    p.add_argument("--out", help="run folder (default runs/PRESET)")
-    p.add_argument("--budget", help="stop after this much wall-clock time, e.g. 10m, 90s, 1h30m")
-    p.add_argument("--steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_train)
+    for name, what in (("train", "a diffusion model"), ("train-vae", "the autoencoder of a latent diffusion model")):
+        p = sub.add_parser(name, help=f"train {what} from a preset")
+        p.add_argument("--preset", help="a built-in preset (see `diffusekit presets`) or a .toml file")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
+        p.add_argument("--out", help="run folder (default runs/PRESET)")
+        p.add_argument("--budget", help="stop after this much wall-clock time, e.g. 10m, 90s, 1h30m")
+        p.add_argument("--steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.set_defaults(func=_train)
 
     p = sub.add_parser("sample", help="sample images from a run or checkpoint")
     p.add_argument("checkpoint", metavar="RUN_OR_CKPT")

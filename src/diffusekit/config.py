@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from diffusekit.errors import ConfigError, UserError
+from diffusekit.nn.vae import VAEConfig, check_vae_config
 
 
 @dataclass
@@ -99,6 +100,26 @@ class SampleConfig:
 
 
 @dataclass
+class LatentConfig:
+    """Latent diffusion: the trained autoencoder whose latent space the U-Net works in."""
+
+    vae: str = ""  # a `diffusekit train-vae` run or checkpoint folder; "" trains in pixel space
+
+
+@dataclass
+class VAELossConfig:
+    """The autoencoder's training loss (Rombach et al. 2022, appendix G; Esser et al. 2021, sec. 3.2)."""
+
+    l1: float = 1.0  # weight of |x - x_rec|
+    l2: float = 0.0  # weight of (x - x_rec)^2
+    kl: float = 1e-6  # weight of KL(q(z|x) || N(0, I)) (per image sums, as LDM)
+    disc_weight: float = 0.0  # patch-discriminator (hinge) loss weight; 0: no discriminator
+    disc_start: int = 2000  # step at which the discriminator starts
+    disc_channels: int = 32
+    disc_layers: int = 2
+
+
+@dataclass
 class EvalConfig:
     """Periodic quality evaluation during training (EMA model), logged to metrics.jsonl."""
 
@@ -112,17 +133,23 @@ class EvalConfig:
 @dataclass
 class Config:
     description: str = ""
+    task: str = "diffusion"  # diffusion | autoencoder (`diffusekit train-vae`)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
 
 
 # Keys that may differ between a run and its resumption; everything else must match.
 RESUMABLE_KEYS = {
     "description",
+    "vae.scale_factor",  # an autoencoder run measures its latent scale as it trains
+    "vae.shift_factor",
     "train.max_steps",
     "train.budget",
     "train.device",
@@ -203,8 +230,11 @@ def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}' in {where}.{hint} Valid keys: {', '.join(sorted(valid))}")
 
 
+TOP_LEVEL_KEYS = ("description", "task")
+
+
 def all_keys() -> list[str]:
-    keys = ["description"]
+    keys = list(TOP_LEVEL_KEYS)
     for section, cls in _section_classes().items():
         keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
     return keys
@@ -215,11 +245,11 @@ def update_config(config: Config, values: dict, where: str) -> Config:
     sections = _section_classes()
     changes = {}
     for name, value in values.items():
-        if name == "description":
+        if name in TOP_LEVEL_KEYS:
             changes[name] = _coerce(value, str, name)
             continue
         if name not in sections:
-            raise _unknown_key(name, ["description", *sections], where)
+            raise _unknown_key(name, [*TOP_LEVEL_KEYS, *sections], where)
         if not isinstance(value, dict):
             raise ConfigError(f"'{name}' in {where} must be a section ([{name}]), got {value!r}")
         cls = sections[name]
@@ -250,8 +280,8 @@ def apply_overrides(config: Config, assignments: list[str]) -> Config:
         if key not in all_keys():
             raise _unknown_key(key, all_keys(), "--set")
         value = _parse_cli_value(raw)
-        if key == "description":
-            config = update_config(config, {"description": str(value)}, "--set")
+        if key in TOP_LEVEL_KEYS:
+            config = update_config(config, {key: str(value)}, "--set")
             continue
         section, name = key.split(".", 1)
         config = update_config(config, {section: {name: value}}, "--set")
@@ -346,16 +376,27 @@ def validate(config: Config) -> Config:
     _check(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start and beta_end need 0 < beta_start < beta_end < 1")
     _check(d.snr_gamma > 0, "diffusion.snr_gamma must be positive")
 
-    _choice("data.dataset", data.dataset, ("mnist", "folder"))
+    _choice("task", config.task, ("diffusion", "autoencoder"))
+    _choice("data.dataset", data.dataset, ("mnist", "folder", "emoji"))
     _choice("data.bad_images", data.bad_images, ("skip", "abort"))
     _check(data.channels in (1, 3), "data.channels must be 1 (grayscale) or 3 (RGB)")
     _check(data.image_size >= 4, "data.image_size must be at least 4")
+    check_vae_config(config.vae)
+    vae_factor = 2 ** (len(config.vae.channels) - 1)
+    latent_model = config.task == "autoencoder" or bool(config.latent.vae)
+    _check(
+        not latent_model or data.image_size % vae_factor == 0,
+        f"data.image_size = {data.image_size} cannot pass through the autoencoder, which shrinks images {vae_factor} times; "
+        f"use a multiple of {vae_factor}",
+    )
+    _check(data.dataset != "emoji" or data.image_size <= 136, "data.image_size for emoji must be at most 136 (the font's glyph size)")
+    size = data.image_size // vae_factor if config.latent.vae else data.image_size  # what the U-Net sees
     factor = 2 ** (len(m.channels) - 1)
     _check(
-        data.image_size % factor == 0,
-        f"data.image_size = {data.image_size} cannot pass through the U-Net: its {len(m.channels)} levels halve the size "
-        f"{len(m.channels) - 1} times, so the size must be a multiple of {factor} (e.g. {max(factor, data.image_size // factor * factor)} "
-        f"or {(data.image_size // factor + 1) * factor}), or use fewer levels in model.channels",
+        config.task == "autoencoder" or size % factor == 0,
+        f"{'the latent size' if config.latent.vae else 'data.image_size'} = {size} cannot pass through the U-Net: its {len(m.channels)} levels "
+        f"halve the size {len(m.channels) - 1} times, so the size must be a multiple of {factor} (e.g. {max(factor, size // factor * factor)} "
+        f"or {(size // factor + 1) * factor}), or use fewer levels in model.channels",
     )
     _check(data.dataset != "folder" or bool(data.path), "data.dataset = 'folder' needs data.path, e.g. --set data.path=my_images/")
     _check(data.limit >= 0, "data.limit must be 0 (all) or a positive count")
@@ -378,6 +419,10 @@ def validate(config: Config) -> Config:
     _choice("sample.spacing", s.spacing, SPACINGS)
     _check(s.steps >= 1 and s.n >= 1, "sample.steps and sample.n must be at least 1")
     _check(s.guidance >= 0 and 0.0 <= s.guidance_rescale <= 1.0, "sample.guidance must be >= 0 and sample.guidance_rescale in [0, 1]")
+
+    v = config.vae_loss
+    _check(min(v.l1, v.l2, v.kl, v.disc_weight) >= 0 and v.l1 + v.l2 > 0, "vae_loss weights must be >= 0, with l1 + l2 > 0")
+    _check(v.disc_start >= 0 and v.disc_channels >= 1 and v.disc_layers >= 1, "vae_loss.disc_start must be >= 0, disc_channels and disc_layers >= 1")
 
     e = config.eval
     _check(e.every >= 0 and e.n >= 10 and e.steps >= 1, "eval.every must be >= 0, eval.n >= 10 and eval.steps >= 1")

@@ -23,13 +23,10 @@ from safetensors.torch import load_file, save_file
 
 from diffusekit.data import fit_images, to_float
 from diffusekit.errors import UserError
-from diffusekit.metrics import class_histogram, compare_features, embed, get_feature_extractor, label_accuracy
+from diffusekit.runtime import cache_dir
+from diffusekit.metrics import class_histogram, compare_features, embed, fd_from_features, get_feature_extractor, label_accuracy, psnr, ssim
 
 NUM_DIGITS = 10
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DIFFUSEKIT_CACHE", Path.home() / ".cache" / "diffusekit"))
 
 
 def default_features(reference: str) -> str:
@@ -88,6 +85,21 @@ def evaluate_images(images: torch.Tensor, reference: str = "mnist", features: st
         if wanted_labels is not None:
             report["label_accuracy"] = label_accuracy(predicted, wanted_labels)
     return report
+
+
+def evaluate_reconstructions(reconstructions: torch.Tensor, originals: torch.Tensor, features: str | None = None, weights=None) -> dict:
+    """An autoencoder's reconstructions against their originals: PSNR (dB), SSIM and reconstruction FD (rFD)."""
+    features = features or ("mnist" if originals.shape[1] == 1 else "random")
+    extractor = get_feature_extractor(features, weights)
+    real, _ = embed(extractor, originals)
+    fake, _ = embed(extractor, reconstructions)
+    return {
+        "n": len(originals),
+        "psnr": psnr(reconstructions, originals).mean().item(),
+        "ssim": ssim(reconstructions, originals).mean().item(),
+        "rfd": fd_from_features(real, fake),
+        "features": features,
+    }
 
 
 def evaluate_checkpoint(

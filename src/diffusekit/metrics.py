@@ -166,6 +166,47 @@ def compare_features(real: torch.Tensor, fake: torch.Tensor, k: int = 3, kid_sub
     return {"fd": fd_from_features(real, fake), "kid_mean": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall}
 
 
+# ----------------------------------------------------------------------------- reconstruction
+
+
+def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image, in dB, for images in [-1, 1] (peak-to-peak 2):
+    10 log10(2^2 / MSE)."""
+    mse = (images.float() - references.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp(min=1e-12))
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).float()
+
+
+def ssim(images: torch.Tensor, references: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity per image (Wang et al. 2004, eq. 13), images in [-1, 1] mapped to [0, 1]:
+
+        SSIM = (2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2))
+
+    with local statistics under an 11 x 11 Gaussian window (sigma 1.5), C1 = 0.01^2, C2 = 0.03^2,
+    averaged over positions (valid region) and channels.
+    """
+    x, y = (images.float() + 1) / 2, (references.float() + 1) / 2
+    channels = x.shape[1]
+    size = min(window, x.shape[-1], x.shape[-2])
+    kernel = gaussian_window(size, sigma).to(x.device).expand(channels, 1, size, size)
+
+    def blur(t):
+        return F.conv2d(t, kernel, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return value.flatten(1).mean(1)
+
+
 # ----------------------------------------------------------------------------- class statistics
 
 

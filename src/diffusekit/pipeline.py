@@ -18,19 +18,28 @@ from diffusekit.config import Config, config_from_dict
 from diffusekit.denoiser import Denoiser
 from diffusekit.errors import UserError
 from diffusekit.guidance import GuidedDenoiser
-from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, read_json, resolve_checkpoint
+from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, read_json, read_tensors, resolve_checkpoint
 from diffusekit.nn.unet import UNet
+from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores
 from diffusekit.samplers import get_sampler
 from diffusekit.schedule import SPACINGS, NoiseSchedule
 
 
 def image_shape(config: Config) -> tuple[int, int, int]:
+    """What the U-Net denoises: images, or for a latent model the autoencoder's latents."""
+    if config.latent.vae:
+        size = config.data.image_size // 2 ** (len(config.vae.channels) - 1)
+        return (config.vae.latent_channels, size, size)
     return (config.data.channels, config.data.image_size, config.data.image_size)
 
 
 def build_unet(config: Config) -> UNet:
-    return UNet.from_config(config.model, in_channels=config.data.channels)
+    return UNet.from_config(config.model, in_channels=image_shape(config)[0])
+
+
+def build_vae(config: Config) -> AutoencoderKL:
+    return AutoencoderKL.from_config(config.vae, config.data.channels)
 
 
 def load_config(ckpt: Path) -> Config:
@@ -38,22 +47,40 @@ def load_config(ckpt: Path) -> Config:
 
 
 class Pipeline:
-    def __init__(self, config: Config, net: torch.nn.Module, device: torch.device | str = "cpu", checkpoint: Path | None = None, step: int | None = None):
+    """Samples of a diffusion model; for a latent model `vae` decodes the sampled latents."""
+
+    def __init__(self, config: Config, net: torch.nn.Module, device: torch.device | str = "cpu", checkpoint: Path | None = None,
+                 step: int | None = None, vae: AutoencoderKL | None = None):
         self.config, self.net, self.device = config, net.eval(), torch.device(device)
         self.schedule = NoiseSchedule.from_config(config.diffusion)
         self.denoiser = Denoiser(self.net, self.schedule, config.diffusion.prediction)
         self.checkpoint, self.step = checkpoint, step
+        self.vae = vae.eval() if vae is not None else None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, weights: str = "ema", device: str = "auto") -> "Pipeline":
         use_all_cores()
         ckpt = resolve_checkpoint(path)
         config = load_config(ckpt)
+        if config.task != "diffusion":
+            raise UserError(f"'{path}' holds an {config.task} (from train-vae), not a diffusion model: sample from a diffusion run")
+        dev = pick_device(device)
         net = build_unet(config)
         load_state_dict_checked(net, load_weights(ckpt, weights), source=str(ckpt))
+        vae = None
+        if config.latent.vae:
+            vae = build_vae(config)
+            load_state_dict_checked(vae, read_tensors(ckpt / "vae.safetensors"), source=str(ckpt))
+            vae = prepare_module(vae, dev)
         state = read_json(ckpt / "state.json", "training state")
-        dev = pick_device(device)
-        return cls(config, prepare_module(net, dev), dev, checkpoint=ckpt, step=state.get("step"))
+        return cls(config, prepare_module(net, dev), dev, checkpoint=ckpt, step=state.get("step"), vae=vae)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (z = latent / scale + shift, then the decoder)."""
+        vae = self.vae
+        parts = [vae.decode(part.to(self.device) / vae.scale_factor + vae.shift_factor).clamp(-1, 1).cpu() for part in latents.split(batch_size)]
+        return torch.cat(parts)
 
     def sigmas(self, steps: int, spacing: str) -> torch.Tensor:
         if spacing not in SPACINGS:
@@ -101,7 +128,7 @@ class Pipeline:
         progress: bool = False,
         **sampler_options,
     ) -> torch.Tensor:
-        """n images as a tensor in [-1, 1]. Image i depends only on (seed, i), not on batch_size.
+        """n images as a tensor in [-1, 1] (a latent model's samples decoded). Image i depends only on (seed, i), not on batch_size.
 
         labels: class label(s) for a class-conditional model, repeated to n; guidance: the
         classifier-free guidance scale. callback(first_index, step, x, x0_hat) sees each
@@ -139,7 +166,8 @@ class Pipeline:
                 if callback is not None:
                     callback(start, i, x, x0)
 
-            out.append(sample_fn(denoiser, x, sigmas, cond=cond, generator=gens, callback=on_step, **sampler_options).clamp(-1, 1).cpu())
+            x = sample_fn(denoiser, x, sigmas, cond=cond, generator=gens, callback=on_step, **sampler_options)
+            out.append(self.decode(x) if self.vae is not None else x.clamp(-1, 1).cpu())
         bar.close()
         return torch.cat(out)
 

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import torch
 
 from diffusekit.errors import UserError
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
+
+
+def cache_dir() -> Path:
+    """Where derived data is cached (renderings, reference features, latents): $DIFFUSEKIT_CACHE or ~/.cache/diffusekit."""
+    return Path(os.environ.get("DIFFUSEKIT_CACHE", Path.home() / ".cache" / "diffusekit"))
 
 
 def parse_duration(text: str) -> float:

@@ -16,6 +16,7 @@ class ImageDataset:
     labels: torch.Tensor | None = None  # int64 [N], class labels where the data has them
     num_classes: int = 0
     skipped: int = 0  # unreadable files left out
+    captions: list[str] | None = None  # one text per image where the data has them
 
     def __len__(self) -> int:
         return len(self.images)
@@ -53,8 +54,13 @@ def load_dataset(cfg, progress: bool = True) -> ImageDataset:
 
         images, _, skipped = load_folder(cfg.path, cfg.image_size, cfg.channels, cfg.bad_images, cfg.limit, progress)
         dataset = ImageDataset(images, skipped=skipped)
+    elif cfg.dataset == "emoji":
+        from diffusekit.data.emoji import load_emoji
+
+        images, captions = load_emoji(cfg.image_size, cfg.path or None, cfg.limit, progress)
+        dataset = ImageDataset(fit_images(images, cfg.image_size, cfg.channels), captions=captions)
     else:
-        raise UserError(f"unknown dataset '{cfg.dataset}'; use mnist or folder")
+        raise UserError(f"unknown dataset '{cfg.dataset}'; use mnist, emoji or folder")
     if cfg.limit and len(dataset) > cfg.limit:
         dataset = evenly_spaced_subset(dataset, cfg.limit)
     return dataset
@@ -64,7 +70,8 @@ def evenly_spaced_subset(dataset: ImageDataset, count: int) -> ImageDataset:
     """`count` items spread evenly over the dataset, so a subset of sorted data keeps every class."""
     idx = torch.linspace(0, len(dataset) - 1, count).round().long()
     labels = dataset.labels[idx] if dataset.labels is not None else None
-    return ImageDataset(dataset.images[idx], labels, dataset.num_classes, dataset.skipped)
+    captions = [dataset.captions[i] for i in idx.tolist()] if dataset.captions is not None else None
+    return ImageDataset(dataset.images[idx], labels, dataset.num_classes, dataset.skipped, captions)
 
 
 class BatchStream:

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffusekit.errors import UserError
-from diffusekit.evaluate import cache_dir
+from diffusekit.runtime import cache_dir
 from diffusekit.io.checkpoint import write_json_atomic
 
 DEBIAN_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
