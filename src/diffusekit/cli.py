@@ -1,4 +1,4 @@
-"""`diffusekit` commands: train, train-vae, sample, eval, info, presets, noise.
+"""`diffusekit` commands: train, train-vae, sample, generate, eval, info, presets, noise.
 
 Mistakes a user can make (UserError) are printed as one line and exit with code 2.
 """
@@ -47,7 +47,7 @@ def _train(args) -> None:
 def _sample(args) -> None:
     import torch
 
-    from diffusekit.images import save_gif, save_grid, save_images
+    from diffusekit.images import save_gif
     from diffusekit.pipeline import Pipeline
     from diffusekit.schedule import sigma_to_alpha_sigma
 
@@ -72,16 +72,33 @@ def _sample(args) -> None:
         args.n, steps=args.steps, sampler=args.sampler, spacing=spacing, seed=args.seed, labels=args.label,
         guidance=args.guidance, guidance_rescale=args.guidance_rescale, batch_size=args.batch_size, callback=record if args.animate else None, progress=True, **options,
     )
-    out = Path(args.out)
-    if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
-        save_grid(images, out)
-        print(f"wrote a grid of {len(images)} samples to {out}")
-    else:
-        save_images(images, out)
-        print(f"wrote {len(images)} PNGs to {out}/")
+    _write_images(images, Path(args.out), "samples")
     if args.animate:
         save_gif(frames, args.animate)
         print(f"wrote the reverse process ({len(frames)} frames) to {args.animate}")
+
+
+def _write_images(images, out: Path, noun: str) -> None:
+    """A grid for an image file name, else one PNG per image into the folder `out`."""
+    from diffusekit.images import save_grid, save_images
+
+    if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+        save_grid(images, out)
+        print(f"wrote a grid of {len(images)} {noun} to {out}")
+    else:
+        save_images(images, out)
+        print(f"wrote {len(images)} PNGs to {out}/")
+
+
+def _generate(args) -> None:
+    from diffusekit.pipeline import Pipeline, default_model
+
+    pipe = Pipeline.from_pretrained(args.model or default_model(), device=args.device)
+    images = pipe.sample(
+        args.n, steps=args.steps, sampler=args.sampler, spacing=args.spacing, seed=args.seed, prompts=args.prompt,
+        negative=args.negative, guidance=args.guidance, batch_size=args.batch_size, size=args.size, progress=True,
+    )
+    _write_images(images, Path(args.out), "images")
 
 
 def _eval(args) -> None:
@@ -208,6 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("generate", help="text to image: images from a prompt")
+    p.add_argument("prompt", nargs="+", help="the prompt (several prompts: one image each, in turn)")
+    p.add_argument("--model", help="a text-to-image run or checkpoint (default: the shipped emoji demo model)")
+    p.add_argument("--n", type=int, default=8, help="number of images")
+    p.add_argument("--steps", type=int, help="network evaluations (default: the model's sample.steps)")
+    p.add_argument("--sampler", help="sampler name (default: the model's sample.sampler)")
+    p.add_argument("--schedule", "--spacing", dest="spacing", help="step schedule: leading, trailing, linspace, karras or logsnr")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's sample.guidance)")
+    p.add_argument("--negative", help="a negative prompt: what guidance steers away from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, help="image size in pixels (default: the size the model was trained at)")
+    p.add_argument("--out", default="generated.png", help="a .png grid, or a folder for one PNG per image")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("eval", help="measure sample quality (FD, KID, precision/recall, digit labels)")
     p.add_argument("checkpoint", metavar="RUN_OR_CKPT", nargs="?")

@@ -32,6 +32,10 @@ class ModelConfig:
     norm_groups: int = 8
     dropout: float = 0.0
     num_classes: int = 0  # 0: unconditional; else class labels 0..n-1 plus a null class n
+    cross_attention_dim: int = 0  # text conditioning: the text encoder's width (0: none)
+    attention_heads: int = 0  # a fixed head count per level (Stable Diffusion 1.x); 0: width / attention_head_dim
+    transformer_layers: int = 1  # transformer blocks per cross-attention layer
+    linear_projection: bool = False  # Linear instead of 1x1 conv around the transformer (Stable Diffusion 2.x)
 
 
 @dataclass
@@ -100,6 +104,15 @@ class SampleConfig:
 
 
 @dataclass
+class TextConfig:
+    """Text conditioning: prompts encoded into tokens that the U-Net cross-attends to."""
+
+    encoder: str = ""  # "" (no text), "minilm" (the packaged all-MiniLM-L6-v2) or a local transformers folder
+    max_length: int = 32  # tokens per prompt; longer prompts are truncated with a warning
+    caption_dropout: float = 0.1  # share of captions replaced by "" in training, so that guidance works
+
+
+@dataclass
 class LatentConfig:
     """Latent diffusion: the trained autoencoder whose latent space the U-Net works in."""
 
@@ -141,6 +154,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
 
@@ -365,7 +379,11 @@ def validate(config: Config) -> Config:
         _check(c % m.norm_groups == 0, f"model.channels {c} is not divisible by model.norm_groups = {m.norm_groups}; pick widths that are multiples of it")
     for level in set(m.attention_levels) | ({len(m.channels) - 1} if m.mid_attention else set()):
         c = m.channels[level]
-        _check(c % m.attention_head_dim == 0, f"model.attention_head_dim = {m.attention_head_dim} does not divide the width {c} of attention level {level}")
+        if m.attention_heads:
+            _check(c % m.attention_heads == 0, f"model.attention_heads = {m.attention_heads} does not divide the width {c} of attention level {level}")
+        else:
+            _check(c % m.attention_head_dim == 0, f"model.attention_head_dim = {m.attention_head_dim} does not divide the width {c} of attention level {level}")
+    _check(m.cross_attention_dim >= 0 and m.attention_heads >= 0 and m.transformer_layers >= 1, "model.cross_attention_dim and attention_heads must be >= 0, transformer_layers >= 1")
     _check(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
     _check(m.num_classes >= 0, "model.num_classes must be 0 (unconditional) or the number of classes")
 
@@ -419,6 +437,12 @@ def validate(config: Config) -> Config:
     _choice("sample.spacing", s.spacing, SPACINGS)
     _check(s.steps >= 1 and s.n >= 1, "sample.steps and sample.n must be at least 1")
     _check(s.guidance >= 0 and 0.0 <= s.guidance_rescale <= 1.0, "sample.guidance must be >= 0 and sample.guidance_rescale in [0, 1]")
+
+    tx = config.text
+    _check(not tx.encoder or m.cross_attention_dim > 0, f"text.encoder = {tx.encoder!r} needs model.cross_attention_dim = the encoder's width (384 for minilm)")
+    _check(not m.cross_attention_dim or bool(tx.encoder), "model.cross_attention_dim > 0 needs a text encoder: set text.encoder (e.g. minilm)")
+    _check(not (tx.encoder and m.num_classes), "a model is conditioned on class labels or on text, not both: set model.num_classes=0 or text.encoder=\"\"")
+    _check(tx.max_length >= 2 and 0.0 <= tx.caption_dropout < 1.0, "text.max_length must be >= 2 and text.caption_dropout in [0, 1)")
 
     v = config.vae_loss
     _check(min(v.l1, v.l2, v.kl, v.disc_weight) >= 0 and v.l1 + v.l2 > 0, "vae_loss weights must be >= 0, with l1 + l2 > 0")

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusekit.data import fit_images, to_float
+from diffusekit.data.mnist import digit_caption
 from diffusekit.errors import UserError
 from diffusekit.runtime import cache_dir
 from diffusekit.metrics import class_histogram, compare_features, embed, fd_from_features, get_feature_extractor, label_accuracy, psnr, ssim
@@ -115,19 +116,25 @@ def evaluate_checkpoint(
     weights=None,
     pipeline=None,
 ) -> dict:
-    """Sample n images from a run or checkpoint (class-conditional: labels i % classes) and evaluate them."""
+    """Sample n images from a run or checkpoint and evaluate them. Digit models conditioned on classes or on
+    captions ("a handwritten digit seven") are asked for digit i % 10, and their label accuracy is measured."""
     from diffusekit.pipeline import Pipeline
 
     pipe = pipeline or Pipeline.from_pretrained(path)
     classes = pipe.config.model.num_classes
-    labels = torch.arange(n) % classes if classes else None
+    digits_by_text = pipe.text_encoder is not None and pipe.config.data.dataset == "mnist"
+    wanted = torch.arange(n) % (classes or NUM_DIGITS) if classes or digits_by_text else None
+    labels = wanted if classes else None
+    prompts = [digit_caption(int(d)) for d in wanted] if digits_by_text else None
+    conditional = labels is not None or prompts is not None
     start = time.perf_counter()
-    images = pipe.sample(n, steps=steps, sampler=sampler, spacing=spacing, seed=seed, labels=labels, guidance=guidance if classes else None, progress=pipeline is None)
+    images = pipe.sample(n, steps=steps, sampler=sampler, spacing=spacing, seed=seed, labels=labels, prompts=prompts,
+                         guidance=guidance if conditional else None, progress=pipeline is None)
     seconds = time.perf_counter() - start
     reference = reference or ("mnist" if pipe.config.data.dataset == "mnist" else pipe.config.data.path)
     if not reference:
         raise UserError("no reference set: give --ref mnist or --ref DIR")
-    report = evaluate_images(images, reference, features, weights, wanted_labels=labels, device=str(pipe.device))
+    report = evaluate_images(images, reference, features, weights, wanted_labels=wanted, device=str(pipe.device))
     sc = pipe.config.sample
     report.update({
         "checkpoint": str(pipe.checkpoint) if pipe.checkpoint else None,

@@ -3,12 +3,16 @@
     pipe = Pipeline.from_pretrained("runs/mnist")          # a run or a checkpoint folder
     images = pipe(n=16, steps=50, sampler="ddim", seed=0)  # list of PIL images
     x = pipe.sample(n=16)                                  # tensor [16, C, H, W] in [-1, 1]
+
+    pipe = Pipeline.from_pretrained("runs/emoji-ldm")      # text-to-image
+    images = pipe("a red apple", n=4, steps=20, guidance=4, negative="blurry")
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -26,12 +30,23 @@ from diffusekit.samplers import get_sampler
 from diffusekit.schedule import SPACINGS, NoiseSchedule
 
 
-def image_shape(config: Config) -> tuple[int, int, int]:
-    """What the U-Net denoises: images, or for a latent model the autoencoder's latents."""
+def image_shape(config: Config, size: int | None = None) -> tuple[int, int, int]:
+    """What the U-Net denoises for images of `size` (default: the training size): images, or a latent model's latents."""
+    size = size or config.data.image_size
     if config.latent.vae:
-        size = config.data.image_size // 2 ** (len(config.vae.channels) - 1)
-        return (config.vae.latent_channels, size, size)
-    return (config.data.channels, config.data.image_size, config.data.image_size)
+        factor = 2 ** (len(config.vae.channels) - 1)
+        if size % factor:
+            raise UserError(f"--size {size} is not a multiple of {factor}, the autoencoder's down-sampling factor")
+        return (config.vae.latent_channels, size // factor, size // factor)
+    return (config.data.channels, size, size)
+
+
+def default_model() -> Path:
+    """The text-to-image demo model shipped in the package."""
+    path = Path(str(resources.files("diffusekit") / "assets" / "emoji-t2i"))
+    if not (path / "config.json").is_file():
+        raise UserError("no shipped demo model in this installation; give a text-to-image run with --model RUN")
+    return path
 
 
 def build_unet(config: Config) -> UNet:
@@ -42,6 +57,21 @@ def build_vae(config: Config) -> AutoencoderKL:
     return AutoencoderKL.from_config(config.vae, config.data.channels)
 
 
+def build_text_encoder(config: Config, device=None):
+    """The model's text encoder (None for a model without text conditioning)."""
+    if not config.text.encoder:
+        return None
+    from diffusekit.nn.text import TextEncoder
+
+    encoder = TextEncoder(config.text.encoder, config.text.max_length)
+    if encoder.dim != config.model.cross_attention_dim:
+        raise UserError(
+            f"the text encoder '{config.text.encoder}' gives {encoder.dim}-wide embeddings but model.cross_attention_dim = "
+            f"{config.model.cross_attention_dim}; set model.cross_attention_dim={encoder.dim}"
+        )
+    return encoder.to(device) if device is not None else encoder
+
+
 def load_config(ckpt: Path) -> Config:
     return config_from_dict(read_json(Path(ckpt) / "config.json", "config"), where=f"{ckpt}/config.json")
 
@@ -50,8 +80,9 @@ class Pipeline:
     """Samples of a diffusion model; for a latent model `vae` decodes the sampled latents."""
 
     def __init__(self, config: Config, net: torch.nn.Module, device: torch.device | str = "cpu", checkpoint: Path | None = None,
-                 step: int | None = None, vae: AutoencoderKL | None = None):
+                 step: int | None = None, vae: AutoencoderKL | None = None, text_encoder=None):
         self.config, self.net, self.device = config, net.eval(), torch.device(device)
+        self.text_encoder = text_encoder
         self.schedule = NoiseSchedule.from_config(config.diffusion)
         self.denoiser = Denoiser(self.net, self.schedule, config.diffusion.prediction)
         self.checkpoint, self.step = checkpoint, step
@@ -73,7 +104,7 @@ class Pipeline:
             load_state_dict_checked(vae, read_tensors(ckpt / "vae.safetensors"), source=str(ckpt))
             vae = prepare_module(vae, dev)
         state = read_json(ckpt / "state.json", "training state")
-        return cls(config, prepare_module(net, dev), dev, checkpoint=ckpt, step=state.get("step"), vae=vae)
+        return cls(config, prepare_module(net, dev), dev, checkpoint=ckpt, step=state.get("step"), vae=vae, text_encoder=build_text_encoder(config, dev))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -95,22 +126,34 @@ class Pipeline:
             return None
         num_classes = self.config.model.num_classes
         if not num_classes:
-            raise UserError("this model is unconditional: it takes no --label; train a class-conditional model (e.g. --preset mnist-cond)")
+            raise UserError("this model is not class-conditional: it takes no --label; train one with e.g. --preset mnist-cond")
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         labels = labels.repeat(math.ceil(n / len(labels)))[:n]
         if ((labels < 0) | (labels >= num_classes)).any():
             raise UserError(f"labels must be between 0 and {num_classes - 1} for this model")
         return labels
 
-    def null_cond(self, count: int) -> dict:
-        """The condition meaning "no label": the null class index num_classes."""
-        return {"class_labels": torch.full((count,), self.config.model.num_classes, dtype=torch.long, device=self.device)}
+    def encode_prompts(self, prompts: list[str]) -> dict:
+        if self.text_encoder is None:
+            raise UserError("this model is not text-conditioned: it takes no prompt; use a text-to-image run (e.g. --preset emoji-ldm)")
+        hidden, mask = self.text_encoder.encode(prompts)
+        return {"context": hidden.to(self.device), "context_mask": mask.to(self.device)}
 
-    def guided(self, guidance: float, rescale: float, count: int):
-        """The denoiser for a batch: classifier-free guidance where it changes anything."""
-        if guidance == 1.0 or not self.config.model.num_classes:
-            return self.denoiser
-        return GuidedDenoiser(self.denoiser, self.null_cond(count), guidance, rescale)
+    def conditions(self, n: int, labels=None, prompts=None, negative: str | None = None) -> tuple[dict | None, dict | None]:
+        """(cond, uncond) for all n samples. uncond is the null class, the empty prompt or the negative prompt."""
+        if prompts is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            prompts = (prompts * math.ceil(n / len(prompts)))[:n]
+            return self.encode_prompts(prompts), self.encode_prompts([negative or ""] * n)
+        if negative:
+            raise UserError("a negative prompt needs a prompt")
+        all_labels = self._labels(labels, n)
+        if all_labels is not None:
+            null = torch.full((n,), self.config.model.num_classes, dtype=torch.long)
+            return {"class_labels": all_labels.to(self.device)}, {"class_labels": null.to(self.device)}
+        if self.text_encoder is not None:  # a text model without a prompt: the unconditional model
+            return self.encode_prompts([""] * n), None
+        return None, None
 
     @torch.no_grad()
     def sample(
@@ -121,18 +164,23 @@ class Pipeline:
         spacing: str | None = None,
         seed: int | None = None,
         labels=None,
+        prompts=None,
+        negative: str | None = None,
         guidance: float | None = None,
         guidance_rescale: float | None = None,
         batch_size: int = 64,
+        size: int | None = None,
         callback=None,
         progress: bool = False,
         **sampler_options,
     ) -> torch.Tensor:
         """n images as a tensor in [-1, 1] (a latent model's samples decoded). Image i depends only on (seed, i), not on batch_size.
 
-        labels: class label(s) for a class-conditional model, repeated to n; guidance: the
-        classifier-free guidance scale. callback(first_index, step, x, x0_hat) sees each
-        batch's state after every step.
+        labels: class label(s) of a class-conditional model; prompts: text(s) of a text-to-image
+        model (both repeated to n); negative: the prompt guidance steers away from (default "").
+        guidance: the classifier-free guidance scale; size: another image size than the training one.
+        callback(first_index, step, x, x0_hat)
+        sees each batch's state after every step.
         """
         defaults = self.config.sample
         steps, sampler = steps or defaults.steps, sampler or defaults.sampler
@@ -145,34 +193,39 @@ class Pipeline:
         if unknown:
             raise UserError(f"the {sampler} sampler has no option '{unknown[0]}'; drop it or pick a sampler that takes it")
         sigmas = self.sigmas(steps, spacing).to(self.device)
-        all_labels = self._labels(labels, n)
-        if all_labels is None:  # unconditional samples (the null class of a conditional model)
+        cond, uncond = self.conditions(n, labels, prompts, negative)
+        if uncond is None:  # unconditional samples: nothing to guide towards
             if guidance not in (None, 1.0):
-                raise UserError("classifier-free guidance needs a condition: give --label (guidance compares it with the null class)")
+                raise UserError("classifier-free guidance needs a condition: give a --label or a prompt")
             guidance = 1.0
         guidance = defaults.guidance if guidance is None else guidance
-        shape = image_shape(self.config)
+        shape = image_shape(self.config, size)
         out = []
         bar = tqdm(total=n * steps, desc=f"sampling ({sampler}, {steps} steps)", unit="step", disable=not progress, leave=False)
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
+            part = slice(start, start + count)
             gens = sample_generators(seed, count, start)
             x = randn((count, *shape), generator=gens, device=self.device) * (1 + sigmas[0] ** 2).sqrt().float()
-            cond = {"class_labels": all_labels[start : start + count].to(self.device)} if all_labels is not None else None
-            denoiser = self.guided(guidance, rescale, count)
+            batch_cond = {k: v[part] for k, v in cond.items()} if cond else None
+            denoiser = self.denoiser
+            if guidance != 1.0:
+                denoiser = GuidedDenoiser(self.denoiser, {k: v[part] for k, v in uncond.items()}, guidance, rescale)
 
             def on_step(i, x, x0, start=start, count=count):
                 bar.update(count)
                 if callback is not None:
                     callback(start, i, x, x0)
 
-            x = sample_fn(denoiser, x, sigmas, cond=cond, generator=gens, callback=on_step, **sampler_options)
+            x = sample_fn(denoiser, x, sigmas, cond=batch_cond, generator=gens, callback=on_step, **sampler_options)
             out.append(self.decode(x) if self.vae is not None else x.clamp(-1, 1).cpu())
         bar.close()
         return torch.cat(out)
 
-    def __call__(self, n: int = 16, **kwargs):
+    def __call__(self, prompt=None, n: int = 4, **kwargs):
+        """PIL images: pipe("a red apple", n=4, steps=20, guidance=4) for a text-to-image model,
+        pipe(n=16) for an unconditional one (labels=... for a class-conditional one)."""
         from diffusekit.images import make_grid, to_pil
 
-        images = self.sample(n, **kwargs)
+        images = self.sample(n, prompts=prompt, **kwargs)
         return [to_pil(make_grid(img[None], ncols=1, padding=0)) for img in images]

@@ -4,7 +4,9 @@ Each step: a batch x0 (pixels in [-1, 1], or for a latent model z ~ q(z | x) fro
 latent cache, data/latents.py), t ~ U{0..T-1}, eps ~ N(0, I),
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and a (weighted) MSE on the target
 (losses.py). Class labels are replaced by the null class with probability
-train.label_dropout, so that classifier-free guidance has an unconditional model.
+train.label_dropout, captions by the empty prompt with probability text.caption_dropout,
+so that classifier-free guidance has an unconditional model. Captions are encoded once
+(nn/text.py CaptionEmbeddings) and the U-Net cross-attends to their token embeddings.
 The loop itself (EMA, budgets, checkpoints, exact resume) is trainer.Trainer.
 """
 
@@ -22,9 +24,10 @@ from diffusekit.data import load_dataset, to_float
 from diffusekit.data.latents import latent_dataset
 from diffusekit.errors import UserError
 from diffusekit.images import save_grid
-from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, resolve_checkpoint
+from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, resolve_checkpoint, write_json_atomic
 from diffusekit.losses import diffusion_loss, draw_t_and_noise
-from diffusekit.pipeline import Pipeline, build_unet, build_vae, load_config
+from diffusekit.nn.text import CaptionEmbeddings
+from diffusekit.pipeline import Pipeline, build_text_encoder, build_unet, build_vae, load_config
 from diffusekit.runtime import prepare_module
 from diffusekit.schedule import NoiseSchedule
 from diffusekit.trainer import Trainer, TrainResult, run_training
@@ -62,6 +65,7 @@ class DiffusionTrainer(Trainer):
     def build(self) -> torch.nn.Module:
         self.schedule = NoiseSchedule.from_config(self.config.diffusion)
         self.labels = self._class_labels()
+        self.text_encoder, self.captions = self._caption_embeddings()
         if self.vae is not None:
             self.extra_modules["vae"] = self.vae  # saved in every checkpoint: a latent checkpoint decodes on its own
         return build_unet(self.config)
@@ -76,6 +80,18 @@ class DiffusionTrainer(Trainer):
             raise UserError(f"model.num_classes = {wanted} but the dataset has {dataset.num_classes} classes; set model.num_classes={dataset.num_classes}")
         return dataset.labels.to(self.device)
 
+    def _caption_embeddings(self):
+        """The text encoder and every caption encoded once (row 0: the empty prompt), for a text model."""
+        if not self.config.text.encoder:
+            return None, None
+        if self.dataset.captions is None:
+            raise UserError(
+                f"text.encoder is set but the {self.config.data.dataset} dataset has no captions; for an image folder add "
+                "metadata.jsonl (lines of {\"file_name\": ..., \"text\": ...}) or a .txt file beside each image"
+            )
+        encoder = build_text_encoder(self.config, self.device)
+        return encoder, CaptionEmbeddings(self.dataset.captions, encoder)
+
     def uniform(self, count: int) -> torch.Tensor:
         """count draws from U[0, 1) on the training generator, on the training device."""
         return torch.rand(count, generator=self.generator, device=self.generator.device).to(self.device)
@@ -88,6 +104,11 @@ class DiffusionTrainer(Trainer):
             x0 = to_float(self.dataset.images[idx]).to(self.device)
             if self.config.data.hflip:
                 x0 = torch.where((self.uniform(len(idx)) < 0.5)[:, None, None, None], x0.flip(-1), x0)
+        if self.captions is not None:
+            rows = self.captions.index[idx]
+            if self.config.text.caption_dropout > 0:  # the empty prompt, so that guidance has an unconditional model
+                rows = torch.where(self.uniform(len(idx)).cpu() < self.config.text.caption_dropout, 0, rows)
+            return x0, {"context": self.captions.hidden[rows].to(self.device), "context_mask": self.captions.mask[rows].to(self.device)}
         if self.labels is None:
             return x0, None
         labels = self.labels[idx.to(self.device)]
@@ -115,20 +136,31 @@ class DiffusionTrainer(Trainer):
         self.finish_step(len(x0))
         return {"loss": float(total) / tc.grad_accumulation}
 
+    def pipeline(self) -> Pipeline:
+        """The EMA model as a pipeline (for sample grids and evaluation)."""
+        return Pipeline(self.config, self.ema, self.device, vae=self.vae, text_encoder=self.text_encoder)
+
+    def grid_prompts(self, n: int) -> list[str]:
+        """n distinct training captions spread over the dataset (in order, so each row is stable)."""
+        unique = list(dict.fromkeys(self.dataset.captions))
+        return [unique[i] for i in torch.linspace(0, len(unique) - 1, min(n, len(unique))).round().long().tolist()]
+
     def sample_grid(self) -> Path:
         sc = self.config.sample
-        pipe = Pipeline(self.config, self.ema, self.device, vae=self.vae)
         classes = self.config.model.num_classes
         labels = torch.arange(sc.n) % classes if classes else None  # one class per column
-        images = pipe.sample(sc.n, steps=sc.steps, sampler=sc.sampler, spacing=sc.spacing, seed=sc.seed, labels=labels)
-        return save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", ncols=classes or None)
+        prompts = self.grid_prompts(sc.n) if self.captions is not None else None
+        images = self.pipeline().sample(sc.n, steps=sc.steps, sampler=sc.sampler, spacing=sc.spacing, seed=sc.seed, labels=labels, prompts=prompts)
+        path = save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", ncols=classes or None)
+        if prompts is not None:
+            write_json_atomic(path.with_suffix(".json"), {"prompts": prompts})
+        return path
 
     def evaluate(self) -> dict:
         from diffusekit.evaluate import evaluate_checkpoint
 
         ec = self.config.eval
-        pipe = Pipeline(self.config, self.ema, self.device, vae=self.vae)
-        return evaluate_checkpoint(None, n=ec.n, sampler=ec.sampler, steps=ec.steps, features=ec.features or None, pipeline=pipe)
+        return evaluate_checkpoint(None, n=ec.n, sampler=ec.sampler, steps=ec.steps, features=ec.features or None, pipeline=self.pipeline())
 
 
 def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:

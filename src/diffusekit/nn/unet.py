@@ -1,8 +1,10 @@
-"""The denoising U-Net (Ronneberger et al. 2015, as used by Ho et al. 2020).
+"""The denoising U-Net (Ronneberger et al. 2015, as used by Ho et al. 2020 and Rombach et al. 2022).
 
-Structure and parameter names are those of diffusers' UNet2DModel with
-DownBlock2D / AttnDownBlock2D, UNetMidBlock2D and UpBlock2D / AttnUpBlock2D, so
-a UNet2DModel state dict of the same shape loads key for key:
+Structure and parameter names are those of diffusers' UNet2DModel (self-attention
+levels: AttnDownBlock2D / AttnUpBlock2D, UNetMidBlock2D) and, with text conditioning
+(cross_attention_dim > 0), of UNet2DConditionModel (CrossAttnDownBlock2D /
+CrossAttnUpBlock2D, UNetMidBlock2DCrossAttn with Transformer2DModel attentions), so
+diffusers state dicts of the same shape load key for key:
 
     conv_in -> down_blocks[i] (resnets, attentions?, downsamplers?) -> mid_block
     -> up_blocks[i] (resnets fed with skips, attentions?, upsamplers?) -> conv_out
@@ -13,28 +15,40 @@ a skip and consumed, last first, by one up-path resnet.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from diffusekit.errors import UserError
-from diffusekit.nn.blocks import Downsample2D, ResnetBlock2D, SelfAttention2D, TimestepEmbedding, Upsample2D, timestep_embedding
+from diffusekit.nn.blocks import (
+    Downsample2D,
+    ResnetBlock2D,
+    SelfAttention2D,
+    TimestepEmbedding,
+    Transformer2D,
+    Upsample2D,
+    timestep_embedding,
+)
+
+AttentionFactory = Callable[[int], nn.Module]  # channels -> an attention module taking (x, context, mask)
 
 
 class DownBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, temb: int, layers: int, attention: bool, downsample: bool, groups: int, head_dim: int, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, temb: int, layers: int, attention: AttentionFactory | None, downsample: bool, groups: int, dropout: float):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, groups, dropout) for i in range(layers)])
         if attention:
-            self.attentions = nn.ModuleList([SelfAttention2D(out_ch, head_dim, groups) for _ in range(layers)])
+            self.attentions = nn.ModuleList([attention(out_ch) for _ in range(layers)])
         if downsample:
             self.downsamplers = nn.ModuleList([Downsample2D(out_ch)])
 
-    def forward(self, x, temb):
+    def forward(self, x, temb, context=None, mask=None):
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if hasattr(self, "attentions"):
-                x = self.attentions[i](x)
+                x = self.attentions[i](x, context, mask)
             skips.append(x)
         if hasattr(self, "downsamplers"):
             x = self.downsamplers[0](x)
@@ -43,35 +57,35 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, ch: int, temb: int, attention: bool, groups: int, head_dim: int, dropout: float):
+    def __init__(self, ch: int, temb: int, attention: AttentionFactory | None, groups: int, dropout: float):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb, groups, dropout) for _ in range(2)])
         if attention:
-            self.attentions = nn.ModuleList([SelfAttention2D(ch, head_dim, groups)])
+            self.attentions = nn.ModuleList([attention(ch)])
 
-    def forward(self, x, temb):
+    def forward(self, x, temb, context=None, mask=None):
         x = self.resnets[0](x, temb)
         if hasattr(self, "attentions"):
-            x = self.attentions[0](x)
+            x = self.attentions[0](x, context, mask)
         return self.resnets[1](x, temb)
 
 
 class UpBlock(nn.Module):
-    def __init__(self, prev_ch: int, out_ch: int, skip_chs: list[int], temb: int, attention: bool, upsample: bool, groups: int, head_dim: int, dropout: float):
+    def __init__(self, prev_ch: int, out_ch: int, skip_chs: list[int], temb: int, attention: AttentionFactory | None, upsample: bool, groups: int, dropout: float):
         super().__init__()
         self.resnets = nn.ModuleList(
             [ResnetBlock2D((prev_ch if i == 0 else out_ch) + skip, out_ch, temb, groups, dropout) for i, skip in enumerate(skip_chs)]
         )
         if attention:
-            self.attentions = nn.ModuleList([SelfAttention2D(out_ch, head_dim, groups) for _ in skip_chs])
+            self.attentions = nn.ModuleList([attention(out_ch) for _ in skip_chs])
         if upsample:
             self.upsamplers = nn.ModuleList([Upsample2D(out_ch)])
 
-    def forward(self, x, temb, skips: list[torch.Tensor]):
+    def forward(self, x, temb, skips: list[torch.Tensor], context=None, mask=None):
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
             if hasattr(self, "attentions"):
-                x = self.attentions[i](x)
+                x = self.attentions[i](x, context, mask)
         if hasattr(self, "upsamplers"):
             x = self.upsamplers[0](x)
         return x
@@ -90,10 +104,15 @@ class UNet(nn.Module):
         norm_groups: int = 8,
         dropout: float = 0.0,
         num_classes: int = 0,
+        cross_attention_dim: int = 0,
+        attention_heads: int = 0,
+        transformer_layers: int = 1,
+        linear_projection: bool = False,
         norm_eps: float = 1e-5,
     ):
         super().__init__()
         self.in_channels, self.num_levels, self.num_classes = in_channels, len(channels), num_classes
+        self.cross_attention_dim = cross_attention_dim
         temb = channels[0] * 4
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb)
@@ -101,20 +120,30 @@ class UNet(nn.Module):
             # index num_classes is the null class: "no label", learned by label dropout for guidance
             self.class_embedding = nn.Embedding(num_classes + 1, temb)
 
+        def heads(ch: int) -> int:  # a fixed head count (Stable Diffusion 1.x) or a fixed head width
+            return attention_heads or ch // attention_head_dim
+
+        def attention(ch: int) -> nn.Module:
+            if cross_attention_dim:
+                return Transformer2D(ch, heads(ch), cross_attention_dim, norm_groups, transformer_layers, linear_projection, dropout)
+            return SelfAttention2D(ch, heads(ch), norm_groups)
+
         last = len(channels) - 1
         skip_chs = [channels[0]]
         self.down_blocks = nn.ModuleList()
         for level, ch in enumerate(channels):
             prev = channels[max(level - 1, 0)]
-            self.down_blocks.append(DownBlock(prev, ch, temb, layers_per_block, level in attention_levels, level != last, norm_groups, attention_head_dim, dropout))
+            attn = attention if level in attention_levels else None
+            self.down_blocks.append(DownBlock(prev, ch, temb, layers_per_block, attn, level != last, norm_groups, dropout))
             skip_chs += [ch] * layers_per_block + ([ch] if level != last else [])
-        self.mid_block = MidBlock(channels[-1], temb, mid_attention, norm_groups, attention_head_dim, dropout)
+        self.mid_block = MidBlock(channels[-1], temb, attention if mid_attention else None, norm_groups, dropout)
         self.up_blocks = nn.ModuleList()
         prev = channels[-1]
         for level in reversed(range(len(channels))):
             ch = channels[level]
             block_skips = [skip_chs.pop() for _ in range(layers_per_block + 1)]
-            self.up_blocks.append(UpBlock(prev, ch, block_skips, temb, level in attention_levels, level != 0, norm_groups, attention_head_dim, dropout))
+            attn = attention if level in attention_levels else None
+            self.up_blocks.append(UpBlock(prev, ch, block_skips, temb, attn, level != 0, norm_groups, dropout))
             prev = ch
         self.conv_norm_out = nn.GroupNorm(norm_groups, channels[0], eps=norm_eps)
         self.conv_act = nn.SiLU()
@@ -133,9 +162,13 @@ class UNet(nn.Module):
             norm_groups=cfg.norm_groups,
             dropout=cfg.dropout,
             num_classes=cfg.num_classes,
+            cross_attention_dim=cfg.cross_attention_dim,
+            attention_heads=cfg.attention_heads,
+            transformer_layers=cfg.transformer_layers,
+            linear_projection=cfg.linear_projection,
         )
 
-    def check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         factor = 2 ** (self.num_levels - 1)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise UserError(f"the U-Net takes images of shape [batch, {self.in_channels}, H, W], got {list(x.shape)}")
@@ -145,9 +178,21 @@ class UNet(nn.Module):
                 f"image size {h}x{w} cannot pass through this U-Net: its {self.num_levels} levels halve the size "
                 f"{self.num_levels - 1} times, so height and width must be multiples of {factor}"
             )
+        if self.cross_attention_dim and (context is None or context.shape[-1] != self.cross_attention_dim):
+            got = "none" if context is None else f"width {context.shape[-1]}"
+            raise UserError(f"this U-Net is text-conditioned and needs text embeddings of width {self.cross_attention_dim} (got {got})")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        self.check_input(x)
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, C, H, W] at (possibly fractional) timesteps t; class labels, or text token embeddings
+        `context` [B, L, D] with `context_mask` [B, L] (1: a real token, 0: padding)."""
+        self.check_input(x, context)
         t = t.to(x.device, torch.float32).reshape(-1).expand(x.shape[0])
         emb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype))
         if self.num_classes:
@@ -158,9 +203,9 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h, block_skips = block(h, emb)
+            h, block_skips = block(h, emb, context, context_mask)
             skips += block_skips
-        h = self.mid_block(h, emb)
+        h = self.mid_block(h, emb, context, context_mask)
         for block in self.up_blocks:
-            h = block(h, emb, skips)
+            h = block(h, emb, skips, context, context_mask)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))

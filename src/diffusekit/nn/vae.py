@@ -139,7 +139,7 @@ class AttentionMidBlock(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, 0, groups, eps=NORM_EPS) for _ in range(2)])
-        self.attentions = nn.ModuleList([SelfAttention2D(channels, head_dim=channels, groups=groups, eps=NORM_EPS)])
+        self.attentions = nn.ModuleList([SelfAttention2D(channels, heads=1, groups=groups, eps=NORM_EPS)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resnets[1](self.attentions[0](self.resnets[0](x, None)), None)

@@ -1,0 +1,158 @@
+"""Text-to-image: text encoders, cross-attention, captioned data, caption dropout, guidance, generate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config, write_images
+from diffusekit.cli import main as cli_main
+from diffusekit.data.folder import read_captions
+from diffusekit.errors import UserError
+from diffusekit.guidance import GuidedDenoiser
+from diffusekit.nn.text import CaptionEmbeddings, TextEncoder
+from diffusekit.nn.unet import UNet
+from diffusekit.pipeline import Pipeline
+from diffusekit.train import train
+
+TEXT_MODEL = {"model__cross_attention_dim": 384, "model__attention_levels": [0, 1], "text__encoder": "minilm", "text__max_length": 16}
+
+
+@pytest.fixture(scope="module")
+def minilm() -> TextEncoder:
+    return TextEncoder("minilm", max_length=16)
+
+
+def test_minilm_encodes_padded_tokens_with_a_mask(minilm):
+    hidden, mask = minilm.encode(["a red apple", ""])
+    assert hidden.shape == (2, 16, 384) and mask.shape == (2, 16)
+    assert mask[0].sum() == 5 and mask[1].sum() == 2  # [CLS] a red apple [SEP]; [CLS] [SEP]
+    assert not torch.allclose(hidden[0], hidden[1])
+
+
+def test_an_over_long_prompt_is_truncated_with_a_warning(minilm, capsys):
+    hidden, mask = minilm.encode(["word " * 40])
+    assert hidden.shape == (1, 16, 384) and mask.sum() == 16
+    assert "truncated to 16 tokens" in capsys.readouterr().err
+
+
+def test_a_missing_text_encoder_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="text encoder folder .* does not exist"):
+        TextEncoder(str(tmp_path / "nowhere"))
+
+
+def test_cross_attention_ignores_padding_tokens():
+    torch.manual_seed(0)
+    net = UNet(4, 4, channels=(16, 32), attention_levels=(0, 1), attention_head_dim=8, norm_groups=8, cross_attention_dim=12).eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 50.0])
+    context, mask = torch.randn(2, 6, 12), torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    scrambled = torch.where(mask[..., None].bool(), context, torch.randn(2, 6, 12) * 100)
+    with torch.no_grad():
+        out = net(x, t, context=context, context_mask=mask)
+        assert torch.allclose(out, net(x, t, context=scrambled, context_mask=mask), atol=1e-5)
+        assert not torch.allclose(out, net(x, t, context=scrambled), atol=1e-3)  # without the mask they matter
+
+
+def test_cross_attention_unet_matches_diffusers_unet2dconditionmodel():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    for linear, heads in ((False, 2), (True, 0)):
+        ref = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=24, attention_head_dim=heads if heads else (2, 4, 4), norm_num_groups=8, use_linear_projection=linear,
+        )
+        for p in ref.parameters():
+            p.data.add_(torch.randn_like(p) * 0.02)
+        ours = UNet(4, 4, channels=(16, 32, 32), attention_levels=(0, 1), attention_head_dim=8, norm_groups=8,
+                    cross_attention_dim=24, attention_heads=heads, linear_projection=linear)
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 24)
+        mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+        with torch.no_grad():
+            expected = ref(x, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
+            assert (ours(x, t, context=ctx, context_mask=mask) - expected).abs().max() < 1e-4
+
+
+def test_guidance_scale_one_is_the_plain_text_conditional_model():
+    calls = []
+
+    def denoiser(x, sigma, cond=None):
+        calls.append(len(x))
+        return x * cond["context"].mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    x = torch.randn(3, 1, 4, 4)
+    cond = {"context": torch.randn(3, 2, 5), "context_mask": torch.ones(3, 2)}
+    uncond = {"context": torch.zeros(3, 2, 5), "context_mask": torch.ones(3, 2)}
+    assert torch.equal(GuidedDenoiser(denoiser, uncond, 1.0)(x, torch.tensor(1.0), cond), denoiser(x, None, cond))
+    assert calls == [3, 3]
+
+
+def test_captions_from_metadata_jsonl_and_from_sidecar_files(tmp_path):
+    meta = tmp_path / "meta"
+    write_images(meta, np.zeros((2, 8, 8), np.uint8), names=["a.png", "sub/b.png"])
+    (meta / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "first"}) + "\n" + json.dumps({"file_name": "sub/b.png", "text": "second"}) + "\n")
+    assert read_captions(meta, ["a.png", "sub/b.png"]) == ["first", "second"]
+    side = tmp_path / "side"
+    write_images(side, np.zeros((2, 8, 8), np.uint8), names=["a.png", "b.png"])
+    (side / "a.txt").write_text("only a\n")
+    assert read_captions(side, ["a.png", "b.png"]) == ["only a", ""]
+    (meta / "metadata.jsonl").write_text("not json\n")
+    with pytest.raises(UserError, match="line 1"):
+        read_captions(meta, ["a.png"])
+
+
+def test_caption_embeddings_encode_each_caption_once(minilm, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSEKIT_CACHE", str(tmp_path))
+    captions = ["b", "a", "b", "b"]
+    emb = CaptionEmbeddings(captions, minilm)
+    assert emb.hidden.shape[0] == 3  # "", "a", "b"
+    assert emb.index.tolist() == [2, 1, 2, 2]
+    assert torch.equal(emb.hidden[0], minilm.encode([""])[0][0].cpu())
+
+
+def two_caption_folder(root):
+    """Left-half-white and right-half-white 8x8 images, captioned accordingly."""
+    left, right = np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)
+    left[:, :4], right[:, 4:] = 255, 255
+    names = [f"{side}_{i}.png" for side in ("left", "right") for i in range(8)]
+    write_images(root, [left] * 8 + [right] * 8, names=names)
+    lines = [json.dumps({"file_name": n, "text": f"white on the {n.split('_')[0]}"}) for n in names]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return torch.tensor(left / 127.5 - 1).float(), torch.tensor(right / 127.5 - 1).float()
+
+
+def test_a_tiny_text_model_learns_to_tell_two_captions_apart(tmp_path):
+    left, right = two_caption_folder(tmp_path / "images")
+    config = tiny_config(data__path=str(tmp_path / "images"), diffusion__prediction="x0", train__max_steps=250, train__batch_size=16,
+                         train__lr=3e-3, train__ema_decay=0.95, text__caption_dropout=0.1, **TEXT_MODEL)
+    train(config, tmp_path / "run", progress=False)
+    pipe = Pipeline.from_pretrained(tmp_path / "run")
+    for prompt, want, other in (("white on the left", left, right), ("white on the right", right, left)):
+        images = pipe.sample(8, steps=20, sampler="ddim", prompts=prompt, guidance=2.0, seed=1)[:, 0]
+        to_want = (images - want).pow(2).flatten(1).mean(1)
+        to_other = (images - other).pow(2).flatten(1).mean(1)
+        assert (to_want < to_other).float().mean() >= 0.75, prompt
+
+
+def test_generate_cli_writes_images_and_rejects_a_prompt_for_an_unconditional_model(tmp_path, trained_run, capsys):
+    two_caption_folder(tmp_path / "images")
+    config = tiny_config(data__path=str(tmp_path / "images"), train__max_steps=2, **TEXT_MODEL)
+    train(config, tmp_path / "run", progress=False)
+    out = tmp_path / "gen.png"
+    assert cli_main(["generate", "white on the left", "--model", str(tmp_path / "run"), "--n", "2", "--steps", "3",
+                     "--negative", "white on the right", "--guidance", "3", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert cli_main(["generate", "a cat", "--model", str(trained_run), "--n", "1", "--steps", "2", "--out", str(out)]) == 2
+    assert "not text-conditioned" in capsys.readouterr().err
+
+
+def test_text_model_needs_captions(tmp_path):
+    write_images(tmp_path / "images", np.zeros((2, 8, 8), np.uint8))
+    config = tiny_config(data__path=str(tmp_path / "images"), **TEXT_MODEL)
+    with pytest.raises(UserError, match="no captions"):
+        train(config, tmp_path / "run", progress=False)
