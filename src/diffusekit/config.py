@@ -110,6 +110,7 @@ class TextConfig:
     encoder: str = ""  # "" (no text), "minilm" (the packaged all-MiniLM-L6-v2) or a local transformers folder
     max_length: int = 32  # tokens per prompt; longer prompts are truncated with a warning
     caption_dropout: float = 0.1  # share of captions replaced by "" in training, so that guidance works
+    mask_padding: bool = True  # cross-attention ignores padding tokens (Stable Diffusion attends to them: false)
 
 
 @dataclass

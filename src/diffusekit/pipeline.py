@@ -72,6 +72,11 @@ def build_text_encoder(config: Config, device=None):
     return encoder.to(device) if device is not None else encoder
 
 
+def text_condition(hidden: torch.Tensor, mask: torch.Tensor, mask_padding: bool) -> dict:
+    """The U-Net's text inputs: token embeddings, and the padding mask unless the model attends to padding."""
+    return {"context": hidden, "context_mask": mask} if mask_padding else {"context": hidden}
+
+
 def load_config(ckpt: Path) -> Config:
     return config_from_dict(read_json(Path(ckpt) / "config.json", "config"), where=f"{ckpt}/config.json")
 
@@ -137,7 +142,7 @@ class Pipeline:
         if self.text_encoder is None:
             raise UserError("this model is not text-conditioned: it takes no prompt; use a text-to-image run (e.g. --preset emoji-ldm)")
         hidden, mask = self.text_encoder.encode(prompts)
-        return {"context": hidden.to(self.device), "context_mask": mask.to(self.device)}
+        return text_condition(hidden.to(self.device), mask.to(self.device), self.config.text.mask_padding)
 
     def conditions(self, n: int, labels=None, prompts=None, negative: str | None = None) -> tuple[dict | None, dict | None]:
         """(cond, uncond) for all n samples. uncond is the null class, the empty prompt or the negative prompt."""

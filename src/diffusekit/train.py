@@ -27,7 +27,7 @@ from diffusekit.images import save_grid
 from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, resolve_checkpoint, write_json_atomic
 from diffusekit.losses import diffusion_loss, draw_t_and_noise
 from diffusekit.nn.text import CaptionEmbeddings
-from diffusekit.pipeline import Pipeline, build_text_encoder, build_unet, build_vae, load_config
+from diffusekit.pipeline import Pipeline, build_text_encoder, build_unet, build_vae, load_config, text_condition
 from diffusekit.runtime import prepare_module
 from diffusekit.schedule import NoiseSchedule
 from diffusekit.trainer import Trainer, TrainResult, run_training
@@ -108,7 +108,7 @@ class DiffusionTrainer(Trainer):
             rows = self.captions.index[idx]
             if self.config.text.caption_dropout > 0:  # the empty prompt, so that guidance has an unconditional model
                 rows = torch.where(self.uniform(len(idx)).cpu() < self.config.text.caption_dropout, 0, rows)
-            return x0, {"context": self.captions.hidden[rows].to(self.device), "context_mask": self.captions.mask[rows].to(self.device)}
+            return x0, text_condition(self.captions.hidden[rows].to(self.device), self.captions.mask[rows].to(self.device), self.config.text.mask_padding)
         if self.labels is None:
             return x0, None
         labels = self.labels[idx.to(self.device)]
