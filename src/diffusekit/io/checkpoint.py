@@ -9,13 +9,15 @@
         state.json            step, data position, optimizer hyper-parameters, ...
     RUN/checkpoints/latest    the name of the newest complete checkpoint
 
-A checkpoint is written into a temporary folder and renamed into place, and only
-then does `latest` (itself replaced atomically) point at it: a crash mid-save
-never leaves a half-written checkpoint that looks complete.
+A checkpoint is written into a temporary folder (`.tmp-step_N-*`), flushed to disk and
+renamed into place, and only then does `latest` (itself replaced atomically) point at
+it: a crash mid-save never leaves a half-written checkpoint that looks complete, and
+what such a crash leaves behind is removed at the next start (remove_stale_temp_files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from diffusekit.errors import UserError
 
 LATEST = "latest"
+TEMP_PREFIX = ".tmp-"  # checkpoint folders being written
 WEIGHT_FILES = {"ema": "ema.safetensors", "model": "model.safetensors"}
 
 
@@ -58,15 +61,17 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch
     folder = Path(run_dir) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=folder))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=folder))
     try:
         for name, group in tensors.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / f"{name}.safetensors")
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if final.exists():
+        fsync_folder(tmp)  # the files reach the disk before the folder's new name does
+        if final.exists():  # an incomplete folder of that step (a crash before `latest` moved on)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_folder(folder, files=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -75,8 +80,39 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch
     return final
 
 
+def fsync_folder(folder: Path, files: bool = True) -> None:
+    """Flush a folder's files (optional) and its entries to disk, so that a power cut after a rename
+    cannot leave the new name pointing at empty files."""
+    for path in [p for p in folder.iterdir() if p.is_file()] if files else []:
+        fsync_path(path)
+    with contextlib.suppress(OSError):  # some file systems cannot sync a folder
+        fsync_path(folder)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete what saves killed midway left in RUN/checkpoints: `.tmp-*` folders and half-written
+    `latest` pointers. Call it only when no save is running (at the start of a run)."""
+    folder = Path(run_dir) / "checkpoints"
+    stale = sorted([*folder.glob(f"{TEMP_PREFIX}*"), *folder.glob(f".{LATEST}.*")]) if folder.is_dir() else []
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("step_*") if p.is_dir())
+    """The complete checkpoint folders, oldest first."""
+    return sorted(p for p in folder.glob("step_*") if (p / "state.json").is_file())
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:
