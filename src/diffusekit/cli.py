@@ -15,6 +15,7 @@ from diffusekit.errors import UserError
 
 def _train(args) -> None:
     from diffusekit.config import apply_overrides, load_preset
+    from diffusekit.distributed import launched_rank
     from diffusekit.io.checkpoint import latest_checkpoint
     from diffusekit.pipeline import load_config
 
@@ -40,8 +41,9 @@ def _train(args) -> None:
         overrides.append(f"train.max_steps={args.steps}")
     config = apply_overrides(config, overrides)
     result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"run: {result.run_dir}  step {result.step}  checkpoint: {result.checkpoint}")
-    print(f"samples: {result.run_dir / 'samples'}")
+    if launched_rank() == 0:  # under torchrun: once, not once per process
+        print(f"run: {result.run_dir}  step {result.step}  checkpoint: {result.checkpoint}")
+        print(f"samples: {result.run_dir / 'samples'}")
 
 
 def _sample(args) -> None:

@@ -66,7 +66,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int = 64  # per process: a step trains on batch_size x grad_accumulation x processes images
     grad_accumulation: int = 1
     lr: float = 1e-3
     lr_schedule: str = "constant"  # constant | cosine (after warm-up)
@@ -87,6 +87,7 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample grids; 0: only at the end
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    on_nan: str = "stop"  # a NaN/inf loss: stop the run | skip the batch (counted in metrics.jsonl)
 
 
 @dataclass
@@ -173,6 +174,9 @@ RESUMABLE_KEYS = {
     "train.sample_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.on_nan",
+    "train.batch_size",  # the data position is counted in images, so the batch (and the number of processes) may change
+    "train.grad_accumulation",
 }
 RESUMABLE_SECTIONS = {"sample", "eval"}
 
@@ -429,6 +433,7 @@ def validate(config: Config) -> Config:
     _check(0.0 <= t.label_dropout < 1.0, "train.label_dropout must be in [0, 1)")
     _check(t.warmup_steps >= 0 and t.grad_clip >= 0, "train.warmup_steps and train.grad_clip must not be negative")
     _check(t.log_every >= 1 and t.checkpoint_every >= 1 and t.keep_checkpoints >= 1, "train.log_every, checkpoint_every and keep_checkpoints must be at least 1")
+    _choice("train.on_nan", t.on_nan, ("stop", "skip"))
     if t.budget:
         from diffusekit.runtime import parse_duration
 

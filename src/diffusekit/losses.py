@@ -34,11 +34,17 @@ def loss_weights(weighting: str, prediction: str, snr: torch.Tensor, gamma: floa
     raise ValueError(f"unknown loss weighting '{weighting}'; use one of {WEIGHTINGS}")
 
 
-def draw_t_and_noise(schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator | None = None):
-    """t ~ U{0..T-1} per sample and eps ~ N(0, I), drawn on the generator's device, returned on x0's."""
+def draw_t_and_noise(schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator | None = None, rank: int = 0, world: int = 1):
+    """t ~ U{0..T-1} per sample and eps ~ N(0, I), drawn on the generator's device, returned on x0's.
+
+    With `world` processes, x0 is rank `rank`'s share of a global batch (its rows rank, rank + world, ...):
+    t and eps are drawn for the whole global batch and this rank's rows returned, so that they do not
+    depend on how many processes share the batch.
+    """
     device = generator.device if generator is not None else x0.device
-    t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator, device=device)
-    eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    count = x0.shape[0] * world
+    t = torch.randint(0, schedule.num_timesteps, (count,), generator=generator, device=device)[rank::world]
+    eps = torch.randn((count, *x0.shape[1:]), generator=generator, device=device, dtype=x0.dtype)[rank::world]
     return t.to(x0.device), eps.to(x0.device)
 
 

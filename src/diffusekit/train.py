@@ -93,13 +93,13 @@ class DiffusionTrainer(Trainer):
         return encoder, CaptionEmbeddings(self.dataset.captions, encoder)
 
     def uniform(self, count: int) -> torch.Tensor:
-        """count draws from U[0, 1) on the training generator, on the training device."""
-        return torch.rand(count, generator=self.generator, device=self.generator.device).to(self.device)
+        """count draws from U[0, 1) on the training generator, on the training device (this rank's rows of a draw for the global batch)."""
+        return self.my_rows(torch.rand(count * self.world, generator=self.generator, device=self.generator.device)).to(self.device)
 
     def next_batch(self) -> tuple[torch.Tensor, dict | None]:
         idx = self.stream.next_indices()
         if self.vae is not None:  # a fresh z ~ q(z | x) from the cached posterior
-            x0 = self.dataset.sample(idx, self.generator).to(self.device)
+            x0 = self.dataset.sample(idx, self.generator, self.rank, self.world).to(self.device)
         else:
             x0 = to_float(self.dataset.images[idx]).to(self.device)
             if self.config.data.hflip:
@@ -120,17 +120,18 @@ class DiffusionTrainer(Trainer):
     def train_step(self) -> dict[str, float]:
         tc, dc = self.config.train, self.config.diffusion
         x0, cond = self.next_batch()
-        t, noise = draw_t_and_noise(self.schedule, x0, self.generator)  # for the whole batch, then split
+        t, noise = draw_t_and_noise(self.schedule, x0, self.generator, self.rank, self.world)  # for the whole batch, then split
         micro, total = tc.batch_size, 0.0
         for i in range(tc.grad_accumulation):
             part = slice(i * micro, (i + 1) * micro)
             part_cond = {k: v[part] for k, v in cond.items()} if cond else None
-            with self.autocast():
-                loss = diffusion_loss(
-                    self.net, self.schedule, x0[part], prediction=dc.prediction, weighting=dc.loss_weighting,
-                    snr_gamma=dc.snr_gamma, cond=part_cond, t=t[part], noise=noise[part],
-                )
-            (loss / tc.grad_accumulation).backward()
+            with self.gradient_sync(last=i == tc.grad_accumulation - 1):
+                with self.autocast():
+                    loss = diffusion_loss(
+                        self.train_net, self.schedule, x0[part], prediction=dc.prediction, weighting=dc.loss_weighting,
+                        snr_gamma=dc.snr_gamma, cond=part_cond, t=t[part], noise=noise[part],
+                    )
+                (loss / tc.grad_accumulation).backward()
             total += loss.detach()
         self.optimizer_step()
         self.finish_step(len(x0))

@@ -42,6 +42,9 @@ def latent_scale(vae: AutoencoderKL, images: torch.Tensor, device, batch_size: i
 
 
 class VAETrainer(Trainer):
+    # train_step calls encode/decode and the discriminator directly, outside DistributedDataParallel
+    single_process_reason = "autoencoder training (train-vae) runs in one process only"
+
     def load_data(self):
         if self.config.train.grad_accumulation != 1:
             raise ConfigError("train.grad_accumulation must be 1 for autoencoder training; raise train.batch_size instead")

@@ -6,10 +6,26 @@ data order, warm-up/cosine learning rate, EMA, a tqdm bar, metrics.jsonl, time a
 budgets, atomic checkpoints and a resume that continues bit for bit.
 
     RUN/config.json  RUN/metrics.jsonl  RUN/samples/step_*.png  RUN/checkpoints/step_*/
+
+Several processes (torchrun; distributed.py): train.batch_size is per rank, so a step
+sees batch_size x grad_accumulation x ranks images (the global batch). Rank r trains on
+every world-th image of the global batch (BatchStream), DistributedDataParallel averages
+the gradients, and so every rank makes the same optimizer step and keeps the same EMA.
+Randomness per image (t, noise, flips, dropped labels) is drawn for the whole global
+batch from a generator in the same state on every rank, and each rank keeps its own
+rows: the run does not depend on how the global batch is split into ranks. Rank 0 alone
+logs and writes files, and the others wait for it at every checkpoint. The data position
+is counted in global indices, so a run may resume with another number of processes.
+
+Surviving failures: a kill at any moment leaves the last complete checkpoint to resume
+from (io/checkpoint.py); a failed save (full disk) keeps the previous checkpoint and the
+run goes on, except for the final save; a NaN/inf loss stops the run (train.on_nan =
+"stop") or skips that batch ("skip").
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -19,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from diffusekit import distributed
 from diffusekit.config import RESUMABLE_KEYS, RESUMABLE_SECTIONS, Config, config_to_dict, diff_configs
 from diffusekit.data import BatchStream
 from diffusekit.errors import UserError
@@ -31,9 +49,11 @@ from diffusekit.io.checkpoint import (
     load_state_dict_checked,
     read_json,
     read_tensors,
+    remove_stale_temp_files,
     save_checkpoint,
     unflatten_optimizer_state,
     write_json_atomic,
+    write_text_atomic,
 )
 from diffusekit.optim import ema_decay_at, ema_update, lr_at, make_optimizer
 from diffusekit.pipeline import load_config
@@ -49,6 +69,7 @@ class TrainResult:
     images_per_second: float
     last_loss: float
     train_seconds: float
+    skipped_steps: int = 0  # batches skipped for a non-finite loss (train.on_nan = "skip"), over the whole run
 
 
 def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) -> Path | None:
@@ -72,34 +93,87 @@ def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool
 
 
 def run_training(trainer_class, config: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
-    """Train into `run_dir`: a new run, or (resume) the run there, continued exactly."""
+    """Train into `run_dir`: a new run, or (resume) the run there, continued exactly.
+
+    Under torchrun every process calls this; the process group lives as long as the call.
+    """
     run_dir = Path(run_dir)
-    ckpt = prepare_run_dir(run_dir, config, resume, overwrite)  # on resume, config differs only in resumable keys
-    trainer = trainer_class(config, run_dir, progress)  # loads the data: a bad dataset fails here, before anything is deleted
-    if overwrite and ckpt is None and run_dir.exists():
-        shutil.rmtree(run_dir)
-    return trainer.run(resume_from=ckpt)
+    with distributed.process_group(config.train.device):
+        ckpt = prepare_run_dir(run_dir, config, resume, overwrite)  # on resume, config differs only in resumable keys
+        trainer = trainer_class(config, run_dir, progress)  # loads the data: a bad dataset fails here, before anything is deleted
+        if overwrite and ckpt is None and run_dir.exists() and distributed.is_main():
+            shutil.rmtree(run_dir)
+        return trainer.run(resume_from=ckpt)
+
+
+def window_means(window: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each logged value over the steps that reported it."""
+    keys = dict.fromkeys(k for record in window for k in record)
+    return {k: sum(r[k] for r in window if k in r) / sum(k in r for r in window) for k in keys}
+
+
+def drop_records_after(metrics: Path, step: int) -> None:
+    """Keep the metrics.jsonl lines up to `step` (a resumed run redoes the steps after its checkpoint),
+    and drop a line cut short by a kill."""
+    if not metrics.is_file():
+        return
+    kept = []
+    for line in metrics.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+    write_text_atomic(metrics, "".join(kept))
+
+
+def warn(message: str) -> None:
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 class Trainer:
     """Subclasses set self.net (the trained network, whose EMA is kept) in build(), and may add
-    more modules and optimizers to self.extra_modules / self.optimizers."""
+    more modules and optimizers to self.extra_modules / self.optimizers. train_step runs the net
+    through self.train_net (the net, or with several processes its DistributedDataParallel wrapper)."""
+
+    single_process_reason = ""  # why a subclass cannot train in several processes ("": it can)
 
     def __init__(self, config: Config, run_dir: str | Path, progress: bool = True):
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
         tc = config.train
-        self.device = pick_device(tc.device)
-        use_all_cores(tc.threads)
+        self.rank, self.world = distributed.rank(), distributed.world()
+        if self.world > 1 and self.single_process_reason:
+            raise UserError(f"{self.single_process_reason}; start it without torchrun")
+        self.device = distributed.device_of_this_rank(pick_device(tc.device))
+        use_all_cores(distributed.thread_share(tc.threads))
         self.use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        torch.manual_seed(tc.seed)  # initial weights
-        self.dataset = self.load_data()
-        self.stream = BatchStream(len(self.dataset), tc.batch_size * tc.grad_accumulation, tc.seed)
-        self.generator = torch.Generator(self.device).manual_seed(tc.seed + 1)  # everything random in a step
-        self.step, self.images_seen, self.train_seconds = 0, 0, 0.0
+        torch.manual_seed(tc.seed)  # initial weights (the same on every rank)
+        self.dataset = distributed.main_first(self.load_data)  # caches on disk are filled by one process at a time
+        self.stream = BatchStream(len(self.dataset), tc.batch_size * tc.grad_accumulation, tc.seed, self.rank, self.world)
+        self.generator = torch.Generator(self.device).manual_seed(tc.seed + 1)  # everything random in a step; in step on every rank
+        self.step, self.images_seen, self.train_seconds, self.skipped_steps = 0, 0, 0.0, 0
+        self.step_skipped = False
         self.extra_modules: dict[str, torch.nn.Module] = {}
         self.net = prepare_module(self.build(), self.device)
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.optimizers = {"optimizer": make_optimizer(self.net.parameters(), tc)}
+        self.train_net = self.wrap_for_ranks(self.net)
+        if self.rank:
+            torch.manual_seed(distributed.rank_seed(tc.seed, self.rank))  # each rank its own dropout masks
+
+    def wrap_for_ranks(self, net: torch.nn.Module) -> torch.nn.Module:
+        """With several processes, DistributedDataParallel: it averages the gradients over the ranks in backward."""
+        if self.world <= 1:
+            return net
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(net, device_ids=device_ids)
+
+    @property
+    def global_batch(self) -> int:
+        tc = self.config.train
+        return tc.batch_size * tc.grad_accumulation * self.world
 
     # ------------------------------------------------------------------ what subclasses provide
 
@@ -129,19 +203,53 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
 
+    def my_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of something drawn for the whole global batch: rows rank, rank + world, ...,
+        where its images sit in the global batch (BatchStream's sharding)."""
+        return rows[self.rank :: self.world]
+
+    def gradient_sync(self, last: bool):
+        """Wrap one micro-batch's forward and backward: with several processes the gradients are
+        averaged over the ranks only on the last micro-batch of a step (DDP's no_sync before)."""
+        return self.train_net.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+
     def optimizer_step(self, name: str = "optimizer", module: torch.nn.Module | None = None) -> None:
-        """Clip the gradients of `module` (default: the net), step the optimizer, clear gradients."""
-        module = module or self.net
-        if self.config.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), self.config.train.grad_clip)
+        """Clip the gradients of `module` (default: the net), step the optimizer, clear gradients.
+
+        Gradients that are not finite (a NaN/inf loss; with several processes on any rank, as DDP
+        averages it into every rank's gradients) stop the run, or with train.on_nan = "skip"
+        the step is skipped: no optimizer step here, no EMA update in finish_step.
+        """
+        module, clip = module or self.net, self.config.train.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), clip if clip > 0 else float("inf"))  # inf: only measures
+        if not torch.isfinite(norm):
+            self.optimizers[name].zero_grad(set_to_none=True)
+            self.not_finite()
+            return
         self.optimizers[name].step()
         self.optimizers[name].zero_grad(set_to_none=True)
 
+    def not_finite(self) -> None:
+        step, tc = self.step + 1, self.config.train
+        if tc.on_nan == "stop":
+            raise UserError(
+                f"the loss became NaN or infinite at step {step}, so training stopped; the checkpoints in "
+                f"'{self.run_dir / 'checkpoints'}' hold only finite weights. Start again with a lower train.lr (now {tc.lr:g}) "
+                f"or a train.grad_clip (now {tc.grad_clip:g}), or --resume with --set train.on_nan=skip to skip such batches"
+            )
+        self.step_skipped = True
+        if self.rank == 0:
+            warn(f"the loss is NaN or infinite at step {step}; that batch is skipped (train.on_nan = skip)")
+
     def finish_step(self, batch_size: int) -> None:
+        """After the optimizer step(s): the EMA follows (unless the step was skipped), count the step and its images."""
         tc = self.config.train
-        ema_update(self.ema, self.net, ema_decay_at(self.step, tc.ema_decay, tc.ema_warmup))
+        if self.step_skipped:
+            self.skipped_steps += 1
+        else:
+            ema_update(self.ema, self.net, ema_decay_at(self.step, tc.ema_decay, tc.ema_warmup))
         self.step += 1
-        self.images_seen += batch_size
+        self.images_seen += batch_size * self.world
 
     # ------------------------------------------------------------------ state
 
@@ -149,9 +257,10 @@ class Trainer:
         return {"model": self.net, "ema": self.ema, **self.extra_modules}
 
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        rng = {"torch": torch.get_rng_state(), "train_generator": self.generator.get_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        """Everything a checkpoint holds as tensors. With several processes every rank must call it (it gathers their RNG states)."""
+        rng = {"train_generator": self.generator.get_state()}
+        for states in distributed.all_gather(distributed.own_rng_states(self.device)):
+            rng.update(states)
         tensors = {name: module.state_dict() for name, module in self.modules().items()}
         tensors.update({name: flatten_optimizer_state(opt.state_dict())[0] for name, opt in self.optimizers.items()})
         return {**tensors, "rng": rng}
@@ -161,6 +270,9 @@ class Trainer:
             "step": self.step,
             "images_seen": self.images_seen,
             "train_seconds": self.train_seconds,
+            "skipped_steps": self.skipped_steps,
+            "processes": self.world,
+            "global_batch": self.global_batch,
             "data": self.stream.state_dict(),
             "optimizers": {name: flatten_optimizer_state(opt.state_dict())[1] for name, opt in self.optimizers.items()},
         }
@@ -168,8 +280,32 @@ class Trainer:
     def checkpoint_config(self) -> dict:
         return config_to_dict(self.config)
 
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.state_tensors(), self.state_json(), self.checkpoint_config(), self.config.train.keep_checkpoints)
+    def save(self, final: bool = False) -> Path | None:
+        """Write a checkpoint (rank 0) while the other ranks wait for the outcome, so nobody races ahead.
+
+        A save that fails (full disk, no permission) keeps the previous checkpoint: a warning, and
+        training goes on (None); a failed final save is an error.
+        """
+        tensors = self.state_tensors()
+        outcome = self.write_checkpoint(tensors) if self.rank == 0 else None
+        saved, problem = distributed.broadcast_from_main(outcome)
+        if saved is not None:
+            return Path(saved)
+        if final:
+            raise UserError(f"could not write the final checkpoint: {problem}; free some space or fix the permissions, then --resume")
+        if self.rank == 0:
+            warn(f"could not write a checkpoint: {problem}; training goes on")
+        return None
+
+    def write_checkpoint(self, tensors) -> tuple[str | None, str | None]:
+        """(the checkpoint written, None) or (None, what went wrong and which checkpoint is kept)."""
+        try:
+            ckpt = save_checkpoint(self.run_dir, self.step, tensors, self.state_json(), self.checkpoint_config(), self.config.train.keep_checkpoints)
+            return str(ckpt), None
+        except (OSError, SafetensorError) as err:
+            kept = latest_checkpoint(self.run_dir)
+            kept_text = f"the last complete checkpoint, {kept}, is kept" if kept else "there is no earlier checkpoint"
+            return None, f"step {self.step} in '{self.run_dir / 'checkpoints'}' failed ({err}); {kept_text}"
 
     def load(self, ckpt: Path) -> None:
         for name, module in self.modules().items():
@@ -178,63 +314,102 @@ class Trainer:
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(unflatten_optimizer_state(read_tensors(ckpt / f"{name}.safetensors"), state["optimizers"][name]))
         rng = read_tensors(ckpt / "rng.safetensors")
-        torch.set_rng_state(rng["torch"])
         self.generator.set_state(rng["train_generator"])
-        cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
-        if cuda_states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda_states)
         self.stream.load_state_dict(state["data"])
         self.step, self.images_seen, self.train_seconds = state["step"], state["images_seen"], state["train_seconds"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        distributed.restore_own_rng_states(rng, self.device, distributed.rank_seed(self.config.train.seed, self.rank) + self.step)
+        saved_batch = state.get("global_batch", self.global_batch)
+        if saved_batch != self.global_batch and self.rank == 0:
+            warn(f"the global batch is now {self.global_batch} images (train.batch_size x grad_accumulation x {self.world} processes); "
+                 f"the run trained with {saved_batch} so far")
 
     # ------------------------------------------------------------------ the loop
 
     def log(self, record: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append a line to metrics.jsonl (rank 0; a write that fails is a warning)."""
+        if self.rank == 0:
+            try:
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:
+                warn(f"could not write to {self.run_dir / 'metrics.jsonl'} ({err})")
+
+    def try_sample_grid(self) -> Path | None:
+        """A sample grid (rank 0); one that cannot be written (full disk) is a warning."""
+        try:
+            return self.sample_grid()
+        except OSError as err:
+            warn(f"could not write a sample grid ({err})")
+            return None
+
+    def start_outputs(self, resumed: bool) -> None:
+        """Rank 0 prepares the run folder: config.json, no leftovers of a killed save, no metrics past the checkpoint."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / "config.json", config_to_dict(self.config))
+        remove_stale_temp_files(self.run_dir)
+        if resumed:
+            drop_records_after(self.run_dir / "metrics.jsonl", self.step)
+
+    def over_budget(self, start: float, budget: float | None) -> bool:
+        """Whether the time budget is spent; with several processes, on any rank (they stop together)."""
+        if budget is None:
+            return False
+        return distributed.any_rank(time.perf_counter() - start >= budget, self.device)
+
+    def log_window(self, window: list[dict[str, float]], rate: float, elapsed: float) -> None:
+        """The mean losses since the last log (over all ranks) and the speed, as one metrics.jsonl line."""
+        means = distributed.mean_over_ranks(window_means(window), self.device)
+        self.log({"step": self.step, **means, "lr": self.optimizers["optimizer"].param_groups[0]["lr"], "images_per_s": rate,
+                  "elapsed_s": elapsed, "epoch": self.stream.epoch, **({"skipped_steps": self.skipped_steps} if self.skipped_steps else {})})
 
     def run(self, resume_from: Path | None = None) -> TrainResult:
         tc = self.config.train
         if resume_from is not None:
             self.load(resume_from)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "config.json", config_to_dict(self.config))
+        if self.rank == 0:
+            self.start_outputs(resumed=resume_from is not None)
         budget = parse_duration(tc.budget) if tc.budget else None
         start, session_images, session_train = time.perf_counter(), 0, 0.0
-        history: list[dict[str, float]] = []
-        stopped_by, last_ckpt = "max_steps", resume_from
-        bar = tqdm(total=tc.max_steps, initial=self.step, desc="training", unit="step", disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        window: list[dict[str, float]] = []
+        stopped_by, last_ckpt, last_loss = "max_steps", resume_from, float("nan")
+        bar = tqdm(total=tc.max_steps, initial=self.step, desc="training", unit="step", disable=not self.progress or self.rank != 0,
+                   file=sys.stderr, dynamic_ncols=True)
         for module in self.modules().values():  # train mode for what is trained (not the EMA, not a frozen VAE)
             module.train(any(p.requires_grad for p in module.parameters()))
         while self.step < tc.max_steps:
-            if budget is not None and time.perf_counter() - start >= budget:
+            if self.over_budget(start, budget):
                 stopped_by = "budget"
                 break
             t0 = time.perf_counter()
             self.set_learning_rates()
-            history.append(self.train_step())
+            self.step_skipped = False
+            losses = self.train_step()
             elapsed = time.perf_counter() - t0
             session_train += elapsed
             self.train_seconds += elapsed
-            session_images += tc.batch_size * tc.grad_accumulation
+            session_images += self.global_batch
             rate = session_images / max(session_train, 1e-9)
+            if not self.step_skipped:
+                window.append(losses)
+                last_loss = losses["loss"]
             bar.update(1)
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", img_s=f"{rate:.0f}")
             if self.step % tc.log_every == 0:
-                recent = history[-tc.log_every :]
-                means = {k: sum(h[k] for h in recent) / len(recent) for k in recent[-1]}
-                self.log({"step": self.step, **means, "lr": self.optimizers["optimizer"].param_groups[0]["lr"],
-                          "images_per_s": rate, "elapsed_s": time.perf_counter() - start, "epoch": self.stream.epoch})
-            if tc.sample_every and self.step % tc.sample_every == 0:
-                self.sample_grid()
-            if self.config.eval.every and self.step % self.config.eval.every == 0:
+                self.log_window(window, rate, time.perf_counter() - start)
+                window = []
+            if tc.sample_every and self.step % tc.sample_every == 0 and self.rank == 0:
+                self.try_sample_grid()
+            if self.config.eval.every and self.step % self.config.eval.every == 0 and self.rank == 0:
                 self.log({"step": self.step, "eval": {k: v for k, v in self.evaluate().items() if k not in ("checkpoint", "step")}})
             if self.step % tc.checkpoint_every == 0:
-                last_ckpt = self.save()
+                last_ckpt = self.save() or last_ckpt
         bar.close()
         if last_ckpt is None or last_ckpt.name != checkpoint_name(self.step):
-            last_ckpt = self.save()
-        grid = self.sample_grid()
+            last_ckpt = self.save(final=True)
         rate = session_images / max(session_train, 1e-9)
-        print(f"stopped at step {self.step} ({stopped_by}); {rate:.1f} images/s; checkpoint {last_ckpt}; samples {grid}", file=sys.stderr)
-        last_loss = history[-1]["loss"] if history else float("nan")
-        return TrainResult(self.run_dir, self.step, last_ckpt, stopped_by, rate, last_loss, session_train)
+        if self.rank == 0:
+            grid = self.try_sample_grid()
+            skipped = f"; {self.skipped_steps} batch(es) skipped for a NaN/inf loss" if self.skipped_steps else ""
+            print(f"stopped at step {self.step} ({stopped_by}); {rate:.1f} images/s{skipped}; checkpoint {last_ckpt}; samples {grid}", file=sys.stderr)
+        return TrainResult(self.run_dir, self.step, last_ckpt, stopped_by, rate, last_loss, session_train, self.skipped_steps)

@@ -41,10 +41,14 @@ class LatentDataset:
     def __len__(self) -> int:
         return len(self.mean)
 
-    def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """z = mean + std * eps for the items idx (eps from the generator, on its device)."""
+    def sample(self, idx: torch.Tensor, generator: torch.Generator, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """z = mean + std * eps for the items idx (eps from the generator, on its device).
+
+        With `world` processes, idx is rank `rank`'s share of a global batch: eps is drawn for the
+        whole global batch and this rank's rows kept (as losses.draw_t_and_noise does).
+        """
         mean, std = self.mean[idx], self.std[idx]
-        noise = torch.randn(mean.shape, generator=generator, device=generator.device)
+        noise = torch.randn((len(idx) * world, *mean.shape[1:]), generator=generator, device=generator.device)[rank::world]
         return mean.to(noise.device) + std.to(noise.device) * noise
 
 
