@@ -133,3 +133,28 @@ def test_psnr_and_ssim_against_closed_forms():
     assert torch.allclose(ssim(x, x), torch.ones(4), atol=1e-6)
     blurred = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
     assert (ssim(blurred, x) < 0.9).all() and torch.allclose(ssim(blurred, x), ssim(x, blurred), atol=1e-6)
+
+
+def test_discriminator_step_uses_only_its_own_loss(tmp_path):
+    from diffusekit.nn.discriminator import hinge_d_loss
+    from diffusekit.train_vae import VAETrainer
+
+    write_images(tmp_path / "images", random_images(8, channels=3, seed=5))
+    config = vae_config(tmp_path / "images", vae_loss__disc_weight=0.5, vae_loss__disc_start=0, vae_loss__disc_channels=8,
+                        vae_loss__disc_layers=1, train__grad_clip=0.0)
+    trainer = VAETrainer(config, tmp_path / "run", progress=False)
+    disc, inputs, seen = trainer.disc, [], {}
+    forward = disc.forward
+    disc.forward = lambda x: inputs.append(x.detach().clone()) or forward(x)
+    step = trainer.optimizers["disc_optimizer"].step
+
+    def capture(*args, **kwargs):  # the gradients the discriminator's optimizer is about to use
+        seen["grads"] = [p.grad.clone() for p in disc.parameters()]
+        real, fake = inputs[-2], inputs[-1]
+        seen["expected"] = torch.autograd.grad(hinge_d_loss(forward(real), forward(fake)), list(disc.parameters()))
+        return step(*args, **kwargs)
+
+    trainer.optimizers["disc_optimizer"].step = capture
+    trainer.train_step()
+    for got, want in zip(seen["grads"], seen["expected"]):
+        assert torch.allclose(got, want, atol=1e-6)

@@ -95,6 +95,8 @@ class VAETrainer(Trainer):
         loss.backward()
         self.optimizer_step()
         if self.discriminator_on():
+            # the generator's backward also reached the discriminator: its step must see only its own loss
+            self.optimizers["disc_optimizer"].zero_grad(set_to_none=True)
             with self.autocast():
                 d_loss = hinge_d_loss(self.disc(x).float(), self.disc(x_rec.detach()).float())
             d_loss.backward()
