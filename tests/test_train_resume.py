@@ -189,3 +189,14 @@ def test_ema_update_and_its_warmup():
     ema_update(ema, model, 0.75)
     for key, value in ema.state_dict().items():
         torch.testing.assert_close(value, 0.75 * before[key] + 0.25 * model.state_dict()[key])
+
+
+def test_slim_half_checkpoint_samples_like_the_full_one(trained_run, tmp_path):
+    from diffusekit.cli import main as cli_main
+    from diffusekit.pipeline import Pipeline
+
+    assert cli_main(["slim", str(trained_run), str(tmp_path / "slim"), "--half"]) == 0
+    assert {p.name for p in (tmp_path / "slim").iterdir()} == {"config.json", "state.json", "ema.safetensors"}
+    full = Pipeline.from_pretrained(trained_run).sample(2, steps=3, sampler="ddim")
+    slim = Pipeline.from_pretrained(tmp_path / "slim").sample(2, steps=3, sampler="ddim")
+    assert (full - slim).abs().max() < 0.05 and (full - slim).abs().mean() < 2e-3  # float16 weights, float32 sampling

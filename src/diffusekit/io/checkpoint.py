@@ -135,12 +135,34 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"'{path}' does not exist; give a run folder (e.g. runs/mnist) or one of its checkpoints/step_* folders")
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+    if (path / "config.json").is_file() and any((path / name).is_file() for name in WEIGHT_FILES.values()):
         return path
     found = latest_checkpoint(path)
     if found is None:
-        raise UserError(f"'{path}' is neither a run folder with a checkpoint nor a checkpoint folder (no checkpoints/latest, no model.safetensors)")
+        raise UserError(f"'{path}' is neither a run folder with a checkpoint nor a checkpoint folder (no checkpoints/latest, no *.safetensors weights)")
     return found
+
+
+SAMPLING_FILES = ("ema.safetensors", "vae.safetensors")  # with config.json and state.json: all that sampling reads
+
+
+def write_sampling_checkpoint(path: str | Path, out: str | Path, half: bool = False) -> Path:
+    """A checkpoint with only what sampling needs (config, step, EMA weights, a latent model's VAE),
+    optionally stored in float16 (half the size; sampling runs in float32 all the same)."""
+    ckpt, out = resolve_checkpoint(path), Path(out)
+    if not (ckpt / "ema.safetensors").is_file():
+        raise UserError(f"'{ckpt}' has no EMA weights (ema.safetensors) to keep")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SAMPLING_FILES:
+        if (ckpt / name).is_file():
+            tensors = read_tensors(ckpt / name)
+            if half:
+                tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+            save_file(tensors, str(out / name))
+    state = read_json(ckpt / "state.json", "training state")
+    write_json_atomic(out / "state.json", {k: state[k] for k in ("step", "images_seen", "train_seconds") if k in state})
+    shutil.copyfile(ckpt / "config.json", out / "config.json")
+    return out
 
 
 def read_json(path: Path, what: str) -> dict:
