@@ -65,12 +65,24 @@ class ResnetBlock2D(nn.Module):
         return (skip + h) / self.output_scale_factor
 
 
+def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, query_chunk: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over [B, heads, N, d] tensors, computed for at most `query_chunk` queries at a time."""
+    if q.shape[2] <= query_chunk:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return torch.cat([F.scaled_dot_product_attention(part, k, v, attn_mask=mask) for part in q.split(query_chunk, dim=2)], dim=2)
+
+
 class Attention(nn.Module):
     """Multi-head (cross-)attention over token sequences [B, N, dim] (diffusers' `Attention` names).
 
     Keys and values come from `context` [B, L, context_dim] when given (cross-attention),
     else from the input itself. `mask` [B, L] (True or 1: attend) hides padding tokens.
     """
+
+    # Inputs with more queries than this are attended in slices of this many queries: the same result,
+    # with at most query_chunk x L attention scores alive at a time. (PyTorch's fused kernels avoid the
+    # full N x L matrix anyway; the slicing bounds memory where it falls back to the plain math kernel.)
+    query_chunk = 4096
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False, dropout: float = 0.0):
         super().__init__()
@@ -86,7 +98,7 @@ class Attention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)
         k, v = (proj(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2) for proj in (self.to_k, self.to_v))
         attn_mask = mask.bool()[:, None, None, :] if mask is not None else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(b, n, dim)
+        out = sliced_attention(q, k, v, attn_mask, self.query_chunk).transpose(1, 2).reshape(b, n, dim)
         for layer in self.to_out:
             out = layer(out)
         return out
