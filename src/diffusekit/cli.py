@@ -1,4 +1,4 @@
-"""`diffusekit` commands: train, train-vae, sample, generate, eval, info, presets, noise.
+"""`diffusekit` commands: train, train-vae, sample, generate, eval, info, export, presets, noise.
 
 Mistakes a user can make (UserError) are printed as one line and exit with code 2.
 """
@@ -169,6 +169,15 @@ def _info(args) -> None:
     print(f"sampling     {config.sample.sampler}, {config.sample.steps} steps, {config.sample.spacing} spacing (defaults)")
 
 
+def _export(args) -> None:
+    from diffusekit.io.diffusers import export_diffusers
+
+    components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
+    for note in export_diffusers(args.checkpoint, args.out, components=components, weights=args.weights):
+        print(f"note: {note}")
+    print(f"wrote a diffusers folder to {args.out}")
+
+
 def _presets(args) -> None:
     from diffusekit.config import load_preset, preset_names
 
@@ -264,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
+
+    p = sub.add_parser("export", help="write a run as a diffusers folder (DDPMPipeline or Stable Diffusion layout)")
+    p.add_argument("checkpoint", metavar="RUN_OR_CKPT")
+    p.add_argument("out", metavar="OUT", help="a new folder")
+    p.add_argument("--format", choices=("diffusers",), default="diffusers")
+    p.add_argument("--components", help="write only these parts, e.g. unet,vae (of unet, vae, text_encoder, scheduler), without model_index.json")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("presets", help="list the built-in presets")
     p.set_defaults(func=_presets)

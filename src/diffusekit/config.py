@@ -97,6 +97,7 @@ class SampleConfig:
     sampler: str = "ddim"
     steps: int = 50
     spacing: str = "trailing"  # leading | trailing | linspace
+    steps_offset: int = 0  # added to "leading" timesteps, as diffusers' steps_offset (Stable Diffusion 1.x: 1)
     eta: float = 0.0  # DDIM noise: 0 deterministic, 1 = DDPM
     guidance: float = 1.0  # classifier-free guidance scale (1: plain conditional model)
     guidance_rescale: float = 0.0  # Lin et al. 2023 rescale factor phi in [0, 1]
@@ -442,6 +443,7 @@ def validate(config: Config) -> Config:
     _choice("sample.sampler", s.sampler, SAMPLERS)
     _choice("sample.spacing", s.spacing, SPACINGS)
     _check(s.steps >= 1 and s.n >= 1, "sample.steps and sample.n must be at least 1")
+    _check(0 <= s.steps_offset < d.timesteps, f"sample.steps_offset must be in [0, diffusion.timesteps) = [0, {d.timesteps}), e.g. 1 as Stable Diffusion 1.x")
     _check(s.guidance >= 0 and 0.0 <= s.guidance_rescale <= 1.0, "sample.guidance must be >= 0 and sample.guidance_rescale in [0, 1]")
 
     tx = config.text

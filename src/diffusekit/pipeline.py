@@ -30,6 +30,9 @@ from diffusekit.samplers import get_sampler
 from diffusekit.schedule import SPACINGS, NoiseSchedule
 
 
+LARGE_IMAGE_PIXELS = 256 * 256  # from this size on, the VAE decodes one image at a time
+
+
 def image_shape(config: Config, size: int | None = None) -> tuple[int, int, int]:
     """What the U-Net denoises for images of `size` (default: the training size): images, or a latent model's latents."""
     size = size or config.data.image_size
@@ -96,6 +99,10 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, weights: str = "ema", device: str = "auto") -> "Pipeline":
         use_all_cores()
+        from diffusekit.io import diffusers
+
+        if diffusers.is_diffusers_folder(path):  # a Stable Diffusion / diffusers folder (model_index.json or a UNet config.json)
+            return diffusers.load_pipeline(path, device=device)
         ckpt = resolve_checkpoint(path)
         config = load_config(ckpt)
         if config.task != "diffusion":
@@ -113,9 +120,12 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1] (z = latent / scale + shift, then the decoder)."""
+        """Scaled latents -> images in [-1, 1] (z = latent / scale + shift, then the decoder).
+        Large images are decoded one at a time: a 512 px decode alone takes about a GB of activations."""
         vae = self.vae
-        parts = [vae.decode(part.to(self.device) / vae.scale_factor + vae.shift_factor).clamp(-1, 1).cpu() for part in latents.split(batch_size)]
+        pixels = latents.shape[-2] * latents.shape[-1] * vae.downsample_factor**2
+        slice_size = 1 if pixels >= LARGE_IMAGE_PIXELS else 0
+        parts = [vae.decode(part.to(self.device) / vae.scale_factor + vae.shift_factor, slice_size).clamp(-1, 1).cpu() for part in latents.split(batch_size)]
         return torch.cat(parts)
 
     def sigmas(self, steps: int, spacing: str) -> torch.Tensor:
@@ -124,7 +134,7 @@ class Pipeline:
         T = self.schedule.num_timesteps
         if not 1 <= steps <= T:
             raise UserError(f"--steps {steps} is out of range: this model has {T} timesteps, so use 1 to {T}")
-        return self.schedule.sampling_sigmas(steps, spacing)
+        return self.schedule.sampling_sigmas(steps, spacing, steps_offset=self.config.sample.steps_offset)
 
     def _labels(self, labels, n: int) -> torch.Tensor | None:
         if labels is None:
@@ -175,6 +185,7 @@ class Pipeline:
         guidance_rescale: float | None = None,
         batch_size: int = 64,
         size: int | None = None,
+        noise: torch.Tensor | None = None,
         callback=None,
         progress: bool = False,
         **sampler_options,
@@ -184,6 +195,7 @@ class Pipeline:
         labels: class label(s) of a class-conditional model; prompts: text(s) of a text-to-image
         model (both repeated to n); negative: the prompt guidance steers away from (default "").
         guidance: the classifier-free guidance scale; size: another image size than the training one.
+        noise: the initial noise [n, *shape] (standard normal, as diffusers' `latents`) instead of the seeded draw.
         callback(first_index, step, x, x0_hat)
         sees each batch's state after every step.
         """
@@ -205,13 +217,16 @@ class Pipeline:
             guidance = 1.0
         guidance = defaults.guidance if guidance is None else guidance
         shape = image_shape(self.config, size)
+        if noise is not None and tuple(noise.shape) != (n, *shape):
+            raise UserError(f"noise has shape {list(noise.shape)}, but {n} samples need {[n, *shape]}")
         out = []
         bar = tqdm(total=n * steps, desc=f"sampling ({sampler}, {steps} steps)", unit="step", disable=not progress, leave=False)
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
             part = slice(start, start + count)
             gens = sample_generators(seed, count, start)
-            x = randn((count, *shape), generator=gens, device=self.device) * (1 + sigmas[0] ** 2).sqrt().float()
+            start_noise = randn((count, *shape), generator=gens, device=self.device) if noise is None else noise[part].to(self.device)
+            x = start_noise * (1 + sigmas[0] ** 2).sqrt().float()
             batch_cond = {k: v[part] for k, v in cond.items()} if cond else None
             denoiser = self.denoiser
             if guidance != 1.0:

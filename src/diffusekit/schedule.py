@@ -179,8 +179,9 @@ class NoiseSchedule:
             raise ValueError(f"'{spacing}' is not a timestep spacing; use leading, trailing or linspace")
         return torch.from_numpy(ts.copy()).clamp(0, T - 1).long().flip(0)
 
-    def sampling_sigmas(self, steps: int, spacing: str = "trailing", rho: float = 7.0) -> torch.Tensor:
-        """steps + 1 decreasing sigmas ending in 0: the sampler evaluates the network at the first `steps`."""
+    def sampling_sigmas(self, steps: int, spacing: str = "trailing", rho: float = 7.0, steps_offset: int = 0) -> torch.Tensor:
+        """steps + 1 decreasing sigmas ending in 0: the sampler evaluates the network at the first `steps`.
+        steps_offset shifts "leading" timesteps (Stable Diffusion 1.x samples with 1)."""
         if spacing == "karras":  # Karras et al. 2022 eq. 5, uniform in sigma^(1/rho)
             ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
             lo, hi = self.sigma_min ** (1 / rho), self.sigma_max ** (1 / rho)
@@ -188,5 +189,5 @@ class NoiseSchedule:
         elif spacing == "logsnr":  # uniform in log-SNR = -2 log sigma
             sigmas = torch.linspace(math.log(self.sigma_max), math.log(self.sigma_min), steps, dtype=torch.float64).exp()
         else:
-            sigmas = self.sigmas[self.timesteps(steps, spacing)]
+            sigmas = self.sigmas[self.timesteps(steps, spacing, steps_offset)]
         return torch.cat([sigmas, sigmas.new_zeros(1)])
