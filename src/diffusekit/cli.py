@@ -1,4 +1,4 @@
-"""`diffusekit` commands: train, train-vae, sample, generate, eval, info, export, presets, noise.
+"""`diffusekit` commands: train, train-vae, sample, generate, eval, info, export, slim, presets, noise.
 
 Mistakes a user can make (UserError) are printed as one line and exit with code 2.
 """
@@ -178,6 +178,14 @@ def _export(args) -> None:
     print(f"wrote a diffusers folder to {args.out}")
 
 
+def _slim(args) -> None:
+    from diffusekit.io.checkpoint import write_sampling_checkpoint
+
+    out = write_sampling_checkpoint(args.checkpoint, args.out, half=args.half)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"wrote a sampling-only checkpoint to {out} ({size / 2**20:.1f} MiB)")
+
+
 def _presets(args) -> None:
     from diffusekit.config import load_preset, preset_names
 
@@ -281,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--components", help="write only these parts, e.g. unet,vae (of unet, vae, text_encoder, scheduler), without model_index.json")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("slim", help="copy a checkpoint with only what sampling needs (EMA weights, VAE, config)")
+    p.add_argument("checkpoint", metavar="RUN_OR_CKPT")
+    p.add_argument("out", metavar="OUT", help="a folder")
+    p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
+    p.set_defaults(func=_slim)
 
     p = sub.add_parser("presets", help="list the built-in presets")
     p.set_defaults(func=_presets)
