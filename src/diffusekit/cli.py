@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure sample quality (FD, KID, precision/recall, digit labels)")
     p.add_argument("checkpoint", metavar="RUN_OR_CKPT", nargs="?")
     p.add_argument("--images", metavar="DIR", help="evaluate a folder of images instead of sampling")
-    p.add_argument("--ref", help="reference set: mnist or an image folder (default: the run's training data)")
+    p.add_argument("--ref", help="reference set: mnist, emoji or an image folder (default: the run's training data)")
     p.add_argument("--features", choices=("mnist", "inception", "random"), help="feature network (default: mnist for digits, else random)")
     p.add_argument("--inception-weights", metavar="PATH", help="local Inception-v3 FID weights (or set DIFFUSEKIT_INCEPTION_WEIGHTS)")
     p.add_argument("--n", type=int, default=2000, help="number of samples")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusekit.data import fit_images, to_float
+from diffusekit.data import to_float
 from diffusekit.data.mnist import digit_caption
 from diffusekit.errors import UserError
 from diffusekit.runtime import cache_dir
@@ -34,13 +34,17 @@ def default_features(reference: str) -> str:
     return "mnist" if reference == "mnist" else "random"
 
 
-def reference_images(reference: str, size: int, channels: int) -> torch.Tensor:
-    """The reference set as float images in [-1, 1]: "mnist" (all 5,000 digits) or an image folder."""
-    if reference == "mnist":
-        from diffusekit.data.mnist import load_mnist
+BUILT_IN = ("mnist", "emoji")
 
-        images, _ = load_mnist()
-        return to_float(fit_images(images, size, channels))
+
+def reference_images(reference: str, size: int, channels: int) -> torch.Tensor:
+    """The reference set as float images in [-1, 1]: a built-in dataset ("mnist": all 5,000 digits,
+    "emoji": every emoji) or an image folder."""
+    if reference in BUILT_IN:
+        from diffusekit.config import DataConfig
+        from diffusekit.data import load_dataset
+
+        return to_float(load_dataset(DataConfig(dataset=reference, image_size=size, channels=channels), progress=False).images)
     from diffusekit.data.folder import load_folder
 
     images, _, _ = load_folder(reference, size, channels, bad_images="skip", progress=True)
@@ -49,10 +53,10 @@ def reference_images(reference: str, size: int, channels: int) -> torch.Tensor:
 
 def _reference_key(reference: str, features: str, weights, size: int, channels: int) -> str:
     parts = [reference, features, str(weights or ""), str(size), str(channels)]
-    if reference != "mnist":
+    if reference not in BUILT_IN:
         root = Path(reference)
         if not root.is_dir():
-            raise UserError(f"reference '{reference}' is neither 'mnist' nor an image folder")
+            raise UserError(f"reference '{reference}' is neither a built-in dataset ({', '.join(BUILT_IN)}) nor an image folder")
         parts += [f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(root.rglob("*")) if p.is_file()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -131,7 +135,8 @@ def evaluate_checkpoint(
     images = pipe.sample(n, steps=steps, sampler=sampler, spacing=spacing, seed=seed, labels=labels, prompts=prompts,
                          guidance=guidance if conditional else None, progress=pipeline is None)
     seconds = time.perf_counter() - start
-    reference = reference or ("mnist" if pipe.config.data.dataset == "mnist" else pipe.config.data.path)
+    data = pipe.config.data
+    reference = reference or (data.dataset if data.dataset in BUILT_IN else data.path)
     if not reference:
         raise UserError("no reference set: give --ref mnist or --ref DIR")
     report = evaluate_images(images, reference, features, weights, wanted_labels=wanted, device=str(pipe.device))
