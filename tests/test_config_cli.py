@@ -208,6 +208,14 @@ def test_overwrite_that_fails_keeps_the_old_run(capsys, run_copy, tmp_path):
     assert snapshot(run_copy) == before
 
 
+def test_overwrite_refuses_a_folder_that_is_not_a_run(capsys, run_copy, tmp_path):
+    (run_copy / "my_notes.txt").write_text("not part of the run")
+    before = snapshot(run_copy)
+    result = cli(capsys, "train", "--preset", tmp_path / "same.toml", "--out", run_copy, "--overwrite", "--quiet")
+    assert_user_error(result, "not part of a diffusekit run", "my_notes.txt")
+    assert snapshot(run_copy) == before
+
+
 def test_resume_without_out(capsys):
     assert_user_error(cli(capsys, "train", "--resume"), "--out")
 
@@ -220,6 +228,9 @@ def test_resume_without_out(capsys):
         pytest.param(["--steps", "500"], id="steps-above-T"),
         pytest.param(["--spacing", "sideways"], id="spacing"),
         pytest.param(["--sampler", "ddpm", "--eta", "1"], id="eta-for-ddpm"),
+        pytest.param(["--eta", "-1"], id="negative-eta"),
+        pytest.param(["--guidance-rescale", "3"], id="rescale-above-1"),
+        pytest.param(["--prompt", "a cat"], id="prompt-for-unconditional"),
     ],
 )
 def test_bad_sample_options(capsys, trained_run, tmp_path, options):

@@ -125,7 +125,7 @@ class LossTargetNet(torch.nn.Module):
 @pytest.mark.parametrize("weighting", ["uniform", "min_snr"])
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_loss_of_the_exact_target_is_zero(prediction, weighting):
-    sched = tiny_schedule(zero_terminal_snr=prediction != "eps")
+    sched = tiny_schedule(zero_terminal_snr=prediction != "eps", prediction=prediction)
     x0 = torch.rand(32, 1, 4, 4) * 2 - 1
 
     def loss(scale):

@@ -158,3 +158,29 @@ def test_discriminator_step_uses_only_its_own_loss(tmp_path):
     trainer.train_step()
     for got, want in zip(seen["grads"], seen["expected"]):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_a_latent_run_resumes_with_its_own_autoencoder_after_the_vae_run_is_gone(vae_run, tmp_path):
+    import shutil
+
+    vae_copy = tmp_path / "vae"
+    shutil.copytree(vae_run, vae_copy)
+    images_folder = vae_run.parent / "images"
+    settings = dict(data__path=str(images_folder), data__channels=3, latent__vae=str(vae_copy), model__channels=[8, 16],
+                    **{f"vae__{k}": v for k, v in TINY_VAE.items()})
+    train(tiny_config(train__max_steps=2, **settings), tmp_path / "ldm", progress=False)
+    shutil.rmtree(vae_copy)  # moved or deleted: the run's checkpoint holds the autoencoder it was trained with
+    result = train(tiny_config(train__max_steps=4, **settings), tmp_path / "ldm", resume=True, progress=False)
+    assert result.step == 4
+
+
+def test_prompts_must_share_the_images_evenly(tmp_path):
+    two_captions = tmp_path / "images"
+    from test_text import TEXT_MODEL, two_caption_folder
+
+    two_caption_folder(two_captions)
+    train(tiny_config(data__path=str(two_captions), train__max_steps=1, **TEXT_MODEL), tmp_path / "run", progress=False)
+    pipe = Pipeline.from_pretrained(tmp_path / "run")
+    assert pipe.sample(4, steps=2, prompts=["white on the left", "white on the right"]).shape[0] == 4
+    with pytest.raises(UserError, match="cannot share 3 images evenly"):
+        pipe.sample(3, steps=2, prompts=["white on the left", "white on the right"])

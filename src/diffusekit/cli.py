@@ -12,6 +12,8 @@ from pathlib import Path
 
 from diffusekit.errors import UserError
 
+NOISE_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")  # schedule.BETA_SCHEDULES (not imported: keeps `--help` fast)
+
 
 def _train(args) -> None:
     from diffusekit.config import apply_overrides, load_preset
@@ -37,7 +39,7 @@ def _train(args) -> None:
     overrides = list(args.set or [])
     if args.budget:
         overrides.append(f"train.budget={json.dumps(args.budget)}")
-    if args.steps:
+    if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
     config = apply_overrides(config, overrides)
     result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
@@ -47,18 +49,20 @@ def _train(args) -> None:
 
 
 def _sample(args) -> None:
+    """`sample` and `generate`: images from a run, a checkpoint or a diffusers folder."""
     import torch
 
     from diffusekit.images import save_gif
-    from diffusekit.pipeline import Pipeline
+    from diffusekit.pipeline import Pipeline, default_model
     from diffusekit.schedule import sigma_to_alpha_sigma
 
-    pipe = Pipeline.from_pretrained(args.checkpoint, weights=args.weights, device=args.device)
+    pipe = Pipeline.from_pretrained(getattr(args, "checkpoint", None) or args.model or default_model(), weights=args.weights, device=args.device)
     spacing = args.spacing or pipe.config.sample.spacing
     options = {"eta": args.eta} if args.eta is not None else {}
     frames: list[torch.Tensor] = []
+    record = None
     if args.animate:
-        sigmas = pipe.sigmas(args.steps or pipe.config.sample.steps, spacing)
+        sigmas = pipe.sigmas(pipe.config.sample.steps if args.steps is None else args.steps, spacing)
         shown = min(args.n, 64)
         every = max(1, (len(sigmas) - 1) // 60)
 
@@ -71,10 +75,11 @@ def _sample(args) -> None:
                 frames.append((x[:shown] * alpha.float().to(x.device)).clamp(-1, 1).cpu())  # x_t on the DDPM scale
 
     images = pipe.sample(
-        args.n, steps=args.steps, sampler=args.sampler, spacing=spacing, seed=args.seed, labels=args.label,
-        guidance=args.guidance, guidance_rescale=args.guidance_rescale, batch_size=args.batch_size, callback=record if args.animate else None, progress=True, **options,
+        args.n, steps=args.steps, sampler=args.sampler, spacing=spacing, seed=args.seed, labels=args.label, prompts=args.prompt,
+        negative=args.negative, guidance=args.guidance, guidance_rescale=args.guidance_rescale, batch_size=args.batch_size,
+        size=args.size, callback=record, progress=True, **options,
     )
-    _write_images(images, Path(args.out), "samples")
+    _write_images(images, Path(args.out), "samples" if args.command == "sample" else "images")
     if args.animate:
         save_gif(frames, args.animate)
         print(f"wrote the reverse process ({len(frames)} frames) to {args.animate}")
@@ -92,19 +97,8 @@ def _write_images(images, out: Path, noun: str) -> None:
         print(f"wrote {len(images)} PNGs to {out}/")
 
 
-def _generate(args) -> None:
-    from diffusekit.pipeline import Pipeline, default_model
-
-    pipe = Pipeline.from_pretrained(args.model or default_model(), device=args.device)
-    images = pipe.sample(
-        args.n, steps=args.steps, sampler=args.sampler, spacing=args.spacing, seed=args.seed, prompts=args.prompt,
-        negative=args.negative, guidance=args.guidance, batch_size=args.batch_size, size=args.size, progress=True,
-    )
-    _write_images(images, Path(args.out), "images")
-
-
 def _eval(args) -> None:
-    from diffusekit.evaluate import evaluate_checkpoint, evaluate_images, format_report, write_report
+    from diffusekit.evaluate import default_report_path, evaluate_checkpoint, evaluate_images, format_report, write_report
 
     if (args.checkpoint is None) == (args.images is None):
         raise UserError("eval takes either a run/checkpoint or --images DIR (not both)")
@@ -114,16 +108,16 @@ def _eval(args) -> None:
         from diffusekit.data.folder import load_folder
 
         reference = args.ref or "mnist"
-        size, channels = (28, 1) if reference == "mnist" else (args.size, 3)
-        images, _, _ = load_folder(args.images, args.size if reference != "mnist" else size, channels)
+        size, channels = (28, 1) if reference == "mnist" else (args.size or 64, 3)
+        images, _, _ = load_folder(args.images, size, channels)
         report = evaluate_images(to_float(images), reference, args.features, weights)
         out = Path(args.json or "eval.json")
     else:
         report = evaluate_checkpoint(
             args.checkpoint, n=args.n, sampler=args.sampler, steps=args.steps, spacing=args.spacing, seed=args.seed,
-            guidance=args.guidance, reference=args.ref, features=args.features, weights=weights,
+            guidance=args.guidance, reference=args.ref, features=args.features, weights=weights, device=args.device,
         )
-        out = Path(args.json or Path(report["checkpoint"]) / f"eval-{report['sampler']}-{report['steps']}steps-n{args.n}.json")
+        out = Path(args.json) if args.json else default_report_path(report)
     print(format_report(report))
     print(f"wrote {write_report(report, out)}")
 
@@ -154,7 +148,7 @@ def _info(args) -> None:
     print(f"checkpoint   {ckpt}")
     print(f"trained      {info['step']} steps, {info['images_seen']} images, {info['train_seconds']} s")
     vae_line = (f"KL autoencoder, widths {list(v.channels)}, {v.latent_channels} latent channels, "
-                f"{2 ** (len(v.channels) - 1)}x smaller latents, latent scale {v.scale_factor:.4g}")
+                f"{v.downsample_factor}x smaller latents, latent scale {v.scale_factor:.4g}")
     if autoencoder:
         print(f"model        {vae_line}; {params / 1e6:.2f}M parameters")
         print(f"data         {data.dataset}{' ' + data.path if data.path else ''}, {data.channels} x {data.image_size} x {data.image_size}")
@@ -207,8 +201,34 @@ def _noise(args) -> None:
     ts = torch.linspace(0, schedule.num_timesteps - 1, args.frames).round().long()
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
     strip = torch.cat([schedule.q_sample(x0, t[None], noise) for t in ts])
-    atomic_save(upscale(to_pil(make_grid(strip, ncols=args.frames)), 96 * 1), args.out)
+    atomic_save(upscale(to_pil(make_grid(strip, ncols=args.frames)), min_side=96), args.out)
     print(f"wrote the forward process at t = {', '.join(str(int(t)) for t in ts)} to {args.out}")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_sampling_args(p: argparse.ArgumentParser, n: int, out: str) -> None:
+    """The options `sample` and `generate` share."""
+    p.add_argument("--n", type=positive_int, default=n, help="number of images")
+    p.add_argument("--steps", type=positive_int, help="network evaluations (default: the model's sample.steps)")
+    p.add_argument("--sampler", help="sampler name (default: the model's sample.sampler)")
+    p.add_argument("--schedule", "--spacing", dest="spacing", help="step schedule: leading, trailing, linspace, karras or logsnr")
+    p.add_argument("--eta", type=float, help="noise of ddim / euler_ancestral / dpmpp_2m_sde (0 deterministic)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's sample.guidance; 1: none)")
+    p.add_argument("--guidance-rescale", type=float, help="guidance rescale phi in [0, 1] (Lin et al. 2023)")
+    p.add_argument("--negative", help="a negative prompt: what guidance steers away from (text-to-image models)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=positive_int, help="image size in pixels (default: the size the model was trained at)")
+    p.add_argument("--out", default=out, help="a .png grid, or a folder for one PNG per image")
+    p.add_argument("--animate", metavar="GIF", help="also write the reverse process as an animated GIF")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--device", default="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
         p.add_argument("--out", help="run folder (default runs/PRESET)")
         p.add_argument("--budget", help="stop after this much wall-clock time, e.g. 10m, 90s, 1h30m")
-        p.add_argument("--steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
+        p.add_argument("--steps", type=positive_int, help="stop after this many optimizer steps (train.max_steps)")
         p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -229,37 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample images from a run or checkpoint")
     p.add_argument("checkpoint", metavar="RUN_OR_CKPT")
-    p.add_argument("--n", type=int, default=64, help="number of images")
-    p.add_argument("--steps", type=int, help="network evaluations (default: the run's sample.steps)")
-    p.add_argument("--sampler", help="sampler name (default: the run's sample.sampler)")
-    p.add_argument("--schedule", "--spacing", dest="spacing", help="step schedule: leading, trailing, linspace, karras or logsnr")
-    p.add_argument("--eta", type=float, help="noise of ddim / euler_ancestral / dpmpp_2m_sde (0 deterministic)")
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_args(p, n=64, out="samples.png")
     p.add_argument("--label", type=int, action="append", help="class label(s) for a class-conditional model (repeatable)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1: none; needs --label)")
-    p.add_argument("--guidance-rescale", type=float, help="guidance rescale phi in [0, 1] (Lin et al. 2023)")
-    p.add_argument("--out", default="samples.png", help="a .png grid, or a folder for one PNG per image")
-    p.add_argument("--animate", metavar="GIF", help="also write the reverse process as an animated GIF")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--weights", choices=("ema", "model"), default="ema")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--prompt", action="append", help="prompt(s) for a text-to-image model (repeatable; `generate` is the short way)")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("generate", help="text to image: images from a prompt")
-    p.add_argument("prompt", nargs="+", help="the prompt (several prompts: one image each, in turn)")
-    p.add_argument("--model", help="a text-to-image run or checkpoint (default: the shipped emoji demo model)")
-    p.add_argument("--n", type=int, default=8, help="number of images")
-    p.add_argument("--steps", type=int, help="network evaluations (default: the model's sample.steps)")
-    p.add_argument("--sampler", help="sampler name (default: the model's sample.sampler)")
-    p.add_argument("--schedule", "--spacing", dest="spacing", help="step schedule: leading, trailing, linspace, karras or logsnr")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's sample.guidance)")
-    p.add_argument("--negative", help="a negative prompt: what guidance steers away from")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, help="image size in pixels (default: the size the model was trained at)")
-    p.add_argument("--out", default="generated.png", help="a .png grid, or a folder for one PNG per image")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=_generate)
+    p.add_argument("prompt", nargs="+", help="the prompt (several prompts: they take turns over the --n images)")
+    p.add_argument("--model", help="a text-to-image run, checkpoint or diffusers folder (default: the shipped emoji demo model)")
+    add_sampling_args(p, n=8, out="generated.png")
+    p.set_defaults(func=_sample, label=None)
 
     p = sub.add_parser("eval", help="measure sample quality (FD, KID, precision/recall, digit labels)")
     p.add_argument("checkpoint", metavar="RUN_OR_CKPT", nargs="?")
@@ -267,14 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", help="reference set: mnist, emoji or an image folder (default: the run's training data)")
     p.add_argument("--features", choices=("mnist", "inception", "random"), help="feature network (default: mnist for digits, else random)")
     p.add_argument("--inception-weights", metavar="PATH", help="local Inception-v3 FID weights (or set DIFFUSEKIT_INCEPTION_WEIGHTS)")
-    p.add_argument("--n", type=int, default=2000, help="number of samples")
-    p.add_argument("--sampler", default="dpmpp_2m")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--schedule", "--spacing", dest="spacing")
-    p.add_argument("--guidance", type=float, help="guidance scale for class-conditional models")
+    p.add_argument("--n", type=positive_int, default=2000, help="number of samples")
+    p.add_argument("--sampler", help="sampler name (default: the run's eval.sampler)")
+    p.add_argument("--steps", type=positive_int, help="network evaluations (default: the run's eval.steps)")
+    p.add_argument("--schedule", "--spacing", dest="spacing", help="step schedule: leading, trailing, linspace, karras or logsnr")
+    p.add_argument("--guidance", type=float, help="guidance scale for conditional models")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=64, help="with --images and a folder reference: the size both are compared at")
-    p.add_argument("--json", help="where to write the JSON report")
+    p.add_argument("--size", type=positive_int, help="with --images and a folder reference: the size both are compared at (default 64)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="where to write the JSON report (default: RUN/eval/...)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("info", help="describe a checkpoint")
@@ -302,11 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("noise", help="show the forward process on an image")
     p.add_argument("image")
     p.add_argument("--out", default="noise.png")
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--frames", type=positive_int, default=8)
+    p.add_argument("--size", type=positive_int, default=64)
     p.add_argument("--channels", type=int, choices=(1, 3), default=3)
-    p.add_argument("--schedule", default="linear", choices=("linear", "scaled_linear", "cosine", "sigmoid"))
-    p.add_argument("--timesteps", type=int, default=1000)
+    p.add_argument("--schedule", default="linear", choices=NOISE_SCHEDULES)
+    p.add_argument("--timesteps", type=positive_int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_noise)
     return parser

@@ -54,13 +54,14 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # mnist | folder
+    dataset: str = "mnist"  # mnist | emoji | folder | none (an imported model, no training data)
     path: str = ""  # the image folder, for dataset = "folder"
+    font: str = ""  # the emoji dataset's font file ("": the Debian package's, or $DIFFUSEKIT_EMOJI_FONT)
     image_size: int = 28
     channels: int = 1  # 1 (grayscale) or 3 (RGB); images are converted
     bad_images: str = "skip"  # skip | abort: what an unreadable image does
     hflip: bool = False  # random horizontal flips
-    limit: int = 0  # use only the first N images (0: all)
+    limit: int = 0  # use only N images, spread evenly over the dataset (a folder: its first N files); 0: all
 
 
 @dataclass
@@ -96,9 +97,10 @@ class SampleConfig:
 
     sampler: str = "ddim"
     steps: int = 50
-    spacing: str = "trailing"  # leading | trailing | linspace
+    spacing: str = "trailing"  # leading | trailing | linspace | karras | logsnr
     steps_offset: int = 0  # added to "leading" timesteps, as diffusers' steps_offset (Stable Diffusion 1.x: 1)
     eta: float = 0.0  # DDIM noise: 0 deterministic, 1 = DDPM
+    variance: str = "fixed_small"  # DDPM sampler's noise: fixed_small (posterior variance) | fixed_large (beta_t)
     guidance: float = 1.0  # classifier-free guidance scale (1: plain conditional model)
     guidance_rescale: float = 0.0  # Lin et al. 2023 rescale factor phi in [0, 1]
     n: int = 64  # images in a training sample grid
@@ -399,14 +401,19 @@ def validate(config: Config) -> Config:
     _check(d.timesteps >= 2, "diffusion.timesteps must be at least 2")
     _check(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start and beta_end need 0 < beta_start < beta_end < 1")
     _check(d.snr_gamma > 0, "diffusion.snr_gamma must be positive")
+    _check(
+        not d.zero_terminal_snr or d.prediction != "eps",
+        "diffusion.zero_terminal_snr needs diffusion.prediction = v (or x0): at abar_T = 0 an eps prediction says "
+        "nothing about x0 (Lin et al. 2023, sec. 3.2)",
+    )
 
     _choice("task", config.task, ("diffusion", "autoencoder"))
-    _choice("data.dataset", data.dataset, ("mnist", "folder", "emoji"))
+    _choice("data.dataset", data.dataset, ("mnist", "folder", "emoji", "none"))
     _choice("data.bad_images", data.bad_images, ("skip", "abort"))
     _check(data.channels in (1, 3), "data.channels must be 1 (grayscale) or 3 (RGB)")
     _check(data.image_size >= 4, "data.image_size must be at least 4")
     check_vae_config(config.vae)
-    vae_factor = 2 ** (len(config.vae.channels) - 1)
+    vae_factor = config.vae.downsample_factor
     latent_model = config.task == "autoencoder" or bool(config.latent.vae)
     _check(
         not latent_model or data.image_size % vae_factor == 0,
@@ -414,6 +421,7 @@ def validate(config: Config) -> Config:
         f"use a multiple of {vae_factor}",
     )
     _check(data.dataset != "emoji" or data.image_size <= 136, "data.image_size for emoji must be at most 136 (the font's glyph size)")
+    _check(not (data.hflip and config.latent.vae), "data.hflip does not work with latent.vae: the latent cache holds unflipped images; set data.hflip=false")
     size = data.image_size // vae_factor if config.latent.vae else data.image_size  # what the U-Net sees
     factor = 2 ** (len(m.channels) - 1)
     _check(
@@ -442,7 +450,10 @@ def validate(config: Config) -> Config:
 
     _choice("sample.sampler", s.sampler, SAMPLERS)
     _choice("sample.spacing", s.spacing, SPACINGS)
+    _choice("sample.variance", s.variance, ("fixed_small", "fixed_large"))
     _check(s.steps >= 1 and s.n >= 1, "sample.steps and sample.n must be at least 1")
+    _check(s.steps <= d.timesteps and config.eval.steps <= d.timesteps,
+           f"sample.steps and eval.steps cannot exceed diffusion.timesteps = {d.timesteps} (a sampler takes at most one step per timestep)")
     _check(0 <= s.steps_offset < d.timesteps, f"sample.steps_offset must be in [0, diffusion.timesteps) = [0, {d.timesteps}), e.g. 1 as Stable Diffusion 1.x")
     _check(s.guidance >= 0 and 0.0 <= s.guidance_rescale <= 1.0, "sample.guidance must be >= 0 and sample.guidance_rescale in [0, 1]")
 

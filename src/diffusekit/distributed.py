@@ -18,7 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from diffusekit.runtime import pick_device
+from diffusekit.runtime import available_cores, pick_device
 
 # How long a rank waits for the others in a collective before giving up. Rank 0 alone
 # writes checkpoints, sample grids and evaluations while the others wait, so be generous.
@@ -96,8 +96,7 @@ def thread_share(threads: int) -> int:
     """CPU threads for this process: as asked, else (0) the node's cores shared among its processes."""
     if threads > 0 or world() <= 1:
         return threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // processes_per_node())
+    return max(1, available_cores() // processes_per_node())
 
 
 def barrier() -> None:
@@ -183,8 +182,9 @@ def restore_own_rng_states(rng: dict[str, torch.Tensor], device: torch.device, s
     if rank() == 0:
         torch.set_rng_state(rng["torch"])
         devices = sorted(int(k[5:]) for k in rng if k.startswith("cuda.") and k[5:].isdigit())
-        if devices and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in devices])
+        if devices and torch.cuda.is_available():  # as many GPUs as both the saved run and this machine have
+            for i in devices[: torch.cuda.device_count()]:
+                torch.cuda.set_rng_state(rng[f"cuda.{i}"], i)
     elif f"torch.rank{rank()}" in rng:
         torch.set_rng_state(rng[f"torch.rank{rank()}"])
         if f"cuda.rank{rank()}" in rng and device.type == "cuda":

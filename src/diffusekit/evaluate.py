@@ -13,19 +13,17 @@ Reference features are cached on disk, keyed by the reference data and extractor
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from diffusekit.data import to_float
 from diffusekit.data.mnist import digit_caption
 from diffusekit.errors import UserError
-from diffusekit.runtime import cache_dir
+from diffusekit.io.checkpoint import read_cached_tensors, save_tensors_atomic, write_json_atomic
 from diffusekit.metrics import class_histogram, compare_features, embed, fd_from_features, get_feature_extractor, label_accuracy, psnr, ssim
+from diffusekit.runtime import cache_dir
 
 NUM_DIGITS = 10
 
@@ -64,13 +62,11 @@ def _reference_key(reference: str, features: str, weights, size: int, channels: 
 def reference_features(reference: str, features: str, extractor, weights, size: int, channels: int) -> torch.Tensor:
     """Features of the reference set, computed once and cached (a changed folder gets a new key)."""
     path = cache_dir() / "reference" / f"{features}-{_reference_key(reference, features, weights, size, channels)}.safetensors"
-    if path.is_file():
-        return load_file(str(path))["features"]
+    cached = read_cached_tensors(path)
+    if cached is not None and "features" in cached:
+        return cached["features"]
     feats, _ = embed(extractor, reference_images(reference, size, channels))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"features": feats.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    save_tensors_atomic({"features": feats}, path)
     return feats
 
 
@@ -119,14 +115,22 @@ def evaluate_checkpoint(
     features: str | None = None,
     weights=None,
     pipeline=None,
+    device: str = "auto",
 ) -> dict:
-    """Sample n images from a run or checkpoint and evaluate them. Digit models conditioned on classes or on
-    captions ("a handwritten digit seven") are asked for digit i % 10, and their label accuracy is measured."""
+    """Sample n images from a run or checkpoint and evaluate them (sampler and steps default to the
+    run's eval.* settings). Digit models conditioned on classes or on captions ("a handwritten digit
+    seven") are asked for digit i % 10, and their label accuracy is measured."""
     from diffusekit.pipeline import Pipeline
 
-    pipe = pipeline or Pipeline.from_pretrained(path)
+    pipe = pipeline or Pipeline.from_pretrained(path, device=device)
+    sampler = sampler or pipe.config.eval.sampler
+    steps = pipe.config.eval.steps if steps is None else steps
+    data = pipe.config.data
+    reference = reference or (data.dataset if data.dataset in BUILT_IN else data.path)
+    if not reference:
+        raise UserError("no reference set for this model: give --ref mnist, --ref emoji or --ref DIR")
     classes = pipe.config.model.num_classes
-    digits_by_text = pipe.text_encoder is not None and pipe.config.data.dataset == "mnist"
+    digits_by_text = pipe.text_encoder is not None and data.dataset == "mnist"
     wanted = torch.arange(n) % (classes or NUM_DIGITS) if classes or digits_by_text else None
     labels = wanted if classes else None
     prompts = [digit_caption(int(d)) for d in wanted] if digits_by_text else None
@@ -135,39 +139,28 @@ def evaluate_checkpoint(
     images = pipe.sample(n, steps=steps, sampler=sampler, spacing=spacing, seed=seed, labels=labels, prompts=prompts,
                          guidance=guidance if conditional else None, progress=pipeline is None)
     seconds = time.perf_counter() - start
-    data = pipe.config.data
-    reference = reference or (data.dataset if data.dataset in BUILT_IN else data.path)
-    if not reference:
-        raise UserError("no reference set: give --ref mnist or --ref DIR")
     report = evaluate_images(images, reference, features, weights, wanted_labels=wanted, device=str(pipe.device))
-    sc = pipe.config.sample
     report.update({
         "checkpoint": str(pipe.checkpoint) if pipe.checkpoint else None,
         "step": pipe.step,
-        "sampler": sampler or sc.sampler,
-        "steps": steps or sc.steps,
+        "sampler": sampler,
+        "steps": steps,
         "seconds_per_image": seconds / n,
     })
     return report
 
 
-def format_report(report: dict) -> str:
-    """A small table for the terminal."""
-    rows = [("FD", "fd", "{:.3f}"), ("KID x 1e3", "kid_mean", "{:.3f}"), ("precision", "precision", "{:.3f}"),
-            ("recall", "recall", "{:.3f}"), ("label accuracy", "label_accuracy", "{:.3f}"), ("confidence", "confidence", "{:.3f}"),
-            ("s / image", "seconds_per_image", "{:.4f}")]
-    lines = [f"{report['n']} samples vs {report['reference']} ({report['n_reference']} images), {report['features']} features"]
-    for label, key, fmt in rows:
-        if key in report:
-            value = report[key] * 1e3 if key == "kid_mean" else report[key]
-            lines.append(f"  {label:15s} {fmt.format(value)}")
-    if "class_histogram" in report:
-        lines.append("  classes         " + " ".join(f"{v:.2f}" for v in report["class_histogram"]))
-    return "\n".join(lines)
+def default_report_path(report: dict) -> Path:
+    """RUN/eval/<name>.json for a checkpoint of a run (checkpoint folders get pruned), else ./<name>.json."""
+    name = f"eval-{report['sampler']}-{report['steps']}steps-n{report['n']}.json"
+    ckpt = Path(report["checkpoint"]) if report.get("checkpoint") else None
+    if ckpt is not None and ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent / "eval" / f"{ckpt.name}-{name}"
+    return Path(name)
 
 
 def write_report(report: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(path, report)
     return path

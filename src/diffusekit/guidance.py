@@ -39,7 +39,8 @@ class GuidedDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         if cond is None or self.scale == 1.0:
             return self.denoiser(x, sigma, cond)
-        both = self.denoiser(torch.cat([x, x]), sigma, concat_cond(cond, self.uncond))
+        sigma2 = sigma.repeat(2) if sigma.ndim == 1 else sigma  # a per-sample sigma [B] covers both halves
+        both = self.denoiser(torch.cat([x, x]), sigma2, concat_cond(cond, self.uncond))
         conditional, unconditional = both.chunk(2)
         guided = unconditional + self.scale * (conditional - unconditional)
         return rescale_guidance(guided, conditional, self.rescale) if self.rescale > 0 else guided

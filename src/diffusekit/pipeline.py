@@ -29,7 +29,6 @@ from diffusekit.runtime import pick_device, prepare_module, randn, sample_genera
 from diffusekit.samplers import get_sampler
 from diffusekit.schedule import SPACINGS, NoiseSchedule
 
-
 LARGE_IMAGE_PIXELS = 256 * 256  # from this size on, the VAE decodes one image at a time
 
 
@@ -37,7 +36,7 @@ def image_shape(config: Config, size: int | None = None) -> tuple[int, int, int]
     """What the U-Net denoises for images of `size` (default: the training size): images, or a latent model's latents."""
     size = size or config.data.image_size
     if config.latent.vae:
-        factor = 2 ** (len(config.vae.channels) - 1)
+        factor = config.vae.downsample_factor
         if size % factor:
             raise UserError(f"--size {size} is not a multiple of {factor}, the autoencoder's down-sampling factor")
         return (config.vae.latent_channels, size // factor, size // factor)
@@ -84,6 +83,18 @@ def load_config(ckpt: Path) -> Config:
     return config_from_dict(read_json(Path(ckpt) / "config.json", "config"), where=f"{ckpt}/config.json")
 
 
+def check_sampling_values(n: int, batch_size: int, guidance: float | None, rescale: float, eta: float | None) -> None:
+    """The ranges config.validate() enforces for sample.*, for values given at sampling time."""
+    if n < 1 or batch_size < 1:
+        raise UserError(f"the number of images ({n}) and the batch size ({batch_size}) must be at least 1")
+    if guidance is not None and guidance < 0:
+        raise UserError(f"the guidance scale must be >= 0 (1: none), got {guidance}")
+    if not 0.0 <= rescale <= 1.0:
+        raise UserError(f"the guidance rescale must be in [0, 1], got {rescale}")
+    if eta is not None and eta < 0:
+        raise UserError(f"eta must be >= 0 (0: deterministic), got {eta}")
+
+
 class Pipeline:
     """Samples of a diffusion model; for a latent model `vae` decodes the sampled latents."""
 
@@ -125,7 +136,7 @@ class Pipeline:
         vae = self.vae
         pixels = latents.shape[-2] * latents.shape[-1] * vae.downsample_factor**2
         slice_size = 1 if pixels >= LARGE_IMAGE_PIXELS else 0
-        parts = [vae.decode(part.to(self.device) / vae.scale_factor + vae.shift_factor, slice_size).clamp(-1, 1).cpu() for part in latents.split(batch_size)]
+        parts = [vae.decode(vae.unscale_latents(part.to(self.device)), slice_size).clamp(-1, 1).cpu() for part in latents.split(batch_size)]
         return torch.cat(parts)
 
     def sigmas(self, steps: int, spacing: str) -> torch.Tensor:
@@ -149,16 +160,22 @@ class Pipeline:
         return labels
 
     def encode_prompts(self, prompts: list[str]) -> dict:
+        """Text conditions for a list of prompts, each distinct prompt encoded once."""
         if self.text_encoder is None:
             raise UserError("this model is not text-conditioned: it takes no prompt; use a text-to-image run (e.g. --preset emoji-ldm)")
-        hidden, mask = self.text_encoder.encode(prompts)
-        return text_condition(hidden.to(self.device), mask.to(self.device), self.config.text.mask_padding)
+        unique = list(dict.fromkeys(prompts))
+        hidden, mask = self.text_encoder.encode(unique)
+        rows = torch.tensor([unique.index(p) for p in prompts])
+        return text_condition(hidden[rows].to(self.device), mask[rows].to(self.device), self.config.text.mask_padding)
 
     def conditions(self, n: int, labels=None, prompts=None, negative: str | None = None) -> tuple[dict | None, dict | None]:
-        """(cond, uncond) for all n samples. uncond is the null class, the empty prompt or the negative prompt."""
+        """(cond, uncond) for all n samples. uncond is the null class, the empty prompt or the negative prompt.
+        Several prompts take turns (p1, p2, p1, p2, ...), so n must be a multiple of their number."""
         if prompts is not None:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-            prompts = (prompts * math.ceil(n / len(prompts)))[:n]
+            if not prompts or n % len(prompts):
+                raise UserError(f"{len(prompts)} prompts cannot share {n} images evenly; ask for a multiple of {max(len(prompts), 1)} images")
+            prompts = prompts * (n // len(prompts))
             return self.encode_prompts(prompts), self.encode_prompts([negative or ""] * n)
         if negative:
             raise UserError("a negative prompt needs a prompt")
@@ -200,11 +217,14 @@ class Pipeline:
         sees each batch's state after every step.
         """
         defaults = self.config.sample
-        steps, sampler = steps or defaults.steps, sampler or defaults.sampler
+        steps, sampler = defaults.steps if steps is None else steps, sampler or defaults.sampler
         spacing, seed = spacing or defaults.spacing, defaults.seed if seed is None else seed
         rescale = defaults.guidance_rescale if guidance_rescale is None else guidance_rescale
+        check_sampling_values(n, batch_size, guidance, rescale, sampler_options.get("eta"))
         if sampler == "ddim":
             sampler_options.setdefault("eta", defaults.eta)
+        if sampler == "ddpm":
+            sampler_options.setdefault("variance", defaults.variance)
         sample_fn = get_sampler(sampler)
         unknown = [k for k in sampler_options if k not in inspect.signature(sample_fn).parameters]
         if unknown:

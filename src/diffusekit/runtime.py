@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +12,22 @@ import torch
 from diffusekit.errors import UserError
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
+
+
+def warn(message: str) -> None:
+    """One 'warning: ...' line on stderr, between progress-bar updates."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """A seed for stream `index` (an epoch, a sample, a rank) of the run seed `seed`."""
+    return seed * 1_000_003 + index
 
 
 def cache_dir() -> Path:
@@ -39,7 +56,7 @@ def format_duration(seconds: float) -> str:
 
 def use_all_cores(threads: int = 0) -> int:
     """Use every core by default (torch often starts with half of them)."""
-    count = threads if threads > 0 else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    count = threads if threads > 0 else available_cores()
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return count
@@ -51,14 +68,19 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{name}' was asked for but no CUDA GPU is visible; use --set train.device=cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device '{name}' is not supported (the schedule math runs in float64); use cpu or cuda")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device '{name}' does not exist: {torch.cuda.device_count()} GPU(s) are visible (cuda:0 ..)")
+    return device
 
 
 def sample_generators(seed: int, count: int, start: int = 0) -> list[torch.Generator]:
     """One CPU generator per sample, so that image i of seed s never depends on the batch size."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(count)]
+    return [torch.Generator().manual_seed(derive_seed(seed, start + i)) for i in range(count)]
 
 
 def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:

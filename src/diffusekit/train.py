@@ -24,7 +24,7 @@ from diffusekit.data import load_dataset, to_float
 from diffusekit.data.latents import latent_dataset
 from diffusekit.errors import UserError
 from diffusekit.images import save_grid
-from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, resolve_checkpoint, write_json_atomic
+from diffusekit.io.checkpoint import latest_checkpoint, load_state_dict_checked, load_weights, read_tensors, resolve_checkpoint, write_json_atomic
 from diffusekit.losses import diffusion_loss, draw_t_and_noise
 from diffusekit.nn.text import CaptionEmbeddings
 from diffusekit.pipeline import Pipeline, build_text_encoder, build_unet, build_vae, load_config, text_condition
@@ -33,10 +33,13 @@ from diffusekit.schedule import NoiseSchedule
 from diffusekit.trainer import Trainer, TrainResult, run_training
 
 
-def resolve_latent_config(config: Config) -> Config:
-    """For a latent model, take the autoencoder's config (with its measured latent scale) from its checkpoint."""
+def resolve_latent_config(config: Config, resume_from: Path | None = None) -> Config:
+    """For a latent model, take the autoencoder's config (with its measured latent scale) from its checkpoint:
+    the latent.vae run's for a new run, the run's own checkpoint's on resume (whatever became of latent.vae)."""
     if not config.latent.vae:
         return config
+    if resume_from is not None:
+        return replace(config, vae=load_config(resume_from).vae)
     ckpt = resolve_checkpoint(config.latent.vae)
     vae_config = load_config(ckpt)
     if vae_config.task != "autoencoder":
@@ -58,7 +61,10 @@ class DiffusionTrainer(Trainer):
         if not self.config.latent.vae:
             return images
         vae = build_vae(self.config)
-        load_state_dict_checked(vae, load_weights(resolve_checkpoint(self.config.latent.vae), "ema"), self.config.latent.vae)
+        if self.resume_from is not None:  # the autoencoder this run was trained with, kept in its checkpoint
+            load_state_dict_checked(vae, read_tensors(self.resume_from / "vae.safetensors"), str(self.resume_from))
+        else:
+            load_state_dict_checked(vae, load_weights(resolve_checkpoint(self.config.latent.vae), "ema"), self.config.latent.vae)
         self.vae = prepare_module(vae, self.device).requires_grad_(False).eval()
         return latent_dataset(images, self.vae, latent_cache_name(self.config), self.device, self.progress)
 
@@ -166,4 +172,7 @@ class DiffusionTrainer(Trainer):
 
 def train(config: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
     """Train the diffusion model of `config` into `run_dir` (a new run, or --resume the run there)."""
-    return run_training(DiffusionTrainer, resolve_latent_config(config), run_dir, resume=resume, overwrite=overwrite, progress=progress)
+    if config.task != "diffusion":
+        raise UserError(f"this config describes an {config.task}: train it with `diffusekit train-vae`")
+    resume_from = latest_checkpoint(Path(run_dir)) if resume else None
+    return run_training(DiffusionTrainer, resolve_latent_config(config, resume_from), run_dir, resume=resume, overwrite=overwrite, progress=progress)

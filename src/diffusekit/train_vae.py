@@ -25,6 +25,7 @@ from diffusekit.errors import ConfigError
 from diffusekit.images import save_grid
 from diffusekit.nn.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
 from diffusekit.nn.vae import AutoencoderKL
+from diffusekit.io.checkpoint import write_json_atomic
 from diffusekit.optim import make_optimizer
 from diffusekit.runtime import prepare_module
 from diffusekit.trainer import Trainer, TrainResult, run_training
@@ -58,8 +59,8 @@ class VAETrainer(Trainer):
             self.extra_modules["discriminator"] = self.disc
         return AutoencoderKL.from_config(self.config.vae, self.config.data.channels)
 
-    def __init__(self, config: Config, run_dir, progress: bool = True):
-        super().__init__(config, run_dir, progress)
+    def __init__(self, config: Config, run_dir, progress: bool = True, resume_from=None):
+        super().__init__(config, run_dir, progress, resume_from)
         if config.vae_loss.disc_weight > 0:
             self.optimizers["disc_optimizer"] = make_optimizer(self.disc.parameters(), config.train)
         fixed = torch.linspace(0, len(self.dataset) - 1, min(GRID_IMAGES, len(self.dataset))).round().long()
@@ -80,8 +81,7 @@ class VAETrainer(Trainer):
         x = self.next_batch()
         with self.autocast():
             posterior = self.net.encode(x)
-            noise = torch.randn(posterior.mean.shape, generator=self.generator, device=self.generator.device).to(self.device)
-            x_rec = self.net.decode(posterior.mean + posterior.std * noise)
+            x_rec = self.net.decode(posterior.sample(self.generator))
             error = (x_rec.float() - x.float())
             rec = (lc.l1 * error.abs() + lc.l2 * error.pow(2)).flatten(1).sum(1).mean()
             kl = posterior.kl().mean()
@@ -106,13 +106,13 @@ class VAETrainer(Trainer):
         return {"loss": loss.item(), **logs}
 
     def checkpoint_config(self) -> dict:
-        """The config with the latent scale measured on the data with the EMA weights."""
+        """The config with the latent scale measured on the data with the EMA weights (also written to RUN/config.json)."""
         count = min(SCALE_IMAGES, len(self.dataset))
         idx = torch.linspace(0, len(self.dataset) - 1, count).round().long()
         scale = latent_scale(self.ema, self.dataset.images[idx], self.device)
-        self.config = replace(self.config, vae=replace(self.config.vae, scale_factor=scale))
-        self.ema.scale_factor = scale
-        return config_to_dict(self.config)
+        values = config_to_dict(replace(self.config, vae=replace(self.config.vae, scale_factor=scale)))
+        write_json_atomic(self.run_dir / "config.json", values)
+        return values
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ from diffusekit.io.checkpoint import (
 )
 from diffusekit.optim import ema_decay_at, ema_update, lr_at, make_optimizer
 from diffusekit.pipeline import load_config
-from diffusekit.runtime import parse_duration, pick_device, prepare_module, use_all_cores
+from diffusekit.runtime import parse_duration, pick_device, prepare_module, use_all_cores, warn
 
 
 @dataclass
@@ -87,9 +87,29 @@ def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool
                 "--set changes, or start a new run with another --out"
             )
         return ckpt
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise UserError(f"'{run_dir}' already holds files; pass --resume to continue that run, --overwrite to replace it, or choose another --out")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"'{run_dir}' already holds files; pass --resume to continue that run, --overwrite to replace it, or choose another --out")
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES)
+        if foreign:
+            raise UserError(
+                f"--overwrite would delete '{run_dir}', which holds files that are not part of a diffusekit run "
+                f"({', '.join(foreign[:3])}); choose another --out"
+            )
     return None
+
+
+RUN_ENTRIES = {"config.json", "metrics.jsonl", "checkpoints", "samples", "eval"}  # what a run folder holds
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete a run's own files (prepare_run_dir has checked that nothing else is there)."""
+    for name in RUN_ENTRIES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def run_training(trainer_class, config: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
@@ -100,9 +120,9 @@ def run_training(trainer_class, config: Config, run_dir: str | Path, *, resume: 
     run_dir = Path(run_dir)
     with distributed.process_group(config.train.device):
         ckpt = prepare_run_dir(run_dir, config, resume, overwrite)  # on resume, config differs only in resumable keys
-        trainer = trainer_class(config, run_dir, progress)  # loads the data: a bad dataset fails here, before anything is deleted
+        trainer = trainer_class(config, run_dir, progress, resume_from=ckpt)  # loads the data: a bad dataset fails here, before anything is deleted
         if overwrite and ckpt is None and run_dir.exists() and distributed.is_main():
-            shutil.rmtree(run_dir)
+            clear_run_dir(run_dir)
         return trainer.run(resume_from=ckpt)
 
 
@@ -127,8 +147,6 @@ def drop_records_after(metrics: Path, step: int) -> None:
     write_text_atomic(metrics, "".join(kept))
 
 
-def warn(message: str) -> None:
-    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 class Trainer:
@@ -138,8 +156,9 @@ class Trainer:
 
     single_process_reason = ""  # why a subclass cannot train in several processes ("": it can)
 
-    def __init__(self, config: Config, run_dir: str | Path, progress: bool = True):
+    def __init__(self, config: Config, run_dir: str | Path, progress: bool = True, resume_from: Path | None = None):
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
+        self.resume_from = resume_from  # the checkpoint run() will continue from (subclasses may read it while building)
         tc = config.train
         self.rank, self.world = distributed.rank(), distributed.world()
         if self.world > 1 and self.single_process_reason:
@@ -273,6 +292,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "processes": self.world,
             "global_batch": self.global_batch,
+            "device": self.device.type,  # the training generator's state only fits a generator of this kind
             "data": self.stream.state_dict(),
             "optimizers": {name: flatten_optimizer_state(opt.state_dict())[1] for name, opt in self.optimizers.items()},
         }
@@ -314,6 +334,12 @@ class Trainer:
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(unflatten_optimizer_state(read_tensors(ckpt / f"{name}.safetensors"), state["optimizers"][name]))
         rng = read_tensors(ckpt / "rng.safetensors")
+        saved_device = state.get("device", self.device.type)
+        if saved_device != self.device.type:
+            raise UserError(
+                f"'{ckpt}' was trained on {saved_device} and its random state cannot continue on {self.device.type}: "
+                f"resume with --set train.device={saved_device}, or start a new run from its weights"
+            )
         self.generator.set_state(rng["train_generator"])
         self.stream.load_state_dict(state["data"])
         self.step, self.images_seen, self.train_seconds = state["step"], state["images_seen"], state["train_seconds"]
@@ -336,12 +362,22 @@ class Trainer:
                 warn(f"could not write to {self.run_dir / 'metrics.jsonl'} ({err})")
 
     def try_sample_grid(self) -> Path | None:
-        """A sample grid (rank 0); one that cannot be written (full disk) is a warning."""
+        """A sample grid (rank 0); one that cannot be made (full disk, a bad sample.* value) is a warning,
+        never a crash of rank 0 that would leave the other ranks waiting."""
         try:
             return self.sample_grid()
-        except OSError as err:
+        except (OSError, UserError) as err:
             warn(f"could not write a sample grid ({err})")
             return None
+
+    def try_evaluate(self) -> None:
+        """A periodic evaluation logged to metrics.jsonl (rank 0); a failure (e.g. missing Inception weights) is a warning."""
+        try:
+            report = self.evaluate()
+        except (OSError, UserError) as err:
+            warn(f"could not evaluate at step {self.step} ({err})")
+            return
+        self.log({"step": self.step, "eval": {k: v for k, v in report.items() if k not in ("checkpoint", "step")}})
 
     def start_outputs(self, resumed: bool) -> None:
         """Rank 0 prepares the run folder: config.json, no leftovers of a killed save, no metrics past the checkpoint."""
@@ -401,7 +437,7 @@ class Trainer:
             if tc.sample_every and self.step % tc.sample_every == 0 and self.rank == 0:
                 self.try_sample_grid()
             if self.config.eval.every and self.step % self.config.eval.every == 0 and self.rank == 0:
-                self.log({"step": self.step, "eval": {k: v for k, v in self.evaluate().items() if k not in ("checkpoint", "step")}})
+                self.try_evaluate()
             if self.step % tc.checkpoint_every == 0:
                 last_ckpt = self.save() or last_ckpt
         bar.close()

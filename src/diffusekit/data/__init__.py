@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusekit.errors import UserError
+from diffusekit.runtime import derive_seed
 
 
 @dataclass
@@ -45,9 +46,7 @@ def fit_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
 def load_dataset(cfg, progress: bool = True) -> ImageDataset:
     """The dataset a DataConfig names, at its image size and channel count."""
     if cfg.dataset == "mnist":
-        from diffusekit.data.mnist import load_mnist
-
-        from diffusekit.data.mnist import digit_caption
+        from diffusekit.data.mnist import digit_caption, load_mnist
 
         images, labels = load_mnist()
         captions = [digit_caption(int(label)) for label in labels]
@@ -60,8 +59,10 @@ def load_dataset(cfg, progress: bool = True) -> ImageDataset:
     elif cfg.dataset == "emoji":
         from diffusekit.data.emoji import load_emoji
 
-        images, captions = load_emoji(cfg.image_size, cfg.path or None, cfg.limit, progress)
+        images, captions = load_emoji(cfg.image_size, cfg.font or None, cfg.limit, progress)
         dataset = ImageDataset(fit_images(images, cfg.image_size, cfg.channels), captions=captions)
+    elif cfg.dataset == "none":
+        raise UserError("this config has no training data (data.dataset = none, e.g. a model imported from diffusers); set data.dataset")
     else:
         raise UserError(f"unknown dataset '{cfg.dataset}'; use mnist, emoji or folder")
     if cfg.limit and len(dataset) > cfg.limit:
@@ -95,7 +96,7 @@ class BatchStream:
         self._perm = self._permutation(0)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch)))
 
     def next_indices(self) -> torch.Tensor:
         need, parts = self.batch_size * self.world, []

@@ -31,12 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, features
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffusekit.errors import UserError
+from diffusekit.io.checkpoint import read_cached_tensors, save_tensors_atomic, write_json_atomic
 from diffusekit.runtime import cache_dir
-from diffusekit.io.checkpoint import write_json_atomic
 
 DEBIAN_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 FONT_ENV = "DIFFUSEKIT_EMOJI_FONT"
@@ -180,18 +179,21 @@ def read_cache(path: Path) -> tuple[torch.Tensor, list[str]] | None:
     captions_path = path.with_suffix(".json")
     if not (path.is_file() and captions_path.is_file()):
         return None
-    images = load_file(str(path))["images"]
-    captions = json.loads(captions_path.read_text())["captions"]
-    return (images, captions) if len(captions) == len(images) else None
+    cached = read_cached_tensors(path)
+    try:
+        captions = json.loads(captions_path.read_text())["captions"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    if cached is None or "images" not in cached or len(captions) != len(cached["images"]):
+        return None  # damaged or stale: rendered again
+    return cached["images"], captions
 
 
 def write_cache(path: Path, images: torch.Tensor, captions: list[str], sequences: list[str], seconds: float) -> None:
     """Captions first, then the tensor by atomic rename: a cache with a tensor file is always complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path.with_suffix(".json"), {"captions": captions, "sequences": sequences, "render_seconds": round(seconds, 2)})
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"images": images.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    save_tensors_atomic({"images": images}, path)
 
 
 def load_emoji(size: int = 32, font: str | Path | None = None, limit: int = 0, progress: bool = True) -> tuple[torch.Tensor, list[str]]:

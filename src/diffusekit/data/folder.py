@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from diffusekit.errors import UserError
+from diffusekit.runtime import warn
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -79,11 +80,11 @@ def load_folder(root: str | Path, size: int, channels: int, bad_images: str = "s
             if bad_images == "abort":
                 raise UserError(f"{err}. Remove or replace the file, or set data.bad_images=skip to skip unreadable images") from None
             skipped += 1
-            print(f"warning: skipping unreadable image {path}", file=sys.stderr)
+            warn(f"skipping unreadable image {path}")
     if not arrays:
         raise UserError(f"none of the {len(files)} image files in '{root}' could be read; check that they are valid PNG/JPEG/WebP files")
     if skipped:
-        print(f"warning: skipped {skipped} unreadable image(s) of {len(files)} in {root}", file=sys.stderr)
+        warn(f"skipped {skipped} unreadable image(s) of {len(files)} in {root}")
     return torch.from_numpy(np.stack(arrays)), names, skipped
 
 

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffusekit.data import ImageDataset, to_float
-from diffusekit.io.checkpoint import write_json_atomic
+from diffusekit.io.checkpoint import read_cached_tensors, save_tensors_atomic, write_json_atomic
 from diffusekit.runtime import cache_dir
 
 SHARD_SIZE = 1024
@@ -72,7 +70,9 @@ def read_cache(folder: Path, key: str) -> tuple[torch.Tensor, torch.Tensor] | No
     shards = [folder / name for name in info.get("shards", [])]
     if info.get("key") != key or not all(p.is_file() for p in shards):
         return None
-    parts = [load_file(str(p)) for p in shards]
+    parts = [read_cached_tensors(p) for p in shards]
+    if any(p is None for p in parts):  # a damaged shard: rebuild
+        return None
     return torch.cat([p["mean"] for p in parts]), torch.cat([p["std"] for p in parts])
 
 
@@ -82,7 +82,7 @@ def encode_images(vae, images: torch.Tensor, device, batch_size: int = 128, prog
     means, stds = [], []
     for part in tqdm(images.split(batch_size), desc="encoding latents", disable=not progress, file=sys.stderr, leave=False):
         posterior = vae.encode(to_float(part).to(device))
-        means.append(((posterior.mean - vae.shift_factor) * vae.scale_factor).float().cpu())
+        means.append(vae.scale_latents(posterior.mean).float().cpu())
         stds.append((posterior.std * vae.scale_factor).float().cpu())
     return torch.cat(means), torch.cat(stds)
 
@@ -94,9 +94,7 @@ def write_cache(folder: Path, key: str, mean: torch.Tensor, std: torch.Tensor) -
     names = []
     for i, start in enumerate(range(0, len(mean), SHARD_SIZE)):
         name = f"shard_{i:05d}.safetensors"
-        tmp = folder / f".{name}.tmp"
-        save_file({"mean": mean[start : start + SHARD_SIZE].contiguous(), "std": std[start : start + SHARD_SIZE].contiguous()}, str(tmp))
-        os.replace(tmp, folder / name)
+        save_tensors_atomic({"mean": mean[start : start + SHARD_SIZE], "std": std[start : start + SHARD_SIZE]}, folder / name)
         names.append(name)
     write_json_atomic(folder / "manifest.json", {"key": key, "shards": names, "count": len(mean), "shape": list(mean.shape[1:])})
 

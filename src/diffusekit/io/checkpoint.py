@@ -152,26 +152,64 @@ def write_sampling_checkpoint(path: str | Path, out: str | Path, half: bool = Fa
     ckpt, out = resolve_checkpoint(path), Path(out)
     if not (ckpt / "ema.safetensors").is_file():
         raise UserError(f"'{ckpt}' has no EMA weights (ema.safetensors) to keep")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in SAMPLING_FILES:
-        if (ckpt / name).is_file():
-            tensors = read_tensors(ckpt / name)
-            if half:
-                tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-            save_file(tensors, str(out / name))
-    state = read_json(ckpt / "state.json", "training state")
-    write_json_atomic(out / "state.json", {k: state[k] for k in ("step", "images_seen", "train_seconds") if k in state})
-    shutil.copyfile(ckpt / "config.json", out / "config.json")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"'{out}' already exists and is not an empty folder; choose a new folder for the slim checkpoint")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        for name in SAMPLING_FILES:
+            if (ckpt / name).is_file():
+                tensors = read_tensors(ckpt / name)
+                if half:
+                    tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+                save_file(tensors, str(tmp / name))
+        state = read_json(ckpt / "state.json", "training state")
+        (tmp / "state.json").write_text(json.dumps({k: state[k] for k in ("step", "images_seen", "train_seconds") if k in state}) + "\n")
+        shutil.copyfile(ckpt / "config.json", tmp / "config.json")
+        fsync_folder(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)  # all or nothing
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def read_json(path: Path, what: str) -> dict:
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """safetensors written to a unique temporary file beside `path`, flushed, then renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        return json.loads(Path(path).read_text())
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        fsync_path(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_cached_tensors(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """A cache file's tensors, or None when it is missing or damaged (a cache is rebuilt, never trusted blindly)."""
+    try:
+        return load_file(str(path))
+    except (FileNotFoundError, SafetensorError, OSError):
+        return None
+
+
+def read_json(path: Path, what: str, container: str = "the checkpoint") -> dict:
+    """A JSON object from a file; a missing, unreadable or non-object file is a UserError naming `what` and `container`."""
+    try:
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise UserError(f"{what} '{path}' is missing; the checkpoint is incomplete") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{what} '{path}' is not valid JSON ({err}); the checkpoint is damaged") from None
+        raise UserError(f"{what} '{path}' is missing; {container} is incomplete") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{what} '{path}' cannot be read as JSON ({err}); {container} is damaged") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} '{path}' is not a JSON object; {container} is damaged")
+    return data
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,10 @@ import torch
 from safetensors.torch import save_file
 
 from diffusekit.config import Config, config_from_dict
+from diffusekit.nn.vae import VAEConfig
 from diffusekit.errors import ConfigError, UserError
+from diffusekit.runtime import warn
+from diffusekit.io.checkpoint import read_json as checkpoint_read_json
 from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, read_tensors, resolve_checkpoint, write_json_atomic
 
 REQUIRED = object()  # a key without a default: the config must have it
@@ -144,6 +146,7 @@ SCHEDULER_KEYS = [
     rename("prediction_type", "diffusion.prediction", "epsilon", {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}),
     rename("rescale_betas_zero_snr", "diffusion.zero_terminal_snr", False),
     rename("steps_offset", "sample.steps_offset", 0),
+    rename("variance_type", "sample.variance", "fixed_small", {"fixed_small": "fixed_small", "fixed_large": "fixed_large"}),
     fixed("trained_betas", None),
     derived("timestep_spacing", None), derived("use_karras_sigmas", False), derived("use_lu_lambdas", False),
     ignored("clip_sample", "diffusekit's samplers never clip x0_hat (a warning says so when it is true)"),
@@ -155,7 +158,7 @@ LEADING_BY_DEFAULT = {"DDIMScheduler", "DDPMScheduler", "PNDMScheduler"}  # the 
 # diffusekit sampler -> (diffusers scheduler class, keys that pick the same method, keys export also writes)
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}, {"clip_sample": False, "set_alpha_to_one": True}),
-    "ddpm": ("DDPMScheduler", {}, {"clip_sample": False, "variance_type": "fixed_small"}),
+    "ddpm": ("DDPMScheduler", {}, {"clip_sample": False}),
     "euler": ("EulerDiscreteScheduler", {}, {}),
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, {}),
     "heun": ("HeunDiscreteScheduler", {}, {}),
@@ -239,8 +242,6 @@ def nest(fields: dict[str, Any]) -> dict[str, dict]:
     return values
 
 
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- the U-Net
@@ -318,10 +319,13 @@ def class_count(num_class_embeds: int | None, where: str) -> int:
 
 def unet_config(config: Config) -> dict:
     """The diffusers config.json of diffusekit's U-Net: UNet2DConditionModel with text, else UNet2DModel."""
+    from diffusekit.pipeline import image_shape
+
     m = config.model
     kind = "UNet2DConditionModel" if m.cross_attention_dim else "UNet2DModel"
     names = BLOCKS[kind]
-    levels, in_channels, size = len(m.channels), unet_in_channels(config), unet_sample_size(config)
+    in_channels, size, _ = image_shape(config)
+    levels = len(m.channels)
     out = {"_class_name": kind, "_diffusers_version": FORMAT_VERSION, "in_channels": in_channels, "out_channels": in_channels, "sample_size": size,
            **write_renamed(config, UNET_TABLES[kind]), "mid_block_type": names.mid,
            "down_block_types": [names.attention_down if i in m.attention_levels else names.down for i in range(levels)],
@@ -349,16 +353,6 @@ def unet2d_head_width(m, used: list[int]) -> int | None:
     return widths.pop() if widths else m.attention_head_dim
 
 
-def unet_in_channels(config: Config) -> int:
-    return config.vae.latent_channels if config.latent.vae else config.data.channels
-
-
-def vae_factor(config: Config) -> int:
-    return 2 ** (len(config.vae.channels) - 1)
-
-
-def unet_sample_size(config: Config) -> int:
-    return config.data.image_size // vae_factor(config) if config.latent.vae else config.data.image_size
 
 
 # ----------------------------------------------------------------------------- the VAE and the scheduler
@@ -415,6 +409,8 @@ def scheduler_config(config: Config) -> dict:
         out["use_karras_sigmas"] = True
     if not config.diffusion.zero_terminal_snr:
         del out["rescale_betas_zero_snr"]  # not every scheduler class has the key; false is everyone's default
+    if cls != "DDPMScheduler":
+        del out["variance_type"]  # DDPM's alone
     return out
 
 
@@ -450,15 +446,7 @@ def is_diffusers_folder(path: str | Path) -> bool:
 
 
 def read_json(path: Path, where: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{where} is missing; the diffusers folder is incomplete") from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"{where} cannot be read as JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{where} is not a JSON object; it is not a diffusers config")
-    return data
+    return checkpoint_read_json(path, where, container="the diffusers folder")
 
 
 def find_parts(path: Path) -> Folder:
@@ -501,10 +489,11 @@ def read_config(folder: Folder) -> Config:
             raise UserError(f"{where}: in_channels = {in_channels}, but the VAE has {fields['vae.latent_channels']} latent channels "
                             "(an inpainting or image-variation U-Net?); diffusekit's U-Net takes the latents alone")
         fields["latent.vae"] = str(folder.vae)
-        size *= 2 ** (len(fields["vae.channels"]) - 1)
+        size *= VAEConfig(channels=tuple(fields["vae.channels"])).downsample_factor
     else:
         fields["data.channels"] = in_channels
     fields["data.image_size"] = size
+    fields["data.dataset"] = "none"  # imported: no training data, so evaluation needs an explicit --ref
     if fields.get("model.cross_attention_dim"):
         if folder.text_encoder is None:
             raise UserError(f"{where}: a {unet_cfg['_class_name']} needs its pipeline's text encoder: give the folder with model_index.json and text_encoder/")

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from diffusekit.errors import UserError
-from diffusekit.runtime import cache_dir
+from diffusekit.io.checkpoint import read_cached_tensors, save_tensors_atomic
+from diffusekit.runtime import cache_dir, warn
 
 DEFAULT_ENCODER = "minilm"
 
@@ -46,6 +44,12 @@ def encoder_folder(name: str) -> tuple[Path, Path]:
     return folder, tokenizer
 
 
+def folder_identity(folder: Path) -> str:
+    """What a cache of this encoder's outputs is keyed by: its resolved path and its files' sizes and times."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt"))
+    return json.dumps([str(folder.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]])
+
+
 class TextEncoder(torch.nn.Module):
     def __init__(self, name: str = DEFAULT_ENCODER, max_length: int = 32, use_attention_mask: bool | None = None):
         super().__init__()
@@ -53,8 +57,8 @@ class TextEncoder(torch.nn.Module):
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
         model_folder, tokenizer_folder = encoder_folder(name)
+        self.identity = folder_identity(model_folder)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
             self.model = AutoModel.from_pretrained(str(model_folder), local_files_only=True).eval().requires_grad_(False)
@@ -81,7 +85,7 @@ class TextEncoder(torch.nn.Module):
         lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
         for prompt, length in zip(prompts, lengths):
             if length > self.max_length:
-                print(f"warning: prompt truncated to {self.max_length} tokens (it has {length}): {prompt[:60]!r}", file=sys.stderr)
+                warn(f"prompt truncated to {self.max_length} tokens (it has {length}): {prompt[:60]!r}")
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,14 +118,11 @@ class CaptionEmbeddings:
 
     @staticmethod
     def _load_or_encode(texts: list[str], encoder: TextEncoder) -> tuple[torch.Tensor, torch.Tensor]:
-        key = hashlib.sha256(json.dumps([encoder.name, encoder.max_length, encoder.use_attention_mask, texts]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([encoder.identity, encoder.max_length, encoder.use_attention_mask, texts]).encode()).hexdigest()[:16]
         path = cache_dir() / "text" / f"{key}.safetensors"
-        if path.is_file():
-            cached = load_file(str(path))
+        cached = read_cached_tensors(path)
+        if cached is not None and {"hidden", "mask"} <= cached.keys():
             return cached["hidden"], cached["mask"]
         hidden, mask = encode_in_batches(encoder, texts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"hidden": hidden.contiguous(), "mask": mask.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        save_tensors_atomic({"hidden": hidden, "mask": mask}, path)
         return hidden, mask

@@ -48,6 +48,11 @@ class VAEConfig:
     scale_factor: float = 1.0  # latents for diffusion are (z - shift_factor) * scale_factor (LDM: 1 / std(z))
     shift_factor: float = 0.0
 
+    @property
+    def downsample_factor(self) -> int:
+        """How many times smaller the latents are than the images: one halving per level but the last."""
+        return 2 ** (len(self.channels) - 1)
+
 
 def check_vae_config(cfg: VAEConfig, prefix: str = "vae") -> None:
     """ConfigError for values the autoencoder cannot be built from."""
@@ -199,7 +204,7 @@ class AutoencoderKL(nn.Module):
     ):
         super().__init__()
         self.image_channels, self.latent_channels = image_channels, latent_channels
-        self.downsample_factor = 2 ** (len(channels) - 1)
+        self.downsample_factor = VAEConfig(channels=tuple(channels)).downsample_factor
         # plain attributes, not buffers: diffusers keeps them in its config, not in the state dict
         self.scale_factor, self.shift_factor = scale_factor, shift_factor
         self.encoder = Encoder(image_channels, latent_channels, tuple(channels), layers_per_block, norm_groups)
