@@ -22,7 +22,7 @@ from diffusekit.config import apply_overrides, load_preset
 from diffusekit.data import load_dataset, to_float
 from diffusekit.evaluate import evaluate_checkpoint, evaluate_reconstructions
 from diffusekit.losses import diffusion_loss
-from diffusekit.pipeline import Pipeline, build_unet, image_shape
+from diffusekit.pipeline import build_unet, image_shape
 from diffusekit.runtime import prepare_module, use_all_cores
 from diffusekit.schedule import NoiseSchedule
 from diffusekit.train import resolve_latent_config, train

@@ -328,3 +328,23 @@ def test_sample_is_reproducible_by_seed(capsys, trained_run, tmp_path):
         assert cli(capsys, "sample", trained_run, "--n", "2", "--steps", "2", "--seed", seed, "--out", f"{tmp_path / name}/")[0] == 0
     read = {name: np.asarray(Image.open(tmp_path / name / "sample_00001.png")) for name in "abc"}
     assert np.array_equal(read["a"], read["b"]) and not np.array_equal(read["a"], read["c"])
+
+
+def test_eval_of_a_run_writes_a_report_into_the_run(capsys, run_copy, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSEKIT_CACHE", str(tmp_path / "cache"))
+    code, out, _ = cli(capsys, "eval", run_copy, "--n", "12", "--steps", "2")
+    assert code == 0 and "FD" in out and "precision" in out
+    reports = list((run_copy / "eval").glob("*.json"))
+    assert len(reports) == 1 and json.loads(reports[0].read_text())["n"] == 12
+
+
+def test_eval_of_an_image_folder_against_mnist(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSEKIT_CACHE", str(tmp_path / "cache"))
+    from diffusekit.data.mnist import load_mnist
+
+    digits = load_mnist()[0][::500, 0].numpy()  # one of each digit
+    write_images(tmp_path / "digits", digits)
+    code, out, _ = cli(capsys, "eval", "--images", tmp_path / "digits", "--ref", "mnist", "--json", tmp_path / "r.json")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and report["n"] == 10 and report["features"] == "mnist"
+    assert sorted(report["class_histogram"]) == [0.1] * 10  # the digit net names each real digit

@@ -150,6 +150,21 @@ def evaluate_checkpoint(
     return report
 
 
+def format_report(report: dict) -> str:
+    """A small table for the terminal."""
+    rows = [("FD", "fd", "{:.3f}"), ("KID x 1e3", "kid_mean", "{:.3f}"), ("precision", "precision", "{:.3f}"),
+            ("recall", "recall", "{:.3f}"), ("label accuracy", "label_accuracy", "{:.3f}"), ("confidence", "confidence", "{:.3f}"),
+            ("s / image", "seconds_per_image", "{:.4f}")]
+    lines = [f"{report['n']} samples vs {report['reference']} ({report['n_reference']} images), {report['features']} features"]
+    for label, key, fmt in rows:
+        if key in report:
+            value = report[key] * 1e3 if key == "kid_mean" else report[key]
+            lines.append(f"  {label:15s} {fmt.format(value)}")
+    if "class_histogram" in report:
+        lines.append("  classes         " + " ".join(f"{v:.2f}" for v in report["class_histogram"]))
+    return "\n".join(lines)
+
+
 def default_report_path(report: dict) -> Path:
     """RUN/eval/<name>.json for a checkpoint of a run (checkpoint folders get pruned), else ./<name>.json."""
     name = f"eval-{report['sampler']}-{report['steps']}steps-n{report['n']}.json"
