@@ -113,6 +113,8 @@ class Pipeline:
         from diffusekit.io import diffusers
 
         if diffusers.is_diffusers_folder(path):  # a Stable Diffusion / diffusers folder (model_index.json or a UNet config.json)
+            if weights != "ema":
+                raise UserError(f"'{path}' is a diffusers folder: it has one set of weights, so --weights {weights} does not apply")
             return diffusers.load_pipeline(path, device=device)
         ckpt = resolve_checkpoint(path)
         config = load_config(ckpt)
@@ -128,6 +130,16 @@ class Pipeline:
             vae = prepare_module(vae, dev)
         state = read_json(ckpt / "state.json", "training state")
         return cls(config, prepare_module(net, dev), dev, checkpoint=ckpt, step=state.get("step"), vae=vae, text_encoder=build_text_encoder(config, dev))
+
+    def to(self, device: torch.device | str) -> "Pipeline":
+        """Move the networks (U-Net, VAE, text encoder) to `device`, as pipe.to("cuda") in diffusers."""
+        self.device = pick_device(str(device))
+        self.net = prepare_module(self.net, self.device)
+        if self.vae is not None:
+            self.vae = prepare_module(self.vae, self.device)
+        if self.text_encoder is not None:
+            self.text_encoder = self.text_encoder.to(self.device)
+        return self
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
