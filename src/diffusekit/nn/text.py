@@ -57,6 +57,7 @@ class TextEncoder(torch.nn.Module):
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar for a model this small
         model_folder, tokenizer_folder = encoder_folder(name)
         self.identity = folder_identity(model_folder)
         try:
