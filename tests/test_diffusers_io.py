@@ -20,11 +20,13 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from conftest import tiny_config  # noqa: E402
+
 from diffusekit.cli import main as cli_main  # noqa: E402
 from diffusekit.config import config_to_dict, validate  # noqa: E402
 from diffusekit.errors import ConfigError, UserError  # noqa: E402
 from diffusekit.io.checkpoint import save_checkpoint  # noqa: E402
-from diffusekit.io.diffusers import export_diffusers, is_diffusers_folder  # noqa: E402
+from diffusekit.io.diffusers import is_diffusers_folder  # noqa: E402
+from diffusekit.io.diffusers_export import export_diffusers  # noqa: E402
 from diffusekit.nn.blocks import Attention, SelfAttention2D  # noqa: E402
 from diffusekit.pipeline import Pipeline, build_unet, build_vae  # noqa: E402
 

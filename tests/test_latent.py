@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import random_images, tiny_config, write_images
+
 from diffusekit.cli import main as cli_main
 from diffusekit.data import ImageDataset
 from diffusekit.data import latents as latents_module

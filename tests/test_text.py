@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config, write_images
+
 from diffusekit.cli import main as cli_main
 from diffusekit.data.folder import read_captions
 from diffusekit.errors import UserError

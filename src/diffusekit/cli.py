@@ -164,7 +164,7 @@ def _info(args) -> None:
 
 
 def _export(args) -> None:
-    from diffusekit.io.diffusers import export_diffusers
+    from diffusekit.io.diffusers_export import export_diffusers
 
     components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
     for note in export_diffusers(args.checkpoint, args.out, components=components, weights=args.weights):

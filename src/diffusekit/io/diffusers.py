@@ -2,7 +2,7 @@
 
     Pipeline.from_pretrained("stable-diffusion-v1-5/")  # a pipeline folder (model_index.json) ...
     Pipeline.from_pretrained("ddpm-cifar10-32/unet")    # ... or a lone UNet2DModel folder
-    export_diffusers("runs/emoji-ldm", "out/")          # `diffusekit export RUN --format diffusers OUT/`
+    (writing: io/diffusers_export.py, `diffusekit export RUN --format diffusers OUT/`)
 
 Parameter names already match (nn/unet.py and nn/vae.py use diffusers' names), so the
 work is in the configs. One table per component lists every diffusers config key that
@@ -17,232 +17,39 @@ diffusers itself is never imported: the folders are plain JSON and safetensors.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from diffusekit.config import Config, config_from_dict
-from diffusekit.nn.vae import VAEConfig
 from diffusekit.errors import ConfigError, UserError
-from diffusekit.runtime import warn
+from diffusekit.io.checkpoint import load_state_dict_checked, read_tensors
 from diffusekit.io.checkpoint import read_json as checkpoint_read_json
-from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, read_tensors, resolve_checkpoint, write_json_atomic
-
-REQUIRED = object()  # a key without a default: the config must have it
-FORMAT_VERSION = "0.30.0"  # the _diffusers_version written on export (a release whose format every later one reads)
-
-
-@dataclass(frozen=True)
-class Key:
-    """One diffusers config key.
-
-    how: "rename" (becomes `field`), "fixed" (diffusekit builds only `default`, which export writes),
-    "ignore" (changes nothing in diffusekit's output: `why`), "derive" (read and written by a function here).
-    default: diffusers' value when the key is absent. values: diffusers spelling -> diffusekit spelling.
-    per_level: diffusers allows a list (one value per level); diffusekit takes one value for all.
-    """
-
-    name: str
-    how: str
-    field: str = ""
-    default: Any = None
-    values: dict | None = None
-    why: str = ""
-    per_level: bool = False
-
-
-def rename(name: str, field: str, default: Any = REQUIRED, values: dict | None = None, per_level: bool = False) -> Key:
-    return Key(name, "rename", field, default, values, per_level=per_level)
-
-
-def fixed(name: str, value: Any) -> Key:
-    return Key(name, "fixed", default=value)
-
-
-def ignored(name: str, why: str) -> Key:
-    return Key(name, "ignore", why=why)
-
-
-def derived(name: str, default: Any = REQUIRED) -> Key:
-    return Key(name, "derive", default=default)
-
-
-UNET_COMMON = [
-    rename("block_out_channels", "model.channels"),
-    rename("norm_num_groups", "model.norm_groups", 32),
-    rename("dropout", "model.dropout", 0.0),
-    rename("layers_per_block", "model.layers_per_block", 2, per_level=True),
-    derived("in_channels"), derived("out_channels"), derived("sample_size", None),
-    derived("down_block_types"), derived("up_block_types"), derived("mid_block_type"), derived("attention_head_dim", 8),
-    fixed("center_input_sample", False), fixed("flip_sin_to_cos", True), fixed("freq_shift", 0),
-    fixed("act_fn", "silu"), fixed("norm_eps", 1e-5), fixed("downsample_padding", 1), fixed("mid_block_scale_factor", 1),
-    fixed("resnet_time_scale_shift", "default"), fixed("time_embedding_type", "positional"), fixed("time_embedding_dim", None),
-    fixed("class_embed_type", None),
-]
-UNET_TABLES = {
-    "UNet2DModel": UNET_COMMON + [
-        derived("add_attention", True), derived("attn_norm_num_groups", None), derived("num_class_embeds", None),
-        fixed("downsample_type", "conv"), fixed("upsample_type", "conv"),
-        ignored("num_train_timesteps", "used only by diffusers' learned time embedding, not the positional one"),
-    ],
-    "UNet2DConditionModel": UNET_COMMON + [
-        rename("use_linear_projection", "model.linear_projection", False),
-        rename("cross_attention_dim", "model.cross_attention_dim", per_level=True),
-        rename("transformer_layers_per_block", "model.transformer_layers", 1, per_level=True),
-        derived("num_attention_heads", None),
-        fixed("num_class_embeds", None), fixed("only_cross_attention", False), fixed("dual_cross_attention", False),
-        fixed("reverse_transformer_layers_per_block", None), fixed("encoder_hid_dim", None), fixed("encoder_hid_dim_type", None),
-        fixed("addition_embed_type", None), fixed("addition_time_embed_dim", None), fixed("resnet_skip_time_act", False),
-        fixed("resnet_out_scale_factor", 1.0), fixed("time_embedding_act_fn", None), fixed("timestep_post_act", None),
-        fixed("time_cond_proj_dim", None), fixed("conv_in_kernel", 3), fixed("conv_out_kernel", 3),
-        fixed("projection_class_embeddings_input_dim", None), fixed("attention_type", "default"),
-        fixed("class_embeddings_concat", False), fixed("mid_block_only_cross_attention", None), fixed("cross_attention_norm", None),
-        ignored("upcast_attention", "diffusekit's attention already runs in float32 unless bf16 autocast is on"),
-        ignored("addition_embed_type_num_heads", "used only with an addition_embed_type"),
-    ],
-}
-
-
-@dataclass(frozen=True)
-class BlockNames:
-    down: str
-    attention_down: str
-    up: str
-    attention_up: str
-    mid: str
-
-
-BLOCKS = {
-    "UNet2DModel": BlockNames("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D", "UNetMidBlock2D"),
-    "UNet2DConditionModel": BlockNames("DownBlock2D", "CrossAttnDownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D", "UNetMidBlock2DCrossAttn"),
-}
-
-VAE_KEYS = [
-    rename("block_out_channels", "vae.channels"),
-    rename("layers_per_block", "vae.layers_per_block", 1),
-    rename("latent_channels", "vae.latent_channels", 4),
-    rename("norm_num_groups", "vae.norm_groups", 32),
-    rename("scaling_factor", "vae.scale_factor", 0.18215),
-    derived("shift_factor", None), derived("in_channels", 3), derived("out_channels", 3),
-    derived("down_block_types"), derived("up_block_types"),
-    fixed("act_fn", "silu"), fixed("latents_mean", None), fixed("latents_std", None), fixed("use_quant_conv", True),
-    fixed("use_post_quant_conv", True), fixed("mid_block_add_attention", True),
-    ignored("sample_size", "the tile size of diffusers' tiled decoding"),
-    ignored("force_upcast", "diffusekit decodes in float32"),
-]
-VAE_BLOCKS = ("DownEncoderBlock2D", "UpDecoderBlock2D")
-
-# Scheduler keys not listed here only tune diffusers' own sampler, so they are ignored.
-SCHEDULER_KEYS = [
-    rename("num_train_timesteps", "diffusion.timesteps", 1000),
-    rename("beta_start", "diffusion.beta_start", 0.0001),
-    rename("beta_end", "diffusion.beta_end", 0.02),
-    rename("beta_schedule", "diffusion.schedule", "linear",
-           {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine", "sigmoid": "sigmoid"}),
-    rename("prediction_type", "diffusion.prediction", "epsilon", {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}),
-    rename("rescale_betas_zero_snr", "diffusion.zero_terminal_snr", False),
-    rename("steps_offset", "sample.steps_offset", 0),
-    rename("variance_type", "sample.variance", "fixed_small", {"fixed_small": "fixed_small", "fixed_large": "fixed_large"}),
-    fixed("trained_betas", None),
-    derived("timestep_spacing", None), derived("use_karras_sigmas", False), derived("use_lu_lambdas", False),
-    ignored("clip_sample", "diffusekit's samplers never clip x0_hat (a warning says so when it is true)"),
-    ignored("thresholding", "diffusekit's samplers never threshold x0_hat (a warning says so when it is true)"),
-]
-SPACINGS = ("leading", "trailing", "linspace")
-LEADING_BY_DEFAULT = {"DDIMScheduler", "DDPMScheduler", "PNDMScheduler"}  # the others default to linspace
-
-# diffusekit sampler -> (diffusers scheduler class, keys that pick the same method, keys export also writes)
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}, {"clip_sample": False, "set_alpha_to_one": True}),
-    "ddpm": ("DDPMScheduler", {}, {"clip_sample": False}),
-    "euler": ("EulerDiscreteScheduler", {}, {}),
-    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, {}),
-    "heun": ("HeunDiscreteScheduler", {}, {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, {}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, {}),
-    "dpmpp_3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}, {}),
-}
-FALLBACK_SAMPLER = "dpmpp_2m"  # for schedulers diffusekit has no twin of (PNDM, LMS, UniPC, ...)
-
-READ_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")  # not part of sampling
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin")
-SD_GUIDANCE = 7.5  # StableDiffusionPipeline's default guidance scale
-
-
-# ----------------------------------------------------------------------------- tables, both ways
-
-
-def same(value: Any, expected: Any) -> bool:
-    """A config value equals the supported one (a per-level list of it counts too)."""
-    if isinstance(value, list) and not isinstance(expected, list):
-        return all(same(v, expected) for v in value)
-    return value == expected and isinstance(value, bool) == isinstance(expected, bool)
-
-
-def check_keys(cfg: dict, table: list[Key], where: str, unknown: str = "error") -> None:
-    """Every key of a diffusers config must be in the table, and fixed keys at their one value."""
-    known = {key.name: key for key in table}
-    for name, value in cfg.items():
-        key = known.get(name)
-        if name.startswith("_") or (key and key.how != "fixed"):
-            continue
-        if key is None and unknown == "error" and value not in (None, False, [], {}):
-            raise UserError(f"{where}: {name} = {value!r} is not a key diffusekit knows, so it cannot tell what it changes; remove it if it is off")
-        if key is not None and not same(value, key.default):
-            raise UserError(f"{where}: {name} = {value!r} is not supported; diffusekit builds only {name} = {json.dumps(key.default)}")
-
-
-def value_of(cfg: dict, key: Key, where: str) -> Any:
-    """A renamed key's value, in diffusekit's spelling."""
-    value = cfg.get(key.name, key.default)
-    if value is REQUIRED:
-        raise UserError(f"{where} has no '{key.name}'; it is not a complete diffusers config")
-    if key.per_level and isinstance(value, list):
-        if not value or any(v != value[0] for v in value) or isinstance(value[0], list):
-            raise UserError(f"{where}: {key.name} = {value!r} differs between levels; diffusekit uses one value for every level")
-        value = value[0]
-    if key.values is not None:
-        if not isinstance(value, str) or value not in key.values:
-            raise UserError(f"{where}: {key.name} = {value!r} is not supported; diffusekit reads {', '.join(key.values)}")
-        value = key.values[value]
-    return value
-
-
-def read_renamed(cfg: dict, table: list[Key], where: str) -> dict[str, Any]:
-    """{diffusekit field: value} for the table's renamed keys."""
-    return {key.field: value_of(cfg, key, where) for key in table if key.how == "rename"}
-
-
-def write_renamed(config: Config, table: list[Key]) -> dict[str, Any]:
-    """The table's renamed and fixed keys, as diffusers spells them, from a diffusekit config."""
-    out = {}
-    for key in table:
-        if key.how == "fixed":
-            out[key.name] = key.default
-        elif key.how == "rename":
-            section, name = key.field.split(".")
-            value = getattr(getattr(config, section), name)
-            if key.values is not None:
-                value = {ours: theirs for theirs, ours in key.values.items()}[value]
-            out[key.name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def nest(fields: dict[str, Any]) -> dict[str, dict]:
-    """{"model.channels": v} -> {"model": {"channels": v}}, the shape config_from_dict reads."""
-    values: dict[str, dict] = {}
-    for dotted, value in fields.items():
-        section, name = dotted.split(".")
-        values.setdefault(section, {})[name] = value
-    return values
-
-
-
+from diffusekit.io.diffusers_keys import (
+    BLOCKS,
+    FALLBACK_SAMPLER,
+    FORMAT_VERSION,
+    LEADING_BY_DEFAULT,
+    READ_COMPONENTS,
+    SCHEDULER_KEYS,
+    SCHEDULERS,
+    SD_GUIDANCE,
+    SKIPPED_COMPONENTS,
+    SPACINGS,
+    UNET_TABLES,
+    VAE_BLOCKS,
+    VAE_KEYS,
+    WEIGHT_FILES,
+    BlockNames,
+    check_keys,
+    nest,
+    read_renamed,
+    write_renamed,
+)
+from diffusekit.nn.vae import VAEConfig
+from diffusekit.runtime import warn
 
 # ----------------------------------------------------------------------------- the U-Net
 
@@ -547,137 +354,3 @@ def load_pipeline(path: str | Path, device: str = "auto"):
         load_state_dict_checked(vae, read_weights(folder.vae), source=str(folder.vae))
         vae = prepare_module(vae, dev)
     return Pipeline(config, prepare_module(net, dev), dev, checkpoint=folder.root, vae=vae, text_encoder=build_text_encoder(config, dev))
-
-
-# ----------------------------------------------------------------------------- export
-
-PIPELINE_PARTS = {"DDPMPipeline": ["unet", "scheduler"], "StableDiffusionPipeline": ["unet", "vae", "text_encoder", "scheduler"]}
-
-
-def text_model_type(encoder: str) -> str:
-    from diffusekit.nn.text import encoder_folder
-
-    model_folder, _ = encoder_folder(encoder)
-    return str(read_json(model_folder / "config.json", f"{model_folder}/config.json").get("model_type", "unknown"))
-
-
-def pipeline_class(config: Config) -> tuple[str | None, str]:
-    """(the diffusers pipeline that samples this model as diffusekit does, or None; why there is none)."""
-    if not config.latent.vae:
-        if config.text.encoder:
-            return None, "diffusers has no pipeline for a pixel-space text-to-image model (StableDiffusionPipeline works in a VAE's latent space)"
-        return "DDPMPipeline", ""
-    if not config.text.encoder:
-        return None, "diffusers has no pipeline for a latent model without text (its LDMPipeline decodes with a VQ autoencoder, not a KL one)"
-    model_type = text_model_type(config.text.encoder)
-    if model_type != "clip_text_model":
-        return None, (f"StableDiffusionPipeline needs a CLIPTextModel text encoder, and this model's text.encoder "
-                      f"{config.text.encoder!r} is a {model_type} model")
-    if config.text.mask_padding:
-        return None, ("the model was trained with text.mask_padding = true (its cross-attention skips padding tokens), "
-                      "but StableDiffusionPipeline attends to them, so it would draw other images")
-    return "StableDiffusionPipeline", ""
-
-
-def export_parts(config: Config, components: list[str] | None, run: str) -> tuple[str | None, list[str]]:
-    """(pipeline class or None, the components to write), or a UserError saying what cannot be exported and why."""
-    available = ["unet", "scheduler"] + (["vae"] if config.latent.vae else []) + (["text_encoder"] if config.text.encoder else [])
-    if components is None:
-        pipeline, why = pipeline_class(config)
-        if pipeline is None:
-            raise UserError(f"'{run}' cannot be exported as a diffusers pipeline: {why}. "
-                            f"Its parts can be exported alone, e.g. --components {','.join(available)}")
-        return pipeline, PIPELINE_PARTS[pipeline]
-    for name in components:
-        if name not in available:
-            raise UserError(f"--components {name}: this model has no such part to export; it has {', '.join(available)}")
-    return None, list(components)
-
-
-def export_diffusers(run: str | Path, out: str | Path, components: list[str] | None = None, weights: str = "ema") -> list[str]:
-    """Write a diffusekit run or checkpoint as a diffusers folder; returns notes for the user.
-
-    Without `components`: a pipeline folder (DDPMPipeline for a pixel model, StableDiffusionPipeline for a
-    latent text-to-image model with a CLIP text encoder). With them: just those component folders.
-    """
-    from diffusekit.pipeline import build_unet, build_vae, load_config
-
-    ckpt = resolve_checkpoint(run)
-    config = load_config(ckpt)
-    if config.task != "diffusion":
-        raise UserError(f"'{run}' holds an {config.task}, not a diffusion model; export a diffusion run (it carries its autoencoder)")
-    pipeline, parts = export_parts(config, components, str(run))
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"'{out}' already exists and is not an empty folder; export into a new folder")
-    tmp = out.parent / f".{out.name}.tmp"  # written in full, then renamed into place
-    shutil.rmtree(tmp, ignore_errors=True)
-    index = {"_class_name": pipeline, "_diffusers_version": FORMAT_VERSION}
-    try:
-        if "unet" in parts:
-            net = build_unet(config)
-            load_state_dict_checked(net, load_weights(ckpt, weights), source=str(ckpt))
-            unet_json = unet_config(config)
-            write_model(tmp / "unet", unet_json, net)
-            index["unet"] = ["diffusers", unet_json["_class_name"]]
-        if "vae" in parts:
-            vae = build_vae(config)
-            load_state_dict_checked(vae, read_tensors(ckpt / "vae.safetensors"), source=str(ckpt))
-            write_model(tmp / "vae", vae_config(config), vae)
-            index["vae"] = ["diffusers", "AutoencoderKL"]
-        if "text_encoder" in parts:
-            index.update(copy_text_encoder(config, tmp))
-        if "scheduler" in parts:
-            scheduler = scheduler_config(config)
-            (tmp / "scheduler").mkdir(parents=True)
-            write_json_atomic(tmp / "scheduler" / "scheduler_config.json", scheduler)
-            index["scheduler"] = ["diffusers", scheduler["_class_name"]]
-        if pipeline == "StableDiffusionPipeline":
-            index.update({name: [None, None] for name in SKIPPED_COMPONENTS}, requires_safety_checker=False)
-        if pipeline is not None:
-            write_json_atomic(tmp / "model_index.json", index)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return export_notes(config, pipeline)
-
-
-def write_model(folder: Path, config_json: dict, module: torch.nn.Module) -> None:
-    folder.mkdir(parents=True)
-    write_json_atomic(folder / "config.json", config_json)
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(folder / WEIGHT_FILES[0]))
-
-
-def copy_text_encoder(config: Config, out: Path) -> dict[str, list]:
-    """Copy the text encoder and tokenizer folders; the tokenizer pads to the length diffusekit used. Returns model_index entries."""
-    from diffusekit.nn.text import encoder_folder
-
-    model_folder, tokenizer_folder = encoder_folder(config.text.encoder)
-    shutil.copytree(model_folder, out / "text_encoder")
-    shutil.copytree(tokenizer_folder, out / "tokenizer")
-    model_settings = read_json(model_folder / "config.json", str(model_folder / "config.json"))
-    settings_file = out / "tokenizer" / "tokenizer_config.json"
-    settings = read_json(settings_file, str(settings_file)) if settings_file.is_file() else {}
-    positions = model_settings.get("max_position_embeddings", 10**6)
-    length = min(config.text.max_length, positions, tokenizer_length(out / "tokenizer", default=10**6))  # as TextEncoder computes it
-    if settings.get("model_max_length") != length:  # diffusers pads every prompt to model_max_length tokens
-        write_json_atomic(settings_file, {**settings, "model_max_length": length})
-    model_class = (model_settings.get("architectures") or ["CLIPTextModel"])[0]
-    return {"text_encoder": ["transformers", model_class], "tokenizer": ["transformers", settings.get("tokenizer_class", "CLIPTokenizer")]}
-
-
-def export_notes(config: Config, pipeline: str | None) -> list[str]:
-    """Where diffusers will not sample exactly as diffusekit does."""
-    notes, s = [], config.sample
-    if config.model.num_classes:
-        notes.append(f"the UNet2DModel has num_class_embeds = {config.model.num_classes + 1} (label {config.model.num_classes} is the null class); "
-                     "call it with class_labels: DDPMPipeline passes none, and UNet2DModel then raises")
-    if s.sampler.startswith("dpmpp") and s.spacing in ("leading", "linspace"):
-        notes.append(f"diffusers' DPMSolverMultistepScheduler spaces {s.spacing} steps differently from diffusekit (n + 1 points); trailing spacing gives the same timesteps")
-    if s.spacing == "logsnr":
-        notes.append("diffusers has no log-SNR spacing; the scheduler config says trailing")
-    if pipeline == "StableDiffusionPipeline" and s.spacing == "leading" and s.steps_offset != 1:
-        notes.append("StableDiffusionPipeline resets steps_offset to 1, so its leading timesteps are one above diffusekit's")
-    return notes

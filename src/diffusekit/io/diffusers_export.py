@@ -1,0 +1,160 @@
+"""Write a diffusekit run as a diffusers folder: `diffusekit export RUN --format diffusers OUT/`.
+
+A pixel model becomes a DDPMPipeline folder (unet/ + scheduler/); a latent text-to-image
+model with a CLIP text encoder a StableDiffusionPipeline folder (unet/, vae/, text_encoder/,
+tokenizer/, scheduler/). The configs come from the same key tables that reading uses
+(io/diffusers.py), so a round trip gives back the same model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from diffusekit.config import Config
+from diffusekit.errors import UserError
+from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, read_tensors, resolve_checkpoint, write_json_atomic
+from diffusekit.io.diffusers import (
+    FORMAT_VERSION,
+    SKIPPED_COMPONENTS,
+    WEIGHT_FILES,
+    read_json,
+    scheduler_config,
+    tokenizer_length,
+    unet_config,
+    vae_config,
+)
+
+PIPELINE_PARTS = {"DDPMPipeline": ["unet", "scheduler"], "StableDiffusionPipeline": ["unet", "vae", "text_encoder", "scheduler"]}
+
+
+def text_model_type(encoder: str) -> str:
+    from diffusekit.nn.text import encoder_folder
+
+    model_folder, _ = encoder_folder(encoder)
+    return str(read_json(model_folder / "config.json", f"{model_folder}/config.json").get("model_type", "unknown"))
+
+
+def pipeline_class(config: Config) -> tuple[str | None, str]:
+    """(the diffusers pipeline that samples this model as diffusekit does, or None; why there is none)."""
+    if not config.latent.vae:
+        if config.text.encoder:
+            return None, "diffusers has no pipeline for a pixel-space text-to-image model (StableDiffusionPipeline works in a VAE's latent space)"
+        return "DDPMPipeline", ""
+    if not config.text.encoder:
+        return None, "diffusers has no pipeline for a latent model without text (its LDMPipeline decodes with a VQ autoencoder, not a KL one)"
+    model_type = text_model_type(config.text.encoder)
+    if model_type != "clip_text_model":
+        return None, (f"StableDiffusionPipeline needs a CLIPTextModel text encoder, and this model's text.encoder "
+                      f"{config.text.encoder!r} is a {model_type} model")
+    if config.text.mask_padding:
+        return None, ("the model was trained with text.mask_padding = true (its cross-attention skips padding tokens), "
+                      "but StableDiffusionPipeline attends to them, so it would draw other images")
+    return "StableDiffusionPipeline", ""
+
+
+def export_parts(config: Config, components: list[str] | None, run: str) -> tuple[str | None, list[str]]:
+    """(pipeline class or None, the components to write), or a UserError saying what cannot be exported and why."""
+    available = ["unet", "scheduler"] + (["vae"] if config.latent.vae else []) + (["text_encoder"] if config.text.encoder else [])
+    if components is None:
+        pipeline, why = pipeline_class(config)
+        if pipeline is None:
+            raise UserError(f"'{run}' cannot be exported as a diffusers pipeline: {why}. "
+                            f"Its parts can be exported alone, e.g. --components {','.join(available)}")
+        return pipeline, PIPELINE_PARTS[pipeline]
+    for name in components:
+        if name not in available:
+            raise UserError(f"--components {name}: this model has no such part to export; it has {', '.join(available)}")
+    return None, list(components)
+
+
+def export_diffusers(run: str | Path, out: str | Path, components: list[str] | None = None, weights: str = "ema") -> list[str]:
+    """Write a diffusekit run or checkpoint as a diffusers folder; returns notes for the user.
+
+    Without `components`: a pipeline folder (DDPMPipeline for a pixel model, StableDiffusionPipeline for a
+    latent text-to-image model with a CLIP text encoder). With them: just those component folders.
+    """
+    from diffusekit.pipeline import build_unet, build_vae, load_config
+
+    ckpt = resolve_checkpoint(run)
+    config = load_config(ckpt)
+    if config.task != "diffusion":
+        raise UserError(f"'{run}' holds an {config.task}, not a diffusion model; export a diffusion run (it carries its autoencoder)")
+    pipeline, parts = export_parts(config, components, str(run))
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"'{out}' already exists and is not an empty folder; export into a new folder")
+    tmp = out.parent / f".{out.name}.tmp"  # written in full, then renamed into place
+    shutil.rmtree(tmp, ignore_errors=True)
+    index = {"_class_name": pipeline, "_diffusers_version": FORMAT_VERSION}
+    try:
+        if "unet" in parts:
+            net = build_unet(config)
+            load_state_dict_checked(net, load_weights(ckpt, weights), source=str(ckpt))
+            unet_json = unet_config(config)
+            write_model(tmp / "unet", unet_json, net)
+            index["unet"] = ["diffusers", unet_json["_class_name"]]
+        if "vae" in parts:
+            vae = build_vae(config)
+            load_state_dict_checked(vae, read_tensors(ckpt / "vae.safetensors"), source=str(ckpt))
+            write_model(tmp / "vae", vae_config(config), vae)
+            index["vae"] = ["diffusers", "AutoencoderKL"]
+        if "text_encoder" in parts:
+            index.update(copy_text_encoder(config, tmp))
+        if "scheduler" in parts:
+            scheduler = scheduler_config(config)
+            (tmp / "scheduler").mkdir(parents=True)
+            write_json_atomic(tmp / "scheduler" / "scheduler_config.json", scheduler)
+            index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+        if pipeline == "StableDiffusionPipeline":
+            index.update({name: [None, None] for name in SKIPPED_COMPONENTS}, requires_safety_checker=False)
+        if pipeline is not None:
+            write_json_atomic(tmp / "model_index.json", index)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return export_notes(config, pipeline)
+
+
+def write_model(folder: Path, config_json: dict, module: torch.nn.Module) -> None:
+    folder.mkdir(parents=True)
+    write_json_atomic(folder / "config.json", config_json)
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(folder / WEIGHT_FILES[0]))
+
+
+def copy_text_encoder(config: Config, out: Path) -> dict[str, list]:
+    """Copy the text encoder and tokenizer folders; the tokenizer pads to the length diffusekit used. Returns model_index entries."""
+    from diffusekit.nn.text import encoder_folder
+
+    model_folder, tokenizer_folder = encoder_folder(config.text.encoder)
+    shutil.copytree(model_folder, out / "text_encoder")
+    shutil.copytree(tokenizer_folder, out / "tokenizer")
+    model_settings = read_json(model_folder / "config.json", str(model_folder / "config.json"))
+    settings_file = out / "tokenizer" / "tokenizer_config.json"
+    settings = read_json(settings_file, str(settings_file)) if settings_file.is_file() else {}
+    positions = model_settings.get("max_position_embeddings", 10**6)
+    length = min(config.text.max_length, positions, tokenizer_length(out / "tokenizer", default=10**6))  # as TextEncoder computes it
+    if settings.get("model_max_length") != length:  # diffusers pads every prompt to model_max_length tokens
+        write_json_atomic(settings_file, {**settings, "model_max_length": length})
+    model_class = (model_settings.get("architectures") or ["CLIPTextModel"])[0]
+    return {"text_encoder": ["transformers", model_class], "tokenizer": ["transformers", settings.get("tokenizer_class", "CLIPTokenizer")]}
+
+
+def export_notes(config: Config, pipeline: str | None) -> list[str]:
+    """Where diffusers will not sample exactly as diffusekit does."""
+    notes, s = [], config.sample
+    if config.model.num_classes:
+        notes.append(f"the UNet2DModel has num_class_embeds = {config.model.num_classes + 1} (label {config.model.num_classes} is the null class); "
+                     "call it with class_labels: DDPMPipeline passes none, and UNet2DModel then raises")
+    if s.sampler.startswith("dpmpp") and s.spacing in ("leading", "linspace"):
+        notes.append(f"diffusers' DPMSolverMultistepScheduler spaces {s.spacing} steps differently from diffusekit (n + 1 points); trailing spacing gives the same timesteps")
+    if s.spacing == "logsnr":
+        notes.append("diffusers has no log-SNR spacing; the scheduler config says trailing")
+    if pipeline == "StableDiffusionPipeline" and s.spacing == "leading" and s.steps_offset != 1:
+        notes.append("StableDiffusionPipeline resets steps_offset to 1, so its leading timesteps are one above diffusekit's")
+    return notes
