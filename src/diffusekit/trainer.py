@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from diffusekit import distributed
-from diffusekit.config import RESUMABLE_KEYS, RESUMABLE_SECTIONS, Config, config_to_dict, diff_configs
+from diffusekit.config import Config, config_to_dict
 from diffusekit.data import BatchStream
 from diffusekit.errors import UserError
 from diffusekit.io.checkpoint import (
@@ -53,10 +52,9 @@ from diffusekit.io.checkpoint import (
     save_checkpoint,
     unflatten_optimizer_state,
     write_json_atomic,
-    write_text_atomic,
 )
+from diffusekit.io.runs import clear_run_dir, drop_records_after, prepare_run_dir
 from diffusekit.optim import ema_decay_at, ema_update, lr_at, make_optimizer
-from diffusekit.pipeline import load_config
 from diffusekit.runtime import parse_duration, pick_device, prepare_module, use_all_cores, warn
 
 
@@ -70,46 +68,6 @@ class TrainResult:
     last_loss: float
     train_seconds: float
     skipped_steps: int = 0  # batches skipped for a non-finite loss (train.on_nan = "skip"), over the whole run
-
-
-def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) -> Path | None:
-    """Check the run folder against the request (deleting nothing); returns the checkpoint to resume from, if any."""
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise UserError(f"nothing to resume in '{run_dir}': it has no complete checkpoint; drop --resume to start a new run there")
-        saved = load_config(ckpt)
-        clashes = [(k, a, b) for k, a, b in diff_configs(saved, config) if k not in RESUMABLE_KEYS and k.split(".")[0] not in RESUMABLE_SECTIONS]
-        if clashes:
-            listed = "; ".join(f"{k}: {a!r} in the run, {b!r} asked" for k, a, b in clashes[:5])
-            raise UserError(
-                f"the checkpoint in '{run_dir}' was trained with another config ({listed}); resume without those "
-                "--set changes, or start a new run with another --out"
-            )
-        return ckpt
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"'{run_dir}' already holds files; pass --resume to continue that run, --overwrite to replace it, or choose another --out")
-        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES)
-        if foreign:
-            raise UserError(
-                f"--overwrite would delete '{run_dir}', which holds files that are not part of a diffusekit run "
-                f"({', '.join(foreign[:3])}); choose another --out"
-            )
-    return None
-
-
-RUN_ENTRIES = {"config.json", "metrics.jsonl", "checkpoints", "samples", "eval"}  # what a run folder holds
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    """Delete a run's own files (prepare_run_dir has checked that nothing else is there)."""
-    for name in RUN_ENTRIES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 def run_training(trainer_class, config: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
@@ -130,23 +88,6 @@ def window_means(window: list[dict[str, float]]) -> dict[str, float]:
     """The mean of each logged value over the steps that reported it."""
     keys = dict.fromkeys(k for record in window for k in record)
     return {k: sum(r[k] for r in window if k in r) / sum(k in r for r in window) for k in keys}
-
-
-def drop_records_after(metrics: Path, step: int) -> None:
-    """Keep the metrics.jsonl lines up to `step` (a resumed run redoes the steps after its checkpoint),
-    and drop a line cut short by a kill."""
-    if not metrics.is_file():
-        return
-    kept = []
-    for line in metrics.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line + "\n")
-        except (json.JSONDecodeError, AttributeError):
-            continue
-    write_text_atomic(metrics, "".join(kept))
-
-
 
 
 class Trainer:

@@ -1,0 +1,124 @@
+"""Range and consistency checks of a Config: one ConfigError naming the key, the problem and the fix."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from diffusekit.errors import ConfigError
+from diffusekit.nn.vae import check_vae_config
+
+if TYPE_CHECKING:
+    from diffusekit.config import Config
+
+
+def _choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not one of: {', '.join(choices)}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> Config:
+    """Range and consistency checks; returns the config unchanged."""
+    from diffusekit.denoiser import PREDICTIONS
+    from diffusekit.losses import WEIGHTINGS
+    from diffusekit.samplers import SAMPLERS
+    from diffusekit.schedule import BETA_SCHEDULES, SPACINGS
+
+    m, d, data, t, s = config.model, config.diffusion, config.data, config.train, config.sample
+    _check(len(m.channels) >= 1 and all(c > 0 for c in m.channels), "model.channels needs at least one positive width, e.g. 32,64,64")
+    _check(m.layers_per_block >= 1, "model.layers_per_block must be at least 1")
+    for level in m.attention_levels:
+        _check(0 <= level < len(m.channels), f"model.attention_levels has level {level}, but there are only levels 0..{len(m.channels) - 1}")
+    for c in m.channels:
+        _check(c % m.norm_groups == 0, f"model.channels {c} is not divisible by model.norm_groups = {m.norm_groups}; pick widths that are multiples of it")
+    for level in set(m.attention_levels) | ({len(m.channels) - 1} if m.mid_attention else set()):
+        c = m.channels[level]
+        if m.attention_heads:
+            _check(c % m.attention_heads == 0, f"model.attention_heads = {m.attention_heads} does not divide the width {c} of attention level {level}")
+        else:
+            _check(c % m.attention_head_dim == 0, f"model.attention_head_dim = {m.attention_head_dim} does not divide the width {c} of attention level {level}")
+    _check(m.cross_attention_dim >= 0 and m.attention_heads >= 0 and m.transformer_layers >= 1, "model.cross_attention_dim and attention_heads must be >= 0, transformer_layers >= 1")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
+    _check(m.num_classes >= 0, "model.num_classes must be 0 (unconditional) or the number of classes")
+
+    _choice("diffusion.schedule", d.schedule, BETA_SCHEDULES)
+    _choice("diffusion.prediction", d.prediction, PREDICTIONS)
+    _choice("diffusion.loss_weighting", d.loss_weighting, WEIGHTINGS)
+    _check(d.timesteps >= 2, "diffusion.timesteps must be at least 2")
+    _check(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start and beta_end need 0 < beta_start < beta_end < 1")
+    _check(d.snr_gamma > 0, "diffusion.snr_gamma must be positive")
+    _check(
+        not d.zero_terminal_snr or d.prediction != "eps",
+        "diffusion.zero_terminal_snr needs diffusion.prediction = v (or x0): at abar_T = 0 an eps prediction says "
+        "nothing about x0 (Lin et al. 2023, sec. 3.2)",
+    )
+
+    _choice("task", config.task, ("diffusion", "autoencoder"))
+    _choice("data.dataset", data.dataset, ("mnist", "folder", "emoji", "none"))
+    _choice("data.bad_images", data.bad_images, ("skip", "abort"))
+    _check(data.channels in (1, 3), "data.channels must be 1 (grayscale) or 3 (RGB)")
+    _check(data.image_size >= 4, "data.image_size must be at least 4")
+    check_vae_config(config.vae)
+    vae_factor = config.vae.downsample_factor
+    latent_model = config.task == "autoencoder" or bool(config.latent.vae)
+    _check(
+        not latent_model or data.image_size % vae_factor == 0,
+        f"data.image_size = {data.image_size} cannot pass through the autoencoder, which shrinks images {vae_factor} times; "
+        f"use a multiple of {vae_factor}",
+    )
+    _check(data.dataset != "emoji" or data.image_size <= 136, "data.image_size for emoji must be at most 136 (the font's glyph size)")
+    _check(not (data.hflip and config.latent.vae), "data.hflip does not work with latent.vae: the latent cache holds unflipped images; set data.hflip=false")
+    size = data.image_size // vae_factor if config.latent.vae else data.image_size  # what the U-Net sees
+    factor = 2 ** (len(m.channels) - 1)
+    _check(
+        config.task == "autoencoder" or size % factor == 0,
+        f"{'the latent size' if config.latent.vae else 'data.image_size'} = {size} cannot pass through the U-Net: its {len(m.channels)} levels "
+        f"halve the size {len(m.channels) - 1} times, so the size must be a multiple of {factor} (e.g. {max(factor, size // factor * factor)} "
+        f"or {(size // factor + 1) * factor}), or use fewer levels in model.channels",
+    )
+    _check(data.dataset != "folder" or bool(data.path), "data.dataset = 'folder' needs data.path, e.g. --set data.path=my_images/")
+    _check(data.limit >= 0, "data.limit must be 0 (all) or a positive count")
+
+    _check(t.batch_size >= 1 and t.grad_accumulation >= 1, "train.batch_size and train.grad_accumulation must be at least 1")
+    _check(t.lr > 0, "train.lr must be positive")
+    _choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
+    _check(t.max_steps >= 1, "train.max_steps must be at least 1")
+    _check(0.0 <= t.label_dropout < 1.0, "train.label_dropout must be in [0, 1)")
+    _check(t.warmup_steps >= 0 and t.grad_clip >= 0, "train.warmup_steps and train.grad_clip must not be negative")
+    _check(t.log_every >= 1 and t.checkpoint_every >= 1 and t.keep_checkpoints >= 1, "train.log_every, checkpoint_every and keep_checkpoints must be at least 1")
+    _choice("train.on_nan", t.on_nan, ("stop", "skip"))
+    if t.budget:
+        from diffusekit.runtime import parse_duration
+
+        parse_duration(t.budget)
+
+    _choice("sample.sampler", s.sampler, SAMPLERS)
+    _choice("sample.spacing", s.spacing, SPACINGS)
+    _choice("sample.variance", s.variance, ("fixed_small", "fixed_large"))
+    _check(s.steps >= 1 and s.n >= 1, "sample.steps and sample.n must be at least 1")
+    _check(s.steps <= d.timesteps and config.eval.steps <= d.timesteps,
+           f"sample.steps and eval.steps cannot exceed diffusion.timesteps = {d.timesteps} (a sampler takes at most one step per timestep)")
+    _check(0 <= s.steps_offset < d.timesteps, f"sample.steps_offset must be in [0, diffusion.timesteps) = [0, {d.timesteps}), e.g. 1 as Stable Diffusion 1.x")
+    _check(s.guidance >= 0 and 0.0 <= s.guidance_rescale <= 1.0, "sample.guidance must be >= 0 and sample.guidance_rescale in [0, 1]")
+
+    tx = config.text
+    _check(not tx.encoder or m.cross_attention_dim > 0, f"text.encoder = {tx.encoder!r} needs model.cross_attention_dim = the encoder's width (384 for minilm)")
+    _check(not m.cross_attention_dim or bool(tx.encoder), "model.cross_attention_dim > 0 needs a text encoder: set text.encoder (e.g. minilm)")
+    _check(not (tx.encoder and m.num_classes), "a model is conditioned on class labels or on text, not both: set model.num_classes=0 or text.encoder=\"\"")
+    _check(tx.max_length >= 2 and 0.0 <= tx.caption_dropout < 1.0, "text.max_length must be >= 2 and text.caption_dropout in [0, 1)")
+
+    v = config.vae_loss
+    _check(min(v.l1, v.l2, v.kl, v.disc_weight) >= 0 and v.l1 + v.l2 > 0, "vae_loss weights must be >= 0, with l1 + l2 > 0")
+    _check(v.disc_start >= 0 and v.disc_channels >= 1 and v.disc_layers >= 1, "vae_loss.disc_start must be >= 0, disc_channels and disc_layers >= 1")
+
+    e = config.eval
+    _check(e.every >= 0 and e.n >= 10 and e.steps >= 1, "eval.every must be >= 0, eval.n >= 10 and eval.steps >= 1")
+    _choice("eval.sampler", e.sampler, SAMPLERS)
+    _choice("eval.features", e.features, ("", "mnist", "random", "inception"))
+    return config
