@@ -156,3 +156,24 @@ def test_text_model_needs_captions(tmp_path):
     config = tiny_config(data__path=str(tmp_path / "images"), **TEXT_MODEL)
     with pytest.raises(UserError, match="no captions"):
         train(config, tmp_path / "run", progress=False)
+
+
+def test_the_shipped_demo_model_draws_the_prompted_emoji(tmp_path, monkeypatch):
+    from diffusekit.pipeline import default_model
+
+    pipe = Pipeline.from_pretrained(default_model())
+    prompts = ["red apple", "rocket"]
+    images = pipe.sample(2, prompts=prompts, steps=10, seed=0)
+    assert images.shape == (2, 3, 32, 32) and images.std() > 0.2
+    try:
+        from diffusekit.data.emoji import load_emoji
+
+        monkeypatch.setenv("DIFFUSEKIT_CACHE", str(tmp_path))
+        emoji, captions = load_emoji(32, progress=False)
+    except UserError:
+        pytest.skip("the Noto Color Emoji font is not installed (fonts-noto-color-emoji)")
+    from diffusekit.data import to_float
+
+    distances = torch.cdist(images.flatten(1), to_float(emoji).flatten(1))
+    for row, prompt in enumerate(prompts):  # the prompt's own emoji is among the 5 nearest of ~1,900
+        assert captions.index(prompt) in distances[row].topk(5, largest=False).indices.tolist(), prompt

@@ -61,7 +61,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch
     folder = Path(run_dir) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=folder))
+    tmp = make_temp_folder(final)
     try:
         for name, group in tensors.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / f"{name}.safetensors")
@@ -155,7 +155,7 @@ def write_sampling_checkpoint(path: str | Path, out: str | Path, half: bool = Fa
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"'{out}' already exists and is not an empty folder; choose a new folder for the slim checkpoint")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    tmp = make_temp_folder(out)
     try:
         for name in SAMPLING_FILES:
             if (ckpt / name).is_file():
@@ -166,6 +166,8 @@ def write_sampling_checkpoint(path: str | Path, out: str | Path, half: bool = Fa
         state = read_json(ckpt / "state.json", "training state")
         (tmp / "state.json").write_text(json.dumps({k: state[k] for k in ("step", "images_seen", "train_seconds") if k in state}) + "\n")
         shutil.copyfile(ckpt / "config.json", tmp / "config.json")
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
         fsync_folder(tmp)
         if out.exists():
             out.rmdir()
@@ -173,6 +175,13 @@ def write_sampling_checkpoint(path: str | Path, out: str | Path, half: bool = Fa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def make_temp_folder(final: Path) -> Path:
+    """A temporary folder beside `final`, to be renamed into place; readable like any folder (mkdtemp makes it private)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=final.parent))
+    os.chmod(tmp, 0o755)
+    return tmp
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
