@@ -158,7 +158,8 @@ class DiffusionTrainer(Trainer):
         labels = torch.arange(sc.n) % classes if classes else None  # one class per column
         prompts = self.grid_prompts(sc.n) if self.captions is not None else None
         images = self.pipeline().sample(sc.n, steps=sc.steps, sampler=sc.sampler, spacing=sc.spacing, seed=sc.seed, labels=labels, prompts=prompts)
-        path = save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", ncols=classes or None)
+        columns = classes or (len(prompts) if prompts and len(prompts) <= 16 else None)  # a column per class or prompt
+        path = save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", ncols=columns)
         if prompts is not None:
             write_json_atomic(path.with_suffix(".json"), {"prompts": prompts})
         return path
