@@ -177,3 +177,13 @@ def test_the_shipped_demo_model_draws_the_prompted_emoji(tmp_path, monkeypatch):
     distances = torch.cdist(images.flatten(1), to_float(emoji).flatten(1))
     for row, prompt in enumerate(prompts):  # the prompt's own emoji is among the 5 nearest of ~1,900
         assert captions.index(prompt) in distances[row].topk(5, largest=False).indices.tolist(), prompt
+
+
+def test_sample_grid_of_a_text_model_with_captions_that_do_not_divide_n(tmp_path):
+    write_images(tmp_path / "images", np.zeros((3, 8, 8), np.uint8), names=["a.png", "b.png", "c.png"])
+    for name, text in (("a", "one"), ("b", "two"), ("c", "three")):
+        (tmp_path / "images" / f"{name}.txt").write_text(text)
+    config = tiny_config(data__path=str(tmp_path / "images"), train__max_steps=1, sample__n=8, **TEXT_MODEL)
+    train(config, tmp_path / "run", progress=False)
+    prompts = json.loads((tmp_path / "run" / "samples" / "step_00000001.json").read_text())["prompts"]
+    assert sorted(prompts) == ["one", "three", "two"]

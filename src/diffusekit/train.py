@@ -157,7 +157,8 @@ class DiffusionTrainer(Trainer):
         classes = self.config.model.num_classes
         labels = torch.arange(sc.n) % classes if classes else None  # one class per column
         prompts = self.grid_prompts(sc.n) if self.captions is not None else None
-        images = self.pipeline().sample(sc.n, steps=sc.steps, sampler=sc.sampler, spacing=sc.spacing, seed=sc.seed, labels=labels, prompts=prompts)
+        count = sc.n - sc.n % len(prompts) if prompts else sc.n  # every prompt the same number of times
+        images = self.pipeline().sample(count, steps=sc.steps, sampler=sc.sampler, spacing=sc.spacing, seed=sc.seed, labels=labels, prompts=prompts)
         columns = classes or (len(prompts) if prompts and len(prompts) <= 16 else None)  # a column per class or prompt
         path = save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", ncols=columns)
         if prompts is not None:
