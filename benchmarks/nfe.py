@@ -6,7 +6,9 @@ For each sampler and NFE in 5, 10, 20, 50, 100 (Heun's 2 * steps - 1 calls round
 nearest step count), n samples with the same seeds are compared with the 5,000 MNIST
 digits (FD-MNIST, KID, precision/recall with the shipped digit network); the reference
 is DDPM ancestral sampling with all 1000 steps. Seconds per image are measured in the
-same process.
+same process. The step schedules karras and logsnr are compared at 10 and 20 NFE for the
+multistep solvers. The JSON is rewritten after every measurement; run again with the same
+--model, --n and --json and the rows already there are kept, not measured again.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from diffusekit.pipeline import Pipeline
 from diffusekit.runtime import use_all_cores
 
 SAMPLERS = ("ddim", "ddpm", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m")
+SCHEDULE_SAMPLERS = ("heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m")  # also measured with the other step schedules
+SCHEDULE_NFE = (10, 20)
 
 
 def steps_for(sampler: str, nfe: int) -> int:
@@ -68,30 +72,48 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--nfe", default="5,10,20,50,100")
     parser.add_argument("--spacing", default="trailing")
+    parser.add_argument("--samplers", default=",".join(SAMPLERS))
+    parser.add_argument("--schedules", default="karras,logsnr", help="other step schedules for SCHEDULE_SAMPLERS ('' for none)")
     parser.add_argument("--json", default="benchmarks/results/nfe.json")
     parser.add_argument("--plot", default="docs/nfe.png")
     args = parser.parse_args()
 
     use_all_cores()
     pipe = Pipeline.from_pretrained(args.model)
-    reference = measure(pipe, "ddpm", pipe.schedule.num_timesteps, args.n, args.spacing)
-    print("reference", reference, flush=True)
-    results = []
-    for sampler in SAMPLERS:
-        for nfe in (int(v) for v in args.nfe.split(",")):
-            results.append(measure(pipe, sampler, steps_for(sampler, nfe), args.n, args.spacing))
-            print(results[-1], flush=True)
-    few = [r for r in results if 10 <= r["nfe"] <= 20]
+    json_path = Path(args.json)
+    header = {"model": args.model, "step": pipe.step, "n": args.n}
+    previous = json.loads(json_path.read_text()) if json_path.exists() else {}
+    kept = previous.get("measured", []) if all(previous.get(k) == v for k, v in header.items()) else []
+    measured = {(r["sampler"], r["steps"], r["spacing"]): r for r in kept}
+
+    def row(sampler: str, steps: int, spacing: str) -> dict:
+        key = (sampler, steps, spacing)
+        if key not in measured:
+            measured[key] = measure(pipe, sampler, steps, args.n, spacing)
+            print(measured[key], flush=True)
+            write(json_path, header, measured, summary={})
+        return measured[key]
+
+    reference = row("ddpm", pipe.schedule.num_timesteps, args.spacing)
+    nfes = [int(v) for v in args.nfe.split(",")]
+    results = [row(s, steps_for(s, nfe), args.spacing) for s in args.samplers.split(",") for nfe in nfes]
+    schedules = [row(s, steps_for(s, nfe), spacing) for spacing in args.schedules.split(",") if spacing
+                 for s in SCHEDULE_SAMPLERS for nfe in SCHEDULE_NFE]
+    few = [r for r in results + schedules if 10 <= r["nfe"] <= 20]
     best = min(few, key=lambda r: r["fd"]) if few else None
     summary = {
-        "model": args.model, "step": pipe.step, "n": args.n, "reference_ddpm_1000": reference, "results": results,
+        "reference_ddpm_1000": reference, "results": results, "schedules": schedules,
         "best_at_10_to_20_nfe": best,
         "best_fd_over_reference": best["fd"] / reference["fd"] if best else None,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    write(json_path, header, measured, summary)
     plot(results, reference, Path(args.plot))
-    print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("results", "schedules")}, indent=2))
+
+
+def write(path: Path, header: dict, measured: dict, summary: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**header, **summary, "measured": list(measured.values())}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -187,3 +187,21 @@ def test_sample_grid_of_a_text_model_with_captions_that_do_not_divide_n(tmp_path
     train(config, tmp_path / "run", progress=False)
     prompts = json.loads((tmp_path / "run" / "samples" / "step_00000001.json").read_text())["prompts"]
     assert sorted(prompts) == ["one", "three", "two"]
+
+
+def test_pipeline_call_takes_diffusers_argument_names():
+    from diffusekit.images import make_grid, to_pil
+    from diffusekit.pipeline import default_model
+
+    pipe = Pipeline.from_pretrained(default_model())
+    images = pipe(["red apple", "rocket"], num_images_per_prompt=2, num_inference_steps=2, guidance_scale=2.0,
+                  negative_prompt="blurry", height=32, width=32, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    expected = pipe.sample(4, prompts=["red apple", "red apple", "rocket", "rocket"], steps=2, guidance=2.0, negative="blurry", noise=noise)
+    assert len(images) == 4
+    for got, want in zip(images, expected):  # each prompt's images side by side, as in diffusers
+        assert np.array_equal(np.asarray(got), np.asarray(to_pil(make_grid(want[None], ncols=1, padding=0))))
+    with pytest.raises(UserError, match="square"):
+        pipe("rocket", height=32, width=64)
+    with pytest.raises(UserError, match="num_inference_steps or steps"):
+        pipe("rocket", steps=2, num_inference_steps=2)

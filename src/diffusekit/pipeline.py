@@ -274,10 +274,47 @@ class Pipeline:
         bar.close()
         return torch.cat(out)
 
-    def __call__(self, prompt=None, n: int = 4, **kwargs):
+    def __call__(self, prompt=None, n: int | None = None, *, num_images_per_prompt: int | None = None,
+                 height: int | None = None, width: int | None = None, generator: torch.Generator | None = None, **kwargs):
         """PIL images: pipe("a red apple", n=4, steps=20, guidance=4) for a text-to-image model,
-        pipe(n=16) for an unconditional one (labels=... for a class-conditional one)."""
+        pipe(n=16) for an unconditional one (labels=... for a class-conditional one).
+
+        n defaults to 4 for one prompt or none, else one image per prompt. diffusers' names work too:
+        num_inference_steps, guidance_scale, negative_prompt, latents, num_images_per_prompt
+        (each prompt's images next to each other), height and width (equal: the images are square),
+        and generator, which draws the initial noise (the per-step noise of stochastic samplers
+        still comes from `seed`)."""
         from diffusekit.images import make_grid, to_pil
 
-        images = self.sample(n, prompts=prompt, **kwargs)
+        kwargs = rename_diffusers_arguments(kwargs)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if num_images_per_prompt is not None:
+            if n is not None:
+                raise UserError("give n or num_images_per_prompt, not both")
+            prompts = [p for p in prompts for _ in range(num_images_per_prompt)] if prompts else None
+            n = len(prompts) if prompts else num_images_per_prompt
+        elif n is None:
+            n = len(prompts) if prompts and len(prompts) > 1 else 4
+        if height is not None or width is not None:
+            if kwargs.get("size") is not None or (height and width and height != width):
+                raise UserError(f"height {height} and width {width}: diffusekit makes square images, so give equal values (or size=)")
+            kwargs["size"] = height or width
+        if generator is not None and kwargs.get("noise") is None:
+            shape = (n, *image_shape(self.config, kwargs.get("size")))
+            kwargs["noise"] = torch.randn(shape, generator=generator, device=generator.device)
+        images = self.sample(n, prompts=prompts, **kwargs)
         return [to_pil(make_grid(img[None], ncols=1, padding=0)) for img in images]
+
+
+# diffusers' StableDiffusionPipeline names for arguments Pipeline.sample takes under its own names
+DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "negative_prompt": "negative", "latents": "noise"}
+
+
+def rename_diffusers_arguments(kwargs: dict) -> dict:
+    renamed = dict(kwargs)
+    for theirs, ours in DIFFUSERS_NAMES.items():
+        if theirs in renamed:
+            if ours in renamed:
+                raise UserError(f"give {theirs} or {ours}, not both (they are the same thing)")
+            renamed[ours] = renamed.pop(theirs)
+    return renamed
