@@ -34,7 +34,7 @@ demo-text: $(STAMP)
 
 demo-mnist: $(STAMP)
 	$(DK) train --preset mnist --out runs/demo/mnist --budget $(DEMO_BUDGET) --overwrite
-	$(DK) sample runs/demo/mnist --n 64 --steps 20 --sampler dpmpp_2m --seed 0 --out runs/demo/mnist_grid.png
+	$(DK) sample runs/demo/mnist --n 64 --steps 20 --sampler dpmpp_2m_sde --seed 0 --out runs/demo/mnist_grid.png
 	@echo "MNIST sample grid after $(DEMO_BUDGET) of training: runs/demo/mnist_grid.png"
 
 test: $(STAMP)
