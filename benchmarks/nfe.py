@@ -18,11 +18,11 @@ import json
 import time
 from pathlib import Path
 
-from diffusekit.evaluate import evaluate_images
+from diffusekit.evaluate import evaluate_images, real_data_floor
 from diffusekit.pipeline import Pipeline
 from diffusekit.runtime import use_all_cores
 
-SAMPLERS = ("ddim", "ddpm", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m")
+SAMPLERS = ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m")
 SCHEDULE_SAMPLERS = ("heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m")  # also measured with the other step schedules
 SCHEDULE_NFE = (10, 20)
 
@@ -45,7 +45,7 @@ def measure(pipe: Pipeline, sampler: str, steps: int, n: int, spacing: str) -> d
             "seconds_per_image": seconds / n, **{k: report[k] for k in keep}}
 
 
-def plot(results: list[dict], reference: dict, path: Path) -> None:
+def plot(results: list[dict], reference: dict, floor_fd: float, path: Path) -> None:
     try:
         import matplotlib
 
@@ -55,10 +55,17 @@ def plot(results: list[dict], reference: dict, path: Path) -> None:
         print("matplotlib is not installed: no plot")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = {}  # FD curve -> sampler: samplers that coincide (euler_ancestral is ddpm in sigma space) share a line
     for sampler in SAMPLERS:
         rows = [r for r in results if r["sampler"] == sampler]
+        curve = tuple(round(r["fd"], 4) for r in rows)
+        if curve in drawn:
+            ax.lines[drawn[curve]].set_label(f"{ax.lines[drawn[curve]].get_label()} = {sampler}")
+            continue
+        drawn[curve] = len(ax.lines)
         ax.plot([r["nfe"] for r in rows], [r["fd"] for r in rows], marker="o", label=sampler)
     ax.axhline(reference["fd"], color="black", linestyle="--", label="DDPM, 1000 steps")
+    ax.axhline(floor_fd, color="grey", linestyle=":", label="real digits (the floor at this n)")
     ax.set(xscale="log", yscale="log", xlabel="network evaluations", ylabel="FD-MNIST (lower is better)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -101,13 +108,15 @@ def main() -> None:
                  for s in SCHEDULE_SAMPLERS for nfe in SCHEDULE_NFE]
     few = [r for r in results + schedules if 10 <= r["nfe"] <= 20]
     best = min(few, key=lambda r: r["fd"]) if few else None
+    data = pipe.config.data
+    floor = real_data_floor(args.n, size=data.image_size, channels=data.channels)
     summary = {
-        "reference_ddpm_1000": reference, "results": results, "schedules": schedules,
+        "real_data_floor": floor, "reference_ddpm_1000": reference, "results": results, "schedules": schedules,
         "best_at_10_to_20_nfe": best,
         "best_fd_over_reference": best["fd"] / reference["fd"] if best else None,
     }
     write(json_path, header, measured, summary)
-    plot(results, reference, Path(args.plot))
+    plot(results, reference, sum(floor["fd"]) / len(floor["fd"]), Path(args.plot))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("results", "schedules")}, indent=2))
 
 

@@ -14,12 +14,12 @@ import json
 from pathlib import Path
 
 from diffusekit.config import apply_overrides, load_preset
-from diffusekit.evaluate import evaluate_checkpoint
+from diffusekit.evaluate import evaluate_checkpoint, real_data_floor
 from diffusekit.runtime import format_duration, use_all_cores
 from diffusekit.train import train
 
 
-def plot(points: list[dict], path: Path) -> None:
+def plot(points: list[dict], floor_fd: float, path: Path) -> None:
     try:
         import matplotlib
 
@@ -31,6 +31,8 @@ def plot(points: list[dict], path: Path) -> None:
     fig, ax1 = plt.subplots(figsize=(6, 4))
     minutes = [p["train_minutes"] for p in points]
     ax1.plot(minutes, [p["fd"] for p in points], marker="o", color="tab:blue")
+    ax1.axhline(floor_fd, color="tab:blue", linestyle=":", label="FD of real digits (the floor at this n)")
+    ax1.legend(loc="upper right", fontsize=8)
     ax1.set(xlabel="training time on this machine (minutes)", ylabel="FD-MNIST (lower is better)", yscale="log")
     ax2 = ax1.twinx()
     ax2.plot(minutes, [p["precision"] for p in points], marker="s", color="tab:orange", label="precision")
@@ -65,8 +67,9 @@ def main() -> None:
                        **{k: report[k] for k in ("fd", "kid_mean", "kid_std", "precision", "recall", "confidence")}})
         print(f"{format_duration(total * 60)}: {points[-1]}", flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"preset": args.preset, "overrides": args.set, "n": args.n, "points": points}, indent=2) + "\n")
-    plot(points, Path(args.plot))
+    floor = real_data_floor(args.n, size=config.data.image_size, channels=config.data.channels)
+    Path(args.json).write_text(json.dumps({"preset": args.preset, "overrides": args.set, "n": args.n, "real_data_floor": floor, "points": points}, indent=2) + "\n")
+    plot(points, sum(floor["fd"]) / len(floor["fd"]), Path(args.plot))
 
 
 if __name__ == "__main__":

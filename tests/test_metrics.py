@@ -273,3 +273,15 @@ def test_inception_runs_the_local_weights_through_the_package(monkeypatch, tmp_p
 def test_unknown_extractor_is_a_user_error():
     with pytest.raises(UserError, match="inception, mnist, random"):
         get_feature_extractor("vgg")
+
+
+def test_real_data_floor_scores_held_out_real_digits(monkeypatch, tmp_path):
+    from diffusekit.evaluate import real_data_floor
+
+    monkeypatch.setenv("DIFFUSEKIT_CACHE", str(tmp_path))
+    floor = real_data_floor(500, size=28, channels=1, repeats=2)
+    assert floor["n"] == 500 and len(floor["fd"]) == 2 and floor["fd"][0] != floor["fd"][1]
+    assert all(0 < fd < 0.5 for fd in floor["fd"])  # real against real: small, but not 0 at n = 500
+    assert all(p > 0.8 for p in floor["precision"]) and all(r > 0.8 for r in floor["recall"])
+    with pytest.raises(UserError, match="more than n reference images"):
+        real_data_floor(5000, size=28, channels=1)

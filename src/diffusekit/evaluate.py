@@ -70,6 +70,20 @@ def reference_features(reference: str, features: str, extractor, weights, size: 
     return feats
 
 
+def real_data_floor(n: int, size: int, channels: int, reference: str = "mnist", features: str | None = None, weights=None,
+                    repeats: int = 3, seed: int = 0) -> dict:
+    """The scores of n real images held out against the rest of the reference set, `repeats` random
+    splits: what a perfect generator's n samples can expect (FD is biased upwards at small n)."""
+    features = features or default_features(reference)
+    real = reference_features(reference, features, get_feature_extractor(features, weights), weights, size, channels)
+    if not 0 < n < len(real):
+        raise UserError(f"a floor for n = {n} needs more than n reference images; the reference has {len(real)}")
+    generator = torch.Generator().manual_seed(seed)
+    splits = [torch.randperm(len(real), generator=generator) for _ in range(repeats)]
+    reports = [compare_features(real[order[n:]], real[order[:n]], kid_subset_size=min(1000, n)) for order in splits]
+    return {"n": n, "repeats": repeats, **{key: [r[key] for r in reports] for key in ("fd", "precision", "recall")}}
+
+
 def evaluate_images(images: torch.Tensor, reference: str = "mnist", features: str | None = None, weights=None, wanted_labels: torch.Tensor | None = None, device: str = "cpu") -> dict:
     """Quality of `images` (float [-1, 1]) against `reference` (see module docstring)."""
     features = features or default_features(reference)
