@@ -25,7 +25,7 @@ from diffusekit.cli import main as cli_main  # noqa: E402
 from diffusekit.config import config_to_dict, validate  # noqa: E402
 from diffusekit.errors import ConfigError, UserError  # noqa: E402
 from diffusekit.io.checkpoint import save_checkpoint  # noqa: E402
-from diffusekit.io.diffusers import is_diffusers_folder  # noqa: E402
+from diffusekit.io.diffusers import is_diffusers_folder, unet_config  # noqa: E402
 from diffusekit.io.diffusers_export import export_diffusers  # noqa: E402
 from diffusekit.nn.blocks import Attention, SelfAttention2D  # noqa: E402
 from diffusekit.pipeline import Pipeline, build_unet, build_vae  # noqa: E402
@@ -278,6 +278,27 @@ def test_class_conditional_unet2dmodel_keeps_its_last_class_as_the_null_class(tm
         assert max_diff(pipe.net(x, t, class_labels=labels), ref(x, t, class_labels=labels).sample) <= TOL
 
 
+def test_original_ddpm_unet_details_load_and_export(tmp_path):
+    """google/ddpm-*'s U-Nets (converted from Ho et al.'s code) embed time as [sin, cos] with a
+    shifted frequency, pad before downsampling on the right and bottom only, and use GroupNorm eps 1e-6."""
+    torch.manual_seed(0)
+    ref = perturb(diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                                        norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                                        attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6), 4)
+    diffusers.DDPMPipeline(unet=ref, scheduler=diffusers.DDPMScheduler(variance_type="fixed_large", clip_sample=False)).save_pretrained(tmp_path / "ddpm")
+    pipe = Pipeline.from_pretrained(tmp_path / "ddpm", device="cpu")
+    m = pipe.config.model
+    assert (m.flip_sin_to_cos, m.freq_shift, m.downsample_padding, m.norm_eps, m.attention_heads) == (False, 1, 0, 1e-6, 1)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3.0, 900.0])
+    with torch.no_grad():
+        assert max_diff(pipe.net(x, t), ref(x, t).sample) <= TOL
+        downsampler = pipe.net.down_blocks[0].downsamplers[0]  # the padding matters: padding all sides gives another output
+        downsampler.asymmetric, downsampler.conv.padding = False, (1, 1)
+        assert max_diff(pipe.net(x, t), ref(x, t).sample) > 1e-3
+    written = unet_config(pipe.config)
+    assert (written["flip_sin_to_cos"], written["freq_shift"], written["downsample_padding"], written["norm_eps"]) == (False, 1, 0, 1e-6)
+
+
 # ----------------------------------------------------------------------------- clear errors for what diffusekit cannot read
 
 
@@ -291,7 +312,7 @@ UNSUPPORTED = [
     ("unet/config.json", lambda c: c["down_block_types"].__setitem__(1, "KDownBlock2D"), r"unet/config.json: down_block_types\[1\] = 'KDownBlock2D' is not supported; diffusekit reads DownBlock2D, CrossAttnDownBlock2D"),
     ("unet/config.json", lambda c: c.__setitem__("up_block_types", ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]), r"up_block_types\[0\] = 'CrossAttnUpBlock2D' .* must be 'UpBlock2D'"),
     ("unet/config.json", lambda c: c.__setitem__("act_fn", "gelu"), r"act_fn = 'gelu' is not supported; diffusekit builds only act_fn = \"silu\""),
-    ("unet/config.json", lambda c: c.__setitem__("flip_sin_to_cos", False), r"flip_sin_to_cos = False is not supported"),
+    ("unet/config.json", lambda c: c.__setitem__("center_input_sample", True), r"center_input_sample = True is not supported"),
     ("unet/config.json", lambda c: c.__setitem__("addition_embed_type", "text_time"), r"addition_embed_type = 'text_time' is not supported"),
     ("unet/config.json", lambda c: c.__setitem__("attention_head_dim", [2, 3]), r"attention_head_dim = \[2, 3\] gives neither one head count nor one head width"),
     ("unet/config.json", lambda c: c.__setitem__("out_channels", 8), r"out_channels = 8 differs from in_channels = 4"),
@@ -316,10 +337,10 @@ def test_unsupported_diffusers_config_values_are_clear_errors(sd_folder, tmp_pat
 def test_cli_prints_an_unsupported_value_as_one_error_line(sd_folder, tmp_path, capsys):
     folder = tmp_path / "sd"
     shutil.copytree(sd_folder, folder)
-    edit_json(folder / "unet/config.json", lambda c: c.__setitem__("norm_eps", 1e-6))
+    edit_json(folder / "unet/config.json", lambda c: c.__setitem__("mid_block_scale_factor", 2))
     assert cli_main(["generate", PROMPT, "--model", str(folder), "--n", "1", "--steps", "1", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: unet/config.json: norm_eps = 1e-06 is not supported")
+    assert len(err) == 1 and err[0].startswith("error: unet/config.json: mid_block_scale_factor = 2 is not supported")
 
 
 def test_bin_weights_are_read_without_unpickling_code(ddpm_folder, tmp_path):

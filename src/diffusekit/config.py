@@ -37,6 +37,12 @@ class ModelConfig:
     attention_heads: int = 0  # a fixed head count per level (Stable Diffusion 1.x); 0: width / attention_head_dim
     transformer_layers: int = 1  # transformer blocks per cross-attention layer
     linear_projection: bool = False  # Linear instead of 1x1 conv around the transformer (Stable Diffusion 2.x)
+    # Details that differ in imported models; the defaults are Stable Diffusion's. The original DDPM
+    # U-Nets (google/ddpm-*) use false, 1, 0 and 1e-6.
+    flip_sin_to_cos: bool = True  # time embedding as [cos, sin] (false: [sin, cos])
+    freq_shift: float = 0.0  # time embedding frequencies 10000^(-i / (half - freq_shift))
+    downsample_padding: int = 1  # 1: pad all sides before a stride-2 conv; 0: one row/column right and bottom
+    norm_eps: float = 1e-5  # epsilon of the GroupNorms in the ResNet and self-attention blocks
 
 
 @dataclass

@@ -44,6 +44,8 @@ def validate(config: Config) -> Config:
     _check(m.cross_attention_dim >= 0 and m.attention_heads >= 0 and m.transformer_layers >= 1, "model.cross_attention_dim and attention_heads must be >= 0, transformer_layers >= 1")
     _check(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
     _check(m.num_classes >= 0, "model.num_classes must be 0 (unconditional) or the number of classes")
+    _check(m.downsample_padding in (0, 1), "model.downsample_padding must be 1 (pad all sides) or 0 (pad right and bottom)")
+    _check(m.norm_eps > 0, "model.norm_eps must be positive, e.g. 1e-5")
 
     _choice("diffusion.schedule", d.schedule, BETA_SCHEDULES)
     _choice("diffusion.prediction", d.prediction, PREDICTIONS)

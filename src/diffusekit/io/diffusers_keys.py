@@ -60,8 +60,9 @@ UNET_COMMON = [
     rename("layers_per_block", "model.layers_per_block", 2, per_level=True),
     derived("in_channels"), derived("out_channels"), derived("sample_size", None),
     derived("down_block_types"), derived("up_block_types"), derived("mid_block_type"), derived("attention_head_dim", 8),
-    fixed("center_input_sample", False), fixed("flip_sin_to_cos", True), fixed("freq_shift", 0),
-    fixed("act_fn", "silu"), fixed("norm_eps", 1e-5), fixed("downsample_padding", 1), fixed("mid_block_scale_factor", 1),
+    rename("flip_sin_to_cos", "model.flip_sin_to_cos", True), rename("freq_shift", "model.freq_shift", 0),
+    rename("norm_eps", "model.norm_eps", 1e-5), rename("downsample_padding", "model.downsample_padding", 1),
+    fixed("center_input_sample", False), fixed("act_fn", "silu"), fixed("mid_block_scale_factor", 1),
     fixed("resnet_time_scale_shift", "default"), fixed("time_embedding_type", "positional"), fixed("time_embedding_dim", None),
     fixed("class_embed_type", None),
 ]

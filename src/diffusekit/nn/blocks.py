@@ -195,14 +195,19 @@ class Transformer2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """Halve the resolution with a stride-2 3x3 convolution."""
+    """Halve the resolution with a stride-2 3x3 convolution.
 
-    def __init__(self, channels: int):
+    padding 1 pads all sides (Stable Diffusion's U-Net); padding 0 pads one zero row and column
+    on the right and bottom only (the autoencoder, and the original DDPM U-Nets): their weights
+    expect it."""
+
+    def __init__(self, channels: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.asymmetric = padding == 0
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
 
 
 class Upsample2D(nn.Module):

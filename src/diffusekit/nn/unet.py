@@ -35,13 +35,14 @@ AttentionFactory = Callable[[int], nn.Module]  # channels -> an attention module
 
 
 class DownBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, temb: int, layers: int, attention: AttentionFactory | None, downsample: bool, groups: int, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, temb: int, layers: int, attention: AttentionFactory | None, downsample: bool,
+                 groups: int, dropout: float, eps: float, downsample_padding: int):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, groups, dropout) for i in range(layers)])
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, groups, dropout, eps) for i in range(layers)])
         if attention:
             self.attentions = nn.ModuleList([attention(out_ch) for _ in range(layers)])
         if downsample:
-            self.downsamplers = nn.ModuleList([Downsample2D(out_ch)])
+            self.downsamplers = nn.ModuleList([Downsample2D(out_ch, downsample_padding)])
 
     def forward(self, x, temb, context=None, mask=None):
         skips = []
@@ -57,9 +58,9 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, ch: int, temb: int, attention: AttentionFactory | None, groups: int, dropout: float):
+    def __init__(self, ch: int, temb: int, attention: AttentionFactory | None, groups: int, dropout: float, eps: float):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb, groups, dropout) for _ in range(2)])
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb, groups, dropout, eps) for _ in range(2)])
         if attention:
             self.attentions = nn.ModuleList([attention(ch)])
 
@@ -71,10 +72,11 @@ class MidBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    def __init__(self, prev_ch: int, out_ch: int, skip_chs: list[int], temb: int, attention: AttentionFactory | None, upsample: bool, groups: int, dropout: float):
+    def __init__(self, prev_ch: int, out_ch: int, skip_chs: list[int], temb: int, attention: AttentionFactory | None, upsample: bool,
+                 groups: int, dropout: float, eps: float):
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResnetBlock2D((prev_ch if i == 0 else out_ch) + skip, out_ch, temb, groups, dropout) for i, skip in enumerate(skip_chs)]
+            [ResnetBlock2D((prev_ch if i == 0 else out_ch) + skip, out_ch, temb, groups, dropout, eps) for i, skip in enumerate(skip_chs)]
         )
         if attention:
             self.attentions = nn.ModuleList([attention(out_ch) for _ in skip_chs])
@@ -109,9 +111,13 @@ class UNet(nn.Module):
         transformer_layers: int = 1,
         linear_projection: bool = False,
         norm_eps: float = 1e-5,
+        flip_sin_to_cos: bool = True,
+        freq_shift: float = 0.0,
+        downsample_padding: int = 1,
     ):
         super().__init__()
         self.in_channels, self.num_levels, self.num_classes = in_channels, len(channels), num_classes
+        self.flip_sin_to_cos, self.freq_shift = flip_sin_to_cos, freq_shift
         self.cross_attention_dim = cross_attention_dim
         temb = channels[0] * 4
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
@@ -126,7 +132,7 @@ class UNet(nn.Module):
         def attention(ch: int) -> nn.Module:
             if cross_attention_dim:
                 return Transformer2D(ch, heads(ch), cross_attention_dim, norm_groups, transformer_layers, linear_projection, dropout)
-            return SelfAttention2D(ch, heads(ch), norm_groups)
+            return SelfAttention2D(ch, heads(ch), norm_groups, norm_eps)
 
         last = len(channels) - 1
         skip_chs = [channels[0]]
@@ -134,16 +140,16 @@ class UNet(nn.Module):
         for level, ch in enumerate(channels):
             prev = channels[max(level - 1, 0)]
             attn = attention if level in attention_levels else None
-            self.down_blocks.append(DownBlock(prev, ch, temb, layers_per_block, attn, level != last, norm_groups, dropout))
+            self.down_blocks.append(DownBlock(prev, ch, temb, layers_per_block, attn, level != last, norm_groups, dropout, norm_eps, downsample_padding))
             skip_chs += [ch] * layers_per_block + ([ch] if level != last else [])
-        self.mid_block = MidBlock(channels[-1], temb, attention if mid_attention else None, norm_groups, dropout)
+        self.mid_block = MidBlock(channels[-1], temb, attention if mid_attention else None, norm_groups, dropout, norm_eps)
         self.up_blocks = nn.ModuleList()
         prev = channels[-1]
         for level in reversed(range(len(channels))):
             ch = channels[level]
             block_skips = [skip_chs.pop() for _ in range(layers_per_block + 1)]
             attn = attention if level in attention_levels else None
-            self.up_blocks.append(UpBlock(prev, ch, block_skips, temb, attn, level != 0, norm_groups, dropout))
+            self.up_blocks.append(UpBlock(prev, ch, block_skips, temb, attn, level != 0, norm_groups, dropout, norm_eps))
             prev = ch
         self.conv_norm_out = nn.GroupNorm(norm_groups, channels[0], eps=norm_eps)
         self.conv_act = nn.SiLU()
@@ -166,6 +172,10 @@ class UNet(nn.Module):
             attention_heads=cfg.attention_heads,
             transformer_layers=cfg.transformer_layers,
             linear_projection=cfg.linear_projection,
+            norm_eps=cfg.norm_eps,
+            flip_sin_to_cos=cfg.flip_sin_to_cos,
+            freq_shift=cfg.freq_shift,
+            downsample_padding=cfg.downsample_padding,
         )
 
     def check_input(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
@@ -194,7 +204,7 @@ class UNet(nn.Module):
         `context` [B, L, D] with `context_mask` [B, L] (1: a real token, 0: padding)."""
         self.check_input(x, context)
         t = t.to(x.device, torch.float32).reshape(-1).expand(x.shape[0])
-        emb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels).to(x.dtype))
+        emb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels, self.flip_sin_to_cos, self.freq_shift).to(x.dtype))
         if self.num_classes:
             if class_labels is None:
                 class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)

@@ -26,11 +26,10 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffusekit.errors import ConfigError, UserError
-from diffusekit.nn.blocks import ResnetBlock2D, SelfAttention2D, Upsample2D
+from diffusekit.nn.blocks import Downsample2D, ResnetBlock2D, SelfAttention2D, Upsample2D
 from diffusekit.runtime import randn
 
 NORM_EPS = 1e-6  # every GroupNorm of diffusers' VAE
@@ -101,20 +100,6 @@ class DiagonalGaussian:
         return 0.5 * terms.flatten(1).sum(dim=1)
 
 
-class PaddedDownsample2D(nn.Module):
-    """Halve the resolution as the VAE does: pad one zero row and column (right, bottom), then a stride-2 3x3 conv.
-
-    (blocks.Downsample2D pads symmetrically, as the U-Net does; the VAE's weights expect this asymmetric padding.)
-    """
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
 class ResnetStage(nn.Module):
     """`layers` resnets (no time embedding), then an optional resampler under diffusers' name.
 
@@ -126,7 +111,7 @@ class ResnetStage(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, 0, groups, eps=NORM_EPS) for i in range(layers)])
         self.resample = resample
         if resample == "down":
-            self.downsamplers = nn.ModuleList([PaddedDownsample2D(out_ch)])
+            self.downsamplers = nn.ModuleList([Downsample2D(out_ch, padding=0)])
         elif resample == "up":
             self.upsamplers = nn.ModuleList([Upsample2D(out_ch)])
 
