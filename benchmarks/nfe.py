@@ -21,6 +21,7 @@ from pathlib import Path
 from diffusekit.evaluate import evaluate_images, real_data_floor
 from diffusekit.pipeline import Pipeline
 from diffusekit.runtime import use_all_cores
+from plots import pyplot, save
 
 SAMPLERS = ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m")
 SCHEDULE_SAMPLERS = ("heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m")  # also measured with the other step schedules
@@ -46,13 +47,8 @@ def measure(pipe: Pipeline, sampler: str, steps: int, n: int, spacing: str) -> d
 
 
 def plot(results: list[dict], reference: dict, floor_fd: float, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = {}  # FD curve -> sampler: samplers that coincide (euler_ancestral is ddpm in sigma space) share a line
@@ -68,9 +64,7 @@ def plot(results: list[dict], reference: dict, floor_fd: float, path: Path) -> N
     ax.axhline(floor_fd, color="grey", linestyle=":", label="real digits (the floor at this n)")
     ax.set(xscale="log", yscale="log", xlabel="network evaluations", ylabel="FD-MNIST (lower is better)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main() -> None:

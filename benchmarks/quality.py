@@ -17,16 +17,12 @@ from diffusekit.config import apply_overrides, load_preset
 from diffusekit.evaluate import evaluate_checkpoint, real_data_floor
 from diffusekit.runtime import format_duration, use_all_cores
 from diffusekit.train import train
+from plots import pyplot, save
 
 
 def plot(points: list[dict], floor_fd: float, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax1 = plt.subplots(figsize=(6, 4))
     minutes = [p["train_minutes"] for p in points]
@@ -39,9 +35,7 @@ def plot(points: list[dict], floor_fd: float, path: Path) -> None:
     ax2.plot(minutes, [p["recall"] for p in points], marker="^", color="tab:green", label="recall")
     ax2.set(ylabel="precision / recall", ylim=(0, 1))
     ax2.legend(loc="center right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main() -> None:

@@ -19,12 +19,9 @@ from pathlib import Path
 
 import torch
 
-from diffusekit.config import ModelConfig
-from diffusekit.io.diffusers import unet_fields
-from diffusekit.nn.unet import UNet
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.runtime import prepare_module, use_all_cores
-from sd_speed import SD15_UNET
+from sd_speed import sd15_unet
 
 SD15_VAE = {"channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4, "norm_groups": 32, "scale_factor": 0.18215}
 GIB = 2**30
@@ -63,8 +60,7 @@ def main() -> None:
     cpu = torch.device("cpu")
     start_rss = memory_kib("VmRSS")
     torch.manual_seed(0)
-    fields = unet_fields(SD15_UNET, "SD 1.5 unet/config.json")
-    unet = prepare_module(UNet.from_config(ModelConfig(**{k.split(".", 1)[1]: v for k, v in fields.items()}), in_channels=4).eval(), cpu)
+    unet = prepare_module(sd15_unet(), cpu)
     vae = prepare_module(AutoencoderKL(**SD15_VAE).eval(), cpu)
     weights = {name: sum(p.numel() * p.element_size() for p in m.parameters()) / GIB for name, m in (("unet", unet), ("vae", vae))}
     weights_rss = memory_kib("VmRSS")

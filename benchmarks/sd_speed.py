@@ -35,14 +35,19 @@ SD15_UNET = {
 }
 
 
+def sd15_unet() -> UNet:
+    """diffusekit's U-Net with Stable Diffusion 1.5's shape (random weights), through io/diffusers.py's config map."""
+    fields = unet_fields(SD15_UNET, "SD 1.5 unet/config.json")
+    return UNet.from_config(ModelConfig(**{key.split(".", 1)[1]: value for key, value in fields.items()}), in_channels=4).eval()
+
+
 def build_pair(seed: int = 0):
     """(diffusers UNet2DConditionModel, diffusekit UNet) with the same random weights."""
     import diffusers
 
     torch.manual_seed(seed)
     theirs = diffusers.UNet2DConditionModel.from_config(SD15_UNET).eval()
-    fields = unet_fields(SD15_UNET, "SD 1.5 unet/config.json")
-    ours = UNet.from_config(ModelConfig(**{key.split(".", 1)[1]: value for key, value in fields.items()}), in_channels=4).eval()
+    ours = sd15_unet()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return theirs, ours
 

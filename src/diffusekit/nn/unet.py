@@ -15,6 +15,7 @@ a skip and consumed, last first, by one up-path resnet.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -157,26 +158,9 @@ class UNet(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, out_channels: int | None = None) -> "UNet":
-        return cls(
-            in_channels,
-            out_channels or in_channels,
-            channels=tuple(cfg.channels),
-            layers_per_block=cfg.layers_per_block,
-            attention_levels=tuple(cfg.attention_levels),
-            mid_attention=cfg.mid_attention,
-            attention_head_dim=cfg.attention_head_dim,
-            norm_groups=cfg.norm_groups,
-            dropout=cfg.dropout,
-            num_classes=cfg.num_classes,
-            cross_attention_dim=cfg.cross_attention_dim,
-            attention_heads=cfg.attention_heads,
-            transformer_layers=cfg.transformer_layers,
-            linear_projection=cfg.linear_projection,
-            norm_eps=cfg.norm_eps,
-            flip_sin_to_cos=cfg.flip_sin_to_cos,
-            freq_shift=cfg.freq_shift,
-            downsample_padding=cfg.downsample_padding,
-        )
+        """The U-Net a ModelConfig describes (its fields are this constructor's keyword arguments)."""
+        fields = {**dataclasses.asdict(cfg), "channels": tuple(cfg.channels), "attention_levels": tuple(cfg.attention_levels)}
+        return cls(in_channels, out_channels or in_channels, **fields)
 
     def check_input(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         factor = 2 ** (self.num_levels - 1)
