@@ -66,7 +66,8 @@ def main() -> None:
 
     vae_pipe_config = cfgs["latent"]
     data = load_dataset(vae_pipe_config.data, progress=False)
-    from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, resolve_checkpoint
+    from diffusekit.io.checkpoint import load_weights, resolve_checkpoint
+    from diffusekit.nn.state import load_state_dict_checked
     from diffusekit.pipeline import build_vae
 
     vae = build_vae(vae_pipe_config).eval()

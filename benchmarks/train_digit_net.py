@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from diffusekit.data import to_float
 from diffusekit.data.mnist import load_mnist
-from diffusekit.io.checkpoint import write_json_atomic
+from diffusekit.files import write_json_atomic
 from diffusekit.nn.digits import HELDOUT_SEED, DigitNet, digit_net_weights_path, heldout_split
 from diffusekit.runtime import use_all_cores
 

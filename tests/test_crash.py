@@ -25,7 +25,8 @@ import diffusekit.io.checkpoint as checkpoint_module
 import diffusekit.train as train_module
 from diffusekit.cli import main
 from diffusekit.errors import UserError
-from diffusekit.io.checkpoint import latest_checkpoint, read_tensors
+from diffusekit.files import read_tensors
+from diffusekit.io.checkpoint import latest_checkpoint
 from diffusekit.train import train
 
 EVERY = 3  # checkpoint_every in the killed runs

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from diffusekit import distributed
 from diffusekit.errors import UserError
-from diffusekit.io.checkpoint import latest_checkpoint, read_tensors
+from diffusekit.files import read_tensors
+from diffusekit.io.checkpoint import latest_checkpoint
 from diffusekit.train import DiffusionTrainer, train
 
 STEPS = 4  # checkpoints at STEPS / 2 and STEPS

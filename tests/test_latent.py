@@ -51,7 +51,7 @@ def test_checkpoint_records_the_latent_scale_of_the_data(vae_run):
     config = json.loads((vae_run / "checkpoints" / "step_00000012" / "config.json").read_text())
     scale = config["vae"]["scale_factor"]
     vae = AutoencoderKL(3, (8, 16), 1, 2, 4)
-    from diffusekit.io.checkpoint import read_tensors
+    from diffusekit.files import read_tensors
 
     vae.load_state_dict(read_tensors(vae_run / "checkpoints" / "step_00000012" / "ema.safetensors"))
     from diffusekit.data import load_dataset

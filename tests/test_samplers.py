@@ -169,8 +169,10 @@ def test_images_do_not_depend_on_the_batch_size():
     whole = pipe.sample(8, batch_size=8, **options)
     in_threes = pipe.sample(8, batch_size=3, **options)
     first_five = pipe.sample(5, batch_size=2, **options)
-    torch.testing.assert_close(in_threes, whole, rtol=0, atol=1e-5)
-    torch.testing.assert_close(first_five, whole[:5], rtol=0, atol=1e-5)
+    # float32 convolutions may take other kernels for other batch sizes (seen: 3e-5 apart on an AVX2 EPYC);
+    # noise that depended on the batch would move the images by O(1)
+    torch.testing.assert_close(in_threes, whole, rtol=0, atol=1e-4)
+    torch.testing.assert_close(first_five, whole[:5], rtol=0, atol=1e-4)
     assert not torch.allclose(whole[0], whole[1], atol=0.1)  # but the images differ from each other
 
 

@@ -11,7 +11,8 @@ import torch
 from conftest import tiny_config
 
 from diffusekit.errors import UserError
-from diffusekit.io.checkpoint import latest_checkpoint, read_tensors
+from diffusekit.files import read_tensors
+from diffusekit.io.checkpoint import latest_checkpoint
 from diffusekit.optim import ema_decay_at, ema_update, lr_at
 from diffusekit.pipeline import Pipeline
 from diffusekit.train import DiffusionTrainer, train

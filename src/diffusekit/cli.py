@@ -124,7 +124,8 @@ def _eval(args) -> None:
 
 def _info(args) -> None:
     from diffusekit.config import config_to_dict
-    from diffusekit.io.checkpoint import read_json, resolve_checkpoint
+    from diffusekit.files import read_json
+    from diffusekit.io.checkpoint import resolve_checkpoint
     from diffusekit.pipeline import build_unet, build_vae, load_config
 
     ckpt = resolve_checkpoint(args.checkpoint)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import torch
 from PIL import Image
 
 from diffusekit.data import to_uint8
+from diffusekit.files import atomic_write
 
 
 def make_grid(images: torch.Tensor, ncols: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -39,18 +38,10 @@ def upscale(image: Image.Image, min_side: int) -> Image.Image:
 
 
 def atomic_save(image: Image.Image, path: str | Path, **kwargs) -> Path:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    """Save a PIL image atomically (files.atomic_write); the format follows the file name unless given."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format=kwargs.pop("format", None) or Image.registered_extensions().get(path.suffix.lower()), **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    image_format = kwargs.pop("format", None) or Image.registered_extensions().get(path.suffix.lower())
+    return atomic_write(path, lambda tmp: image.save(tmp, format=image_format, **kwargs), sync=False)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, ncols: int | None = None, min_side: int = 256) -> Path:

@@ -21,8 +21,10 @@ from tqdm.auto import tqdm
 from diffusekit.config import Config, config_from_dict
 from diffusekit.denoiser import Denoiser
 from diffusekit.errors import UserError
+from diffusekit.files import read_json, read_tensors
 from diffusekit.guidance import GuidedDenoiser
-from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, read_json, read_tensors, resolve_checkpoint
+from diffusekit.io.checkpoint import load_weights, resolve_checkpoint
+from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.nn.unet import UNet
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores

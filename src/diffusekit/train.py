@@ -23,9 +23,11 @@ from diffusekit.config import Config
 from diffusekit.data import load_dataset, to_float
 from diffusekit.data.latents import latent_dataset
 from diffusekit.errors import UserError
+from diffusekit.files import read_tensors, write_json_atomic
 from diffusekit.images import save_grid
-from diffusekit.io.checkpoint import latest_checkpoint, load_state_dict_checked, load_weights, read_tensors, resolve_checkpoint, write_json_atomic
+from diffusekit.io.checkpoint import latest_checkpoint, load_weights, resolve_checkpoint
 from diffusekit.losses import diffusion_loss, draw_t_and_noise
+from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.nn.text import CaptionEmbeddings
 from diffusekit.pipeline import Pipeline, build_text_encoder, build_unet, build_vae, load_config, text_condition
 from diffusekit.runtime import prepare_module

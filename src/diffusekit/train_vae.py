@@ -22,8 +22,8 @@ import torch
 from diffusekit.config import Config, config_to_dict
 from diffusekit.data import load_dataset, to_float
 from diffusekit.errors import ConfigError
+from diffusekit.files import write_json_atomic
 from diffusekit.images import save_grid
-from diffusekit.io.checkpoint import write_json_atomic
 from diffusekit.nn.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.optim import make_optimizer

@@ -41,19 +41,17 @@ from diffusekit import distributed
 from diffusekit.config import Config, config_to_dict
 from diffusekit.data import BatchStream
 from diffusekit.errors import UserError
+from diffusekit.files import read_json, read_tensors, write_json_atomic
 from diffusekit.io.checkpoint import (
     checkpoint_name,
     flatten_optimizer_state,
     latest_checkpoint,
-    load_state_dict_checked,
-    read_json,
-    read_tensors,
     remove_stale_temp_files,
     save_checkpoint,
     unflatten_optimizer_state,
-    write_json_atomic,
 )
 from diffusekit.io.runs import clear_run_dir, drop_records_after, prepare_run_dir
+from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.optim import ema_decay_at, ema_update, lr_at, make_optimizer
 from diffusekit.runtime import parse_duration, pick_device, prepare_module, use_all_cores, warn
 

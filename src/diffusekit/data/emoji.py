@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 from tqdm.auto import tqdm
 
 from diffusekit.errors import UserError
-from diffusekit.io.checkpoint import read_cached_tensors, save_tensors_atomic, write_json_atomic
+from diffusekit.files import read_cached_tensors, save_tensors_atomic, write_json_atomic
 from diffusekit.runtime import cache_dir
 
 DEBIAN_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusekit.data import ImageDataset, to_float
-from diffusekit.io.checkpoint import read_cached_tensors, save_tensors_atomic, write_json_atomic
+from diffusekit.files import read_cached_tensors, save_tensors_atomic, write_json_atomic
 from diffusekit.runtime import cache_dir
 
 SHARD_SIZE = 1024

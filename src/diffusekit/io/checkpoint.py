@@ -17,39 +17,21 @@ what such a crash leaves behind is removed at the next start (remove_stale_temp_
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from diffusekit.config import Config, config_from_dict
 from diffusekit.errors import UserError
+from diffusekit.files import TEMP_PREFIX, fsync_folder, make_temp_folder, read_json, read_tensors, write_text_atomic
 
 LATEST = "latest"
-TEMP_PREFIX = ".tmp-"  # checkpoint folders being written
 WEIGHT_FILES = {"ema": "ema.safetensors", "model": "model.safetensors"}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def checkpoint_name(step: int) -> str:
@@ -78,23 +60,6 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch
     write_text_atomic(folder / LATEST, final.name + "\n")
     prune_checkpoints(folder, keep)
     return final
-
-
-def fsync_folder(folder: Path, files: bool = True) -> None:
-    """Flush a folder's files (optional) and its entries to disk, so that a power cut after a rename
-    cannot leave the new name pointing at empty files."""
-    for path in [p for p in folder.iterdir() if p.is_file()] if files else []:
-        fsync_path(path)
-    with contextlib.suppress(OSError):  # some file systems cannot sync a folder
-        fsync_path(folder)
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_stale_temp_files(run_dir: Path) -> list[Path]:
@@ -166,8 +131,6 @@ def write_sampling_checkpoint(path: str | Path, out: str | Path, half: bool = Fa
         state = read_json(ckpt / "state.json", "training state")
         (tmp / "state.json").write_text(json.dumps({k: state[k] for k in ("step", "images_seen", "train_seconds") if k in state}) + "\n")
         shutil.copyfile(ckpt / "config.json", tmp / "config.json")
-        for path in tmp.iterdir():
-            os.chmod(path, 0o644)
         fsync_folder(tmp)
         if out.exists():
             out.rmdir()
@@ -177,57 +140,34 @@ def write_sampling_checkpoint(path: str | Path, out: str | Path, half: bool = Fa
     return out
 
 
-def make_temp_folder(final: Path) -> Path:
-    """A temporary folder beside `final`, to be renamed into place; readable like any folder (mkdtemp makes it private)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=final.parent))
-    os.chmod(tmp, 0o755)
-    return tmp
+def load_config(ckpt: Path) -> Config:
+    """The config saved beside a checkpoint's weights (enough to rebuild its networks)."""
+    return config_from_dict(read_json(Path(ckpt) / "config.json", "config"), where=f"{ckpt}/config.json")
 
 
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """safetensors written to a unique temporary file beside `path`, flushed, then renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        fsync_path(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def check_intact(ckpt: Path) -> None:
+    """Raise a UserError if a file of the checkpoint is missing, cut short or unreadable (headers only: fast)."""
+    read_json(ckpt / "config.json", "config")
+    read_json(ckpt / "state.json", "training state")
+    for path in sorted(ckpt.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"'{path}' is damaged ({err}); the checkpoint '{ckpt}' cannot be used") from None
 
 
-def read_cached_tensors(path: str | Path) -> dict[str, torch.Tensor] | None:
-    """A cache file's tensors, or None when it is missing or damaged (a cache is rebuilt, never trusted blindly)."""
-    try:
-        return load_file(str(path))
-    except (FileNotFoundError, SafetensorError, OSError):
-        return None
-
-
-def read_json(path: Path, what: str, container: str = "the checkpoint") -> dict:
-    """A JSON object from a file; a missing, unreadable or non-object file is a UserError naming `what` and `container`."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{what} '{path}' is missing; {container} is incomplete") from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"{what} '{path}' cannot be read as JSON ({err}); {container} is damaged") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{what} '{path}' is not a JSON object; {container} is damaged")
-    return data
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise UserError(f"'{path}' is missing; the checkpoint is incomplete") from None
-    except (SafetensorError, OSError) as err:
-        raise UserError(f"cannot read '{path}' ({err}); the file is damaged or not a safetensors file") from None
+def newest_intact_checkpoint(run_dir: Path, before: Path | None = None) -> Path | None:
+    """The newest checkpoint of a run (older than `before`, if given) whose files are all readable."""
+    for ckpt in reversed(list_checkpoints(Path(run_dir) / "checkpoints")):
+        if before is not None and ckpt.name >= before.name:
+            continue
+        try:
+            check_intact(ckpt)
+            return ckpt
+        except UserError:
+            continue
+    return None
 
 
 def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
@@ -236,27 +176,6 @@ def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
     if which == "ema" and not path.is_file():
         path = Path(ckpt) / WEIGHT_FILES["model"]
     return read_tensors(path)
-
-
-def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict with one clear message when the weights belong to another model."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        details = []
-        if wrong:
-            details.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[0]}")
-        if missing:
-            details.append(f"{len(missing)} missing, e.g. {missing[0]}")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-        raise UserError(
-            f"the weights in {source} do not fit this model's config ({'; '.join(details)}); "
-            "they come from a model of another shape: use the config.json saved with those weights"
-        )
-    module.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- optimizer state

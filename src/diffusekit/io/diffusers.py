@@ -25,8 +25,8 @@ import torch
 
 from diffusekit.config import Config, config_from_dict
 from diffusekit.errors import ConfigError, UserError
-from diffusekit.io.checkpoint import load_state_dict_checked, read_tensors
-from diffusekit.io.checkpoint import read_json as checkpoint_read_json
+from diffusekit.files import read_json as checkpoint_read_json
+from diffusekit.files import read_tensors
 from diffusekit.io.diffusers_keys import (
     BLOCKS,
     FALLBACK_SAMPLER,
@@ -48,6 +48,7 @@ from diffusekit.io.diffusers_keys import (
     read_renamed,
     write_renamed,
 )
+from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.nn.vae import VAEConfig
 from diffusekit.runtime import warn
 

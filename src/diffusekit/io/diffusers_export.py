@@ -16,17 +16,10 @@ from safetensors.torch import save_file
 
 from diffusekit.config import Config
 from diffusekit.errors import UserError
-from diffusekit.io.checkpoint import load_state_dict_checked, load_weights, read_tensors, resolve_checkpoint, write_json_atomic
-from diffusekit.io.diffusers import (
-    FORMAT_VERSION,
-    SKIPPED_COMPONENTS,
-    WEIGHT_FILES,
-    read_json,
-    scheduler_config,
-    tokenizer_length,
-    unet_config,
-    vae_config,
-)
+from diffusekit.files import read_tensors, write_json_atomic
+from diffusekit.io.checkpoint import load_weights, resolve_checkpoint
+from diffusekit.io.diffusers import FORMAT_VERSION, SKIPPED_COMPONENTS, WEIGHT_FILES, read_json, scheduler_config, tokenizer_length, unet_config, vae_config
+from diffusekit.nn.state import load_state_dict_checked
 
 PIPELINE_PARTS = {"DDPMPipeline": ["unet", "scheduler"], "StableDiffusionPipeline": ["unet", "vae", "text_encoder", "scheduler"]}
 

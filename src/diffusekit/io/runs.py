@@ -11,7 +11,8 @@ from pathlib import Path
 
 from diffusekit.config import RESUMABLE_KEYS, RESUMABLE_SECTIONS, Config, diff_configs
 from diffusekit.errors import UserError
-from diffusekit.io.checkpoint import latest_checkpoint, write_text_atomic
+from diffusekit.files import write_text_atomic
+from diffusekit.io.checkpoint import latest_checkpoint
 from diffusekit.pipeline import load_config
 
 

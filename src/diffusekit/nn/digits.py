@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusekit.errors import UserError
-from diffusekit.io.checkpoint import load_state_dict_checked, read_tensors
+from diffusekit.files import read_tensors
+from diffusekit.nn.state import load_state_dict_checked
 
 DIGIT_SIZE = 28
 FEATURE_DIM = 128

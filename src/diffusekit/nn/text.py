@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from diffusekit.errors import UserError
-from diffusekit.io.checkpoint import read_cached_tensors, save_tensors_atomic
+from diffusekit.files import read_cached_tensors, save_tensors_atomic
 from diffusekit.runtime import cache_dir, warn
 
 DEFAULT_ENCODER = "minilm"
