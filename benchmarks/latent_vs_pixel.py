@@ -22,7 +22,7 @@ from diffusekit.config import apply_overrides, load_preset
 from diffusekit.data import load_dataset, to_float
 from diffusekit.evaluate import evaluate_checkpoint, evaluate_reconstructions
 from diffusekit.losses import diffusion_loss
-from diffusekit.pipeline import build_unet, image_shape
+from diffusekit.models import build_unet, image_shape
 from diffusekit.runtime import prepare_module, use_all_cores
 from diffusekit.schedule import NoiseSchedule
 from diffusekit.train import resolve_latent_config, train
@@ -68,7 +68,7 @@ def main() -> None:
     data = load_dataset(vae_pipe_config.data, progress=False)
     from diffusekit.io.checkpoint import load_weights, resolve_checkpoint
     from diffusekit.nn.state import load_state_dict_checked
-    from diffusekit.pipeline import build_vae
+    from diffusekit.models import build_vae
 
     vae = build_vae(vae_pipe_config).eval()
     load_state_dict_checked(vae, load_weights(resolve_checkpoint(args.vae), "ema"), args.vae)

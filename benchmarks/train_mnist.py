@@ -21,7 +21,7 @@ import torch
 
 from diffusekit.config import apply_overrides, load_preset
 from diffusekit.losses import diffusion_loss
-from diffusekit.pipeline import build_unet
+from diffusekit.models import build_unet
 from diffusekit.runtime import parse_duration, prepare_module, use_all_cores
 from diffusekit.schedule import NoiseSchedule
 from diffusekit.train import train

@@ -8,6 +8,7 @@ from conftest import TargetNet, tiny_schedule
 from diffusers import DDPMScheduler
 
 from diffusekit.denoiser import PREDICTIONS, Denoiser, eps_from_x0, prediction_target, x0_from_prediction
+from diffusekit.errors import UserError
 from diffusekit.losses import diffusion_loss, loss_weights
 
 
@@ -43,7 +44,7 @@ def test_v_target_matches_diffusers_velocity():
 
 
 def test_unknown_prediction_type_is_refused():
-    with pytest.raises(ValueError, match="prediction"):
+    with pytest.raises(UserError, match="prediction"):
         Denoiser(torch.nn.Identity(), tiny_schedule(), "score")
 
 
@@ -102,7 +103,7 @@ def test_uniform_weights_are_ones(prediction):
 
 
 def test_unknown_weighting_is_refused():
-    with pytest.raises(ValueError, match="weighting"):
+    with pytest.raises(UserError, match="weighting"):
         loss_weights("p2", "eps", torch.ones(2))
 
 

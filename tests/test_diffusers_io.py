@@ -27,8 +27,9 @@ from diffusekit.errors import ConfigError, UserError  # noqa: E402
 from diffusekit.io.checkpoint import save_checkpoint  # noqa: E402
 from diffusekit.io.diffusers import is_diffusers_folder, unet_config  # noqa: E402
 from diffusekit.io.diffusers_export import export_diffusers  # noqa: E402
+from diffusekit.models import build_unet, build_vae  # noqa: E402
 from diffusekit.nn.blocks import Attention, SelfAttention2D  # noqa: E402
-from diffusekit.pipeline import Pipeline, build_unet, build_vae  # noqa: E402
+from diffusekit.pipeline import Pipeline  # noqa: E402
 
 TOL = 1e-4
 PROMPT = "a red apple"
@@ -148,11 +149,11 @@ def test_ddim_ends_at_sigma_zero_where_diffusers_stops_at_abar0_with_set_alpha_t
     diffusers' result is diffusekit's x0 moved to abar_0 along the last step's (guided) eps."""
     latents, steps, seen = initial_latents(), 4, {}
 
-    def record(start, i, x, x0):
-        seen[i] = (x.clone(), x0.clone())
+    def record(info):
+        seen[info["i"]] = (info["x"].clone(), info["denoised"].clone(), info["sigma"])
 
     ours.sample(1, steps=steps, sampler="ddim", prompts=PROMPT, guidance=3.0, noise=latents, callback=record)
-    sigma_last = ours.sigmas(steps, "leading")[-2].float()
+    sigma_last = seen[steps - 1][2].float()
     x_before, x0 = seen[steps - 2][0], seen[steps - 1][1]
     eps = (x_before - x0) / sigma_last
     abar0 = ours.schedule.alphas_cumprod[0].float()

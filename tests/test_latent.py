@@ -55,7 +55,7 @@ def test_checkpoint_records_the_latent_scale_of_the_data(vae_run):
 
     vae.load_state_dict(read_tensors(vae_run / "checkpoints" / "step_00000012" / "ema.safetensors"))
     from diffusekit.data import load_dataset
-    from diffusekit.pipeline import load_config
+    from diffusekit.io.checkpoint import load_config
 
     images = load_dataset(load_config(vae_run / "checkpoints" / "step_00000012").data).images
     assert scale == pytest.approx(latent_scale(vae, images, "cpu"), rel=1e-5)

@@ -67,7 +67,7 @@ def test_unknown_sampler_or_variance_is_refused():
     with pytest.raises(UserError, match="unknown sampler 'euler_x'"):
         get_sampler("euler_x")
     sigmas = tiny_schedule().sampling_sigmas(3)
-    with pytest.raises(ValueError, match="variance"):
+    with pytest.raises(UserError, match="variance"):
         sample_ddpm(point_oracle(torch.zeros(1)), torch.zeros(1, 1), sigmas, variance="learned")
 
 
@@ -90,7 +90,7 @@ def test_ddim_eta_zero_is_deterministic_euler_in_sigma():
     sigmas = sched.sampling_sigmas(6, "trailing")
     x = start_noise(2, sigmas[0])
     steps = []
-    out = sample_ddim(denoiser, x, sigmas, generator=sample_generators(0, 2), callback=lambda i, x_i, x0: steps.append(x_i))
+    out = sample_ddim(denoiser, x, sigmas, generator=sample_generators(0, 2), callback=lambda info: steps.append(info["x"]))
     again = sample_ddim(denoiser, x, sigmas, generator=sample_generators(99, 2))
     assert torch.equal(out, again)
     # one Euler step of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma
@@ -115,7 +115,7 @@ def test_single_point_oracle_keeps_the_exact_marginals(case):
     point = torch.full((1, 1, 8, 8), 0.25)
     seen = []
     run_case(case, point_oracle(point), start_noise(1000, sigmas[0]), sigmas, generator=sample_generators(2, 1000),
-             callback=lambda i, x_i, x0: seen.append(x_i - point))
+             callback=lambda info: seen.append(info["x"] - point))
     assert len(seen) == 8
     for offset, sigma in zip(seen[:-1], sigmas[1:-1]):
         assert offset.std().item() == pytest.approx(sigma.item(), rel=0.02)
@@ -129,7 +129,7 @@ def test_ddim_with_a_point_oracle_keeps_its_noise_direction():
     x = start_noise(2, sigmas[0])
     eps = (x - point) / sigmas[0].float()
     seen = []
-    sample_ddim(point_oracle(point), x, sigmas, callback=lambda i, x_i, x0: seen.append(x_i))
+    sample_ddim(point_oracle(point), x, sigmas, callback=lambda info: seen.append(info["x"]))
     for i, x_i in enumerate(seen):
         torch.testing.assert_close(x_i, point + sigmas[i + 1].float() * eps, rtol=1e-5, atol=1e-5)
 
@@ -141,7 +141,7 @@ def test_ddpm_fixed_large_adds_more_noise_than_fixed_small():
     for variance in ("fixed_small", "fixed_large"):
         seen = []
         sample_ddpm(point_oracle(point), start_noise(200, sigmas[0]), sigmas, generator=sample_generators(3, 200),
-                    callback=lambda i, x_i, x0: seen.append(x_i), variance=variance)
+                    callback=lambda info: seen.append(info["x"]), variance=variance)
         spread[variance] = torch.tensor([x_i.std() / sigma for x_i, sigma in zip(seen[:-1], sigmas[1:-1])])
     # beta_t > beta~_t: the larger variance overshoots sigma, most near the end (where beta~_t << beta_t)
     assert spread["fixed_small"][-1] == pytest.approx(1, abs=0.03)

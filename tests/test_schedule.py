@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
 
 from diffusekit.config import DiffusionConfig
+from diffusekit.errors import UserError
 from diffusekit.schedule import (
     BETA_SCHEDULES,
     MIN_ALPHA_CUMPROD,
@@ -240,9 +241,9 @@ def test_timesteps_match_diffusers_at_rounding_ties(spacing):
 def test_timesteps_rejects_bad_requests():
     sched = schedule(T=100)
     for steps in (0, 101):
-        with pytest.raises(ValueError, match="between 1 and 100"):
+        with pytest.raises(UserError, match="between 1 and 100"):
             sched.timesteps(steps)
-    with pytest.raises(ValueError, match="spacing"):
+    with pytest.raises(UserError, match="step schedule 'sideways'"):
         sched.timesteps(10, "sideways")
 
 

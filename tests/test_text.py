@@ -159,7 +159,7 @@ def test_text_model_needs_captions(tmp_path):
 
 
 def test_the_shipped_demo_model_draws_the_prompted_emoji(tmp_path, monkeypatch):
-    from diffusekit.pipeline import default_model
+    from diffusekit.models import default_model
 
     pipe = Pipeline.from_pretrained(default_model())
     prompts = ["red apple", "rocket"]
@@ -191,7 +191,7 @@ def test_sample_grid_of_a_text_model_with_captions_that_do_not_divide_n(tmp_path
 
 def test_pipeline_call_takes_diffusers_argument_names():
     from diffusekit.images import make_grid, to_pil
-    from diffusekit.pipeline import default_model
+    from diffusekit.models import default_model
 
     pipe = Pipeline.from_pretrained(default_model())
     images = pipe(["red apple", "rocket"], num_images_per_prompt=2, num_inference_steps=2, guidance_scale=2.0,

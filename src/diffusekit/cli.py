@@ -18,8 +18,7 @@ NOISE_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")  # schedule.B
 def _train(args) -> None:
     from diffusekit.config import apply_overrides, load_preset
     from diffusekit.distributed import launched_rank
-    from diffusekit.io.checkpoint import latest_checkpoint
-    from diffusekit.pipeline import load_config
+    from diffusekit.io.checkpoint import latest_checkpoint, load_config
 
     if args.command == "train-vae":
         from diffusekit.train_vae import train_vae as train
@@ -53,31 +52,27 @@ def _sample(args) -> None:
     import torch
 
     from diffusekit.images import save_gif
-    from diffusekit.pipeline import Pipeline, default_model
+    from diffusekit.models import default_model
+    from diffusekit.pipeline import Pipeline
     from diffusekit.schedule import sigma_to_alpha_sigma
 
     pipe = Pipeline.from_pretrained(getattr(args, "checkpoint", None) or args.model or default_model(), weights=args.weights, device=args.device)
-    spacing = args.spacing or pipe.config.sample.spacing
-    options = {"eta": args.eta} if args.eta is not None else {}
-    frames: list[torch.Tensor] = []
-    record = None
-    if args.animate:
-        sigmas = pipe.sigmas(pipe.config.sample.steps if args.steps is None else args.steps, spacing)
-        shown = min(args.n, 64)
-        every = max(1, (len(sigmas) - 1) // 60)
+    frames, shown = [], min(args.n, 64)
 
-        def record(start, i, x, x0):
-            if start == 0 and (i % every == 0 or i == len(sigmas) - 2):
-                if pipe.vae is not None:  # latents: show the decoded prediction x0_hat
-                    frames.append(pipe.decode(x0[:shown]))
-                    return
-                alpha, _ = sigma_to_alpha_sigma(sigmas[i + 1].to(torch.float64))
-                frames.append((x[:shown] * alpha.float().to(x.device)).clamp(-1, 1).cpu())  # x_t on the DDPM scale
+    def record(info) -> None:
+        """Up to ~60 frames of the first batch: x_t on the DDPM scale, or a latent model's decoded x0_hat."""
+        last, every = info["steps"] - 1, max(1, (info["steps"] - 1) // 60)
+        if info["start"] == 0 and (info["i"] % every == 0 or info["i"] == last):
+            if pipe.vae is not None:
+                frames.append(pipe.decode(info["denoised"][:shown]))
+            else:
+                alpha, _ = sigma_to_alpha_sigma(info["sigma_next"].to(torch.float64))
+                frames.append((info["x"][:shown] * alpha.float().to(info["x"].device)).clamp(-1, 1).cpu())
 
     images = pipe.sample(
-        args.n, steps=args.steps, sampler=args.sampler, spacing=spacing, seed=args.seed, labels=args.label, prompts=args.prompt,
-        negative=args.negative, guidance=args.guidance, guidance_rescale=args.guidance_rescale, batch_size=args.batch_size,
-        size=args.size, callback=record, progress=True, **options,
+        args.n, steps=args.steps, sampler=args.sampler, spacing=args.spacing, seed=args.seed, labels=args.label, prompts=args.prompt,
+        negative=args.negative, guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta, batch_size=args.batch_size,
+        size=args.size, callback=record if args.animate else None, progress=True,
     )
     _write_images(images, Path(args.out), "samples" if args.command == "sample" else "images")
     if args.animate:
@@ -125,8 +120,8 @@ def _eval(args) -> None:
 def _info(args) -> None:
     from diffusekit.config import config_to_dict
     from diffusekit.files import read_json
-    from diffusekit.io.checkpoint import resolve_checkpoint
-    from diffusekit.pipeline import build_unet, build_vae, load_config
+    from diffusekit.io.checkpoint import load_config, resolve_checkpoint
+    from diffusekit.models import build_unet, build_vae
 
     ckpt = resolve_checkpoint(args.checkpoint)
     config = load_config(ckpt)
@@ -227,7 +222,7 @@ def add_sampling_args(p: argparse.ArgumentParser, n: int, out: str) -> None:
     p.add_argument("--size", type=positive_int, help="image size in pixels (default: the size the model was trained at)")
     p.add_argument("--out", default=out, help="a .png grid, or a folder for one PNG per image")
     p.add_argument("--animate", metavar="GIF", help="also write the reverse process as an animated GIF")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, help="images sampled at once (default: the model's sample.batch_size, 64); the images do not depend on it")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--device", default="auto")
 

@@ -112,6 +112,7 @@ class SampleConfig:
     guidance_rescale: float = 0.0  # Lin et al. 2023 rescale factor phi in [0, 1]
     n: int = 64  # images in a training sample grid
     seed: int = 0
+    batch_size: int = 64  # images sampled at once (only memory and speed depend on it, never the images)
 
 
 @dataclass

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from diffusekit.denoiser import PREDICTIONS
 from diffusekit.errors import ConfigError
+from diffusekit.losses import WEIGHTINGS
 from diffusekit.nn.vae import check_vae_config
+from diffusekit.runtime import parse_duration
+from diffusekit.samplers import SAMPLERS
+from diffusekit.schedule import BETA_SCHEDULES, SPACINGS
 
 if TYPE_CHECKING:
-    from diffusekit.config import Config
+    from diffusekit.config import Config, SampleConfig
 
 
 def _choice(key: str, value: str, choices) -> None:
@@ -21,13 +26,30 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes (as a signed 64-bit integer)
+
+
+def check_seed(key: str, seed: int) -> None:
+    _check(0 <= seed <= MAX_SEED, f"{key} = {seed} is out of range: a seed is a whole number from 0 to {MAX_SEED} (2^63 - 1)")
+
+
+def check_sample(s: SampleConfig, timesteps: int) -> SampleConfig:
+    """The sampling settings (sample.*, or what a call to Pipeline.sample replaced in them) for a model of `timesteps` steps."""
+    _choice("sample.sampler", s.sampler, SAMPLERS)
+    _choice("sample.spacing", s.spacing, SPACINGS)
+    _choice("sample.variance", s.variance, ("fixed_small", "fixed_large"))
+    _check(1 <= s.steps <= timesteps, f"sample.steps = {s.steps} (--steps) is out of range: this model has {timesteps} timesteps, so use 1 to {timesteps}")
+    _check(s.n >= 1 and s.batch_size >= 1, f"the number of images ({s.n}) and sample.batch_size ({s.batch_size}) must be at least 1")
+    _check(0 <= s.steps_offset < timesteps, f"sample.steps_offset must be in [0, diffusion.timesteps) = [0, {timesteps}), e.g. 1 as Stable Diffusion 1.x")
+    _check(s.guidance >= 0, f"the guidance scale (sample.guidance, --guidance) must be >= 0 (1: none), got {s.guidance}")
+    _check(0.0 <= s.guidance_rescale <= 1.0, f"the guidance rescale (sample.guidance_rescale) must be in [0, 1], got {s.guidance_rescale}")
+    _check(s.eta >= 0, f"eta (sample.eta, --eta) must be >= 0 (0: deterministic), got {s.eta}")
+    check_seed("sample.seed", s.seed)
+    return s
+
+
 def validate(config: Config) -> Config:
     """Range and consistency checks; returns the config unchanged."""
-    from diffusekit.denoiser import PREDICTIONS
-    from diffusekit.losses import WEIGHTINGS
-    from diffusekit.samplers import SAMPLERS
-    from diffusekit.schedule import BETA_SCHEDULES, SPACINGS
-
     m, d, data, t, s = config.model, config.diffusion, config.data, config.train, config.sample
     _check(len(m.channels) >= 1 and all(c > 0 for c in m.channels), "model.channels needs at least one positive width, e.g. 32,64,64")
     _check(m.layers_per_block >= 1, "model.layers_per_block must be at least 1")
@@ -85,6 +107,7 @@ def validate(config: Config) -> Config:
     _check(data.dataset != "folder" or bool(data.path), "data.dataset = 'folder' needs data.path, e.g. --set data.path=my_images/")
     _check(data.limit >= 0, "data.limit must be 0 (all) or a positive count")
 
+    check_seed("train.seed", t.seed)
     _check(t.batch_size >= 1 and t.grad_accumulation >= 1, "train.batch_size and train.grad_accumulation must be at least 1")
     _check(t.lr > 0, "train.lr must be positive")
     _choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
@@ -96,18 +119,10 @@ def validate(config: Config) -> Config:
     _check(t.log_every >= 1 and t.checkpoint_every >= 1 and t.keep_checkpoints >= 1, "train.log_every, checkpoint_every and keep_checkpoints must be at least 1")
     _choice("train.on_nan", t.on_nan, ("stop", "skip"))
     if t.budget:
-        from diffusekit.runtime import parse_duration
-
         parse_duration(t.budget)
 
-    _choice("sample.sampler", s.sampler, SAMPLERS)
-    _choice("sample.spacing", s.spacing, SPACINGS)
-    _choice("sample.variance", s.variance, ("fixed_small", "fixed_large"))
-    _check(s.steps >= 1 and s.n >= 1, "sample.steps and sample.n must be at least 1")
-    _check(s.steps <= d.timesteps and config.eval.steps <= d.timesteps,
-           f"sample.steps and eval.steps cannot exceed diffusion.timesteps = {d.timesteps} (a sampler takes at most one step per timestep)")
-    _check(0 <= s.steps_offset < d.timesteps, f"sample.steps_offset must be in [0, diffusion.timesteps) = [0, {d.timesteps}), e.g. 1 as Stable Diffusion 1.x")
-    _check(s.guidance >= 0 and 0.0 <= s.guidance_rescale <= 1.0, "sample.guidance must be >= 0 and sample.guidance_rescale in [0, 1]")
+    check_sample(s, d.timesteps)
+    _check(config.eval.steps <= d.timesteps, f"eval.steps = {config.eval.steps} cannot exceed diffusion.timesteps = {d.timesteps} (a sampler takes at most one step per timestep)")
 
     tx = config.text
     _check(not tx.encoder or m.cross_attention_dim > 0, f"text.encoder = {tx.encoder!r} needs model.cross_attention_dim = the encoder's width (384 for minilm)")

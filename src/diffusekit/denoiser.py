@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from diffusekit.errors import UserError
 from diffusekit.schedule import NoiseSchedule, sigma_to_alpha_sigma
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -32,7 +33,7 @@ def prediction_target(prediction: str, x0, eps, alpha, s) -> torch.Tensor:
         return x0
     if prediction == "v":
         return _expand(alpha, x0) * eps - _expand(s, x0) * x0
-    raise ValueError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
+    raise UserError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
 
 
 def x0_from_prediction(prediction: str, output, x_t, alpha, s) -> torch.Tensor:
@@ -43,7 +44,7 @@ def x0_from_prediction(prediction: str, output, x_t, alpha, s) -> torch.Tensor:
         return output
     if prediction == "v":
         return _expand(alpha, x_t) * x_t - _expand(s, x_t) * output
-    raise ValueError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
+    raise UserError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
 
 
 def eps_from_x0(x0, x_t, alpha, s) -> torch.Tensor:
@@ -59,7 +60,7 @@ class Denoiser:
 
     def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, prediction: str):
         if prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
+            raise UserError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
         self.net, self.schedule, self.prediction = net, schedule, prediction
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from diffusekit.denoiser import prediction_target
+from diffusekit.errors import UserError
 from diffusekit.schedule import NoiseSchedule
 
 WEIGHTINGS = ("uniform", "min_snr")
@@ -31,7 +32,7 @@ def loss_weights(weighting: str, prediction: str, snr: torch.Tensor, gamma: floa
             return clipped
         if prediction == "v":
             return clipped / (snr + 1)
-    raise ValueError(f"unknown loss weighting '{weighting}'; use one of {WEIGHTINGS}")
+    raise UserError(f"unknown loss weighting '{weighting}'; use one of {WEIGHTINGS}")
 
 
 def draw_t_and_noise(schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator | None = None, rank: int = 0, world: int = 1):

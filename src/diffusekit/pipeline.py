@@ -12,89 +12,25 @@ from __future__ import annotations
 
 import inspect
 import math
-from importlib import resources
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from diffusekit.config import Config, config_from_dict
+from diffusekit.config import Config, SampleConfig
+from diffusekit.config_checks import check_sample
 from diffusekit.denoiser import Denoiser
 from diffusekit.errors import UserError
-from diffusekit.files import read_json, read_tensors
 from diffusekit.guidance import GuidedDenoiser
-from diffusekit.io.checkpoint import load_weights, resolve_checkpoint
-from diffusekit.nn.state import load_state_dict_checked
-from diffusekit.nn.unet import UNet
+from diffusekit.io import diffusers
+from diffusekit.models import ModelParts, image_shape, load_parts, text_condition
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores
 from diffusekit.samplers import get_sampler
-from diffusekit.schedule import SPACINGS, NoiseSchedule
+from diffusekit.schedule import NoiseSchedule
 
 LARGE_IMAGE_PIXELS = 256 * 256  # from this size on, the VAE decodes one image at a time
-
-
-def image_shape(config: Config, size: int | None = None) -> tuple[int, int, int]:
-    """What the U-Net denoises for images of `size` (default: the training size): images, or a latent model's latents."""
-    size = size or config.data.image_size
-    if config.latent.vae:
-        factor = config.vae.downsample_factor
-        if size % factor:
-            raise UserError(f"--size {size} is not a multiple of {factor}, the autoencoder's down-sampling factor")
-        return (config.vae.latent_channels, size // factor, size // factor)
-    return (config.data.channels, size, size)
-
-
-def default_model() -> Path:
-    """The text-to-image demo model shipped in the package."""
-    path = Path(str(resources.files("diffusekit") / "assets" / "emoji-t2i"))
-    if not (path / "config.json").is_file():
-        raise UserError("no shipped demo model in this installation; give a text-to-image run with --model RUN")
-    return path
-
-
-def build_unet(config: Config) -> UNet:
-    return UNet.from_config(config.model, in_channels=image_shape(config)[0])
-
-
-def build_vae(config: Config) -> AutoencoderKL:
-    return AutoencoderKL.from_config(config.vae, config.data.channels)
-
-
-def build_text_encoder(config: Config, device=None):
-    """The model's text encoder (None for a model without text conditioning)."""
-    if not config.text.encoder:
-        return None
-    from diffusekit.nn.text import TextEncoder
-
-    encoder = TextEncoder(config.text.encoder, config.text.max_length)
-    if encoder.dim != config.model.cross_attention_dim:
-        raise UserError(
-            f"the text encoder '{config.text.encoder}' gives {encoder.dim}-wide embeddings but model.cross_attention_dim = "
-            f"{config.model.cross_attention_dim}; set model.cross_attention_dim={encoder.dim}"
-        )
-    return encoder.to(device) if device is not None else encoder
-
-
-def text_condition(hidden: torch.Tensor, mask: torch.Tensor, mask_padding: bool) -> dict:
-    """The U-Net's text inputs: token embeddings, and the padding mask unless the model attends to padding."""
-    return {"context": hidden, "context_mask": mask} if mask_padding else {"context": hidden}
-
-
-def load_config(ckpt: Path) -> Config:
-    return config_from_dict(read_json(Path(ckpt) / "config.json", "config"), where=f"{ckpt}/config.json")
-
-
-def check_sampling_values(n: int, batch_size: int, guidance: float | None, rescale: float, eta: float | None) -> None:
-    """The ranges config.validate() enforces for sample.*, for values given at sampling time."""
-    if n < 1 or batch_size < 1:
-        raise UserError(f"the number of images ({n}) and the batch size ({batch_size}) must be at least 1")
-    if guidance is not None and guidance < 0:
-        raise UserError(f"the guidance scale must be >= 0 (1: none), got {guidance}")
-    if not 0.0 <= rescale <= 1.0:
-        raise UserError(f"the guidance rescale must be in [0, 1], got {rescale}")
-    if eta is not None and eta < 0:
-        raise UserError(f"eta must be >= 0 (0: deterministic), got {eta}")
 
 
 class Pipeline:
@@ -111,27 +47,20 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, weights: str = "ema", device: str = "auto") -> "Pipeline":
+        """A diffusekit run or checkpoint folder (EMA weights unless weights="model"), or a diffusers folder."""
         use_all_cores()
-        from diffusekit.io import diffusers
-
         if diffusers.is_diffusers_folder(path):  # a Stable Diffusion / diffusers folder (model_index.json or a UNet config.json)
             if weights != "ema":
                 raise UserError(f"'{path}' is a diffusers folder: it has one set of weights, so --weights {weights} does not apply")
-            return diffusers.load_pipeline(path, device=device)
-        ckpt = resolve_checkpoint(path)
-        config = load_config(ckpt)
-        if config.task != "diffusion":
-            raise UserError(f"'{path}' holds an {config.task} (from train-vae), not a diffusion model: sample from a diffusion run")
+            return cls.from_parts(diffusers.read_parts(path), device)
+        return cls.from_parts(load_parts(path, weights), device)
+
+    @classmethod
+    def from_parts(cls, parts: ModelParts, device: str = "auto") -> "Pipeline":
         dev = pick_device(device)
-        net = build_unet(config)
-        load_state_dict_checked(net, load_weights(ckpt, weights), source=str(ckpt))
-        vae = None
-        if config.latent.vae:
-            vae = build_vae(config)
-            load_state_dict_checked(vae, read_tensors(ckpt / "vae.safetensors"), source=str(ckpt))
-            vae = prepare_module(vae, dev)
-        state = read_json(ckpt / "state.json", "training state")
-        return cls(config, prepare_module(net, dev), dev, checkpoint=ckpt, step=state.get("step"), vae=vae, text_encoder=build_text_encoder(config, dev))
+        vae = prepare_module(parts.vae, dev) if parts.vae is not None else None
+        text_encoder = parts.text_encoder.to(dev) if parts.text_encoder is not None else None
+        return cls(parts.config, prepare_module(parts.net, dev), dev, checkpoint=parts.source, step=parts.step, vae=vae, text_encoder=text_encoder)
 
     def to(self, device: torch.device | str) -> "Pipeline":
         """Move the networks (U-Net, VAE, text encoder) to `device`, as pipe.to("cuda") in diffusers."""
@@ -153,13 +82,14 @@ class Pipeline:
         parts = [vae.decode(vae.unscale_latents(part.to(self.device)), slice_size).clamp(-1, 1).cpu() for part in latents.split(batch_size)]
         return torch.cat(parts)
 
-    def sigmas(self, steps: int, spacing: str) -> torch.Tensor:
-        if spacing not in SPACINGS:
-            raise UserError(f"unknown step schedule '{spacing}'; use one of: {', '.join(SPACINGS)}")
-        T = self.schedule.num_timesteps
-        if not 1 <= steps <= T:
-            raise UserError(f"--steps {steps} is out of range: this model has {T} timesteps, so use 1 to {T}")
-        return self.schedule.sampling_sigmas(steps, spacing, steps_offset=self.config.sample.steps_offset)
+    def settings(self, **given) -> SampleConfig:
+        """The model's sample config with the values given here (None: the model's own), checked."""
+        return check_sample(replace(self.config.sample, **{k: v for k, v in given.items() if v is not None}), self.schedule.num_timesteps)
+
+    def sigmas(self, steps: int | None = None, spacing: str | None = None) -> torch.Tensor:
+        """The steps + 1 noise levels a sampler walks down (the model's sample.steps / spacing by default)."""
+        settings = self.settings(steps=steps, spacing=spacing)
+        return self.schedule.sampling_sigmas(settings.steps, settings.spacing, steps_offset=settings.steps_offset)
 
     def _labels(self, labels, n: int) -> torch.Tensor | None:
         if labels is None:
@@ -201,6 +131,15 @@ class Pipeline:
             return self.encode_prompts([""] * n), None
         return None, None
 
+    def sampler_options(self, settings: SampleConfig, eta: float | None, variance: str | None) -> dict:
+        """The keyword options of the chosen sampler: eta (given, or sample.eta for DDIM) and DDPM's variance."""
+        accepted = inspect.signature(get_sampler(settings.sampler)).parameters
+        for name, value in (("eta", eta), ("variance", variance)):
+            if value is not None and name not in accepted:
+                raise UserError(f"the {settings.sampler} sampler has no option '{name}'; drop it or pick a sampler that takes it")
+        options = {"eta": settings.eta} if eta is not None or settings.sampler == "ddim" else {}
+        return {**options, "variance": settings.variance} if "variance" in accepted else options
+
     @torch.no_grad()
     def sample(
         self,
@@ -214,64 +153,54 @@ class Pipeline:
         negative: str | None = None,
         guidance: float | None = None,
         guidance_rescale: float | None = None,
-        batch_size: int = 64,
+        eta: float | None = None,
+        variance: str | None = None,
+        batch_size: int | None = None,
         size: int | None = None,
         noise: torch.Tensor | None = None,
         callback=None,
         progress: bool = False,
-        **sampler_options,
     ) -> torch.Tensor:
         """n images as a tensor in [-1, 1] (a latent model's samples decoded). Image i depends only on (seed, i), not on batch_size.
 
-        labels: class label(s) of a class-conditional model; prompts: text(s) of a text-to-image
-        model (both repeated to n); negative: the prompt guidance steers away from (default "").
-        guidance: the classifier-free guidance scale; size: another image size than the training one.
-        noise: the initial noise [n, *shape] (standard normal, as diffusers' `latents`) instead of the seeded draw.
-        callback(first_index, step, x, x0_hat)
-        sees each batch's state after every step.
+        steps, sampler, spacing, seed, guidance, guidance_rescale, eta, variance and batch_size replace the
+        model's sample.* settings for this call (None keeps them). labels: class label(s) of a class-conditional
+        model; prompts: text(s) of a text-to-image model (both repeated to n); negative: the prompt guidance
+        steers away from (default ""). size: another image size than the training one. noise: the initial
+        noise [n, *shape] (standard normal, as diffusers' `latents`) instead of the seeded draw.
+        callback(info) sees each batch after every step: the sampler's info (samplers.py) plus "start",
+        the index of the batch's first image.
         """
-        defaults = self.config.sample
-        steps, sampler = defaults.steps if steps is None else steps, sampler or defaults.sampler
-        spacing, seed = spacing or defaults.spacing, defaults.seed if seed is None else seed
-        rescale = defaults.guidance_rescale if guidance_rescale is None else guidance_rescale
-        check_sampling_values(n, batch_size, guidance, rescale, sampler_options.get("eta"))
-        if sampler == "ddim":
-            sampler_options.setdefault("eta", defaults.eta)
-        if sampler == "ddpm":
-            sampler_options.setdefault("variance", defaults.variance)
-        sample_fn = get_sampler(sampler)
-        unknown = [k for k in sampler_options if k not in inspect.signature(sample_fn).parameters]
-        if unknown:
-            raise UserError(f"the {sampler} sampler has no option '{unknown[0]}'; drop it or pick a sampler that takes it")
-        sigmas = self.sigmas(steps, spacing).to(self.device)
+        settings = self.settings(n=n, steps=steps, sampler=sampler, spacing=spacing, seed=seed, guidance=guidance,
+                                 guidance_rescale=guidance_rescale, eta=eta, variance=variance, batch_size=batch_size)
+        sample_fn, options = get_sampler(settings.sampler), self.sampler_options(settings, eta, variance)
+        sigmas = self.sigmas(settings.steps, settings.spacing).to(self.device)
         cond, uncond = self.conditions(n, labels, prompts, negative)
-        if uncond is None:  # unconditional samples: nothing to guide towards
-            if guidance not in (None, 1.0):
-                raise UserError("classifier-free guidance needs a condition: give a --label or a prompt")
-            guidance = 1.0
-        guidance = defaults.guidance if guidance is None else guidance
+        if uncond is None and guidance not in (None, 1.0):  # unconditional samples: nothing to guide towards
+            raise UserError("classifier-free guidance needs a condition: give a --label or a prompt")
+        scale = settings.guidance if uncond is not None else 1.0
         shape = image_shape(self.config, size)
         if noise is not None and tuple(noise.shape) != (n, *shape):
             raise UserError(f"noise has shape {list(noise.shape)}, but {n} samples need {[n, *shape]}")
-        out = []
-        bar = tqdm(total=n * steps, desc=f"sampling ({sampler}, {steps} steps)", unit="step", disable=not progress, leave=False)
-        for start in range(0, n, batch_size):
-            count = min(batch_size, n - start)
+        out, batch = [], settings.batch_size
+        bar = tqdm(total=n * settings.steps, desc=f"sampling ({settings.sampler}, {settings.steps} steps)", unit="step", disable=not progress, leave=False)
+        for start in range(0, n, batch):
+            count = min(batch, n - start)
             part = slice(start, start + count)
-            gens = sample_generators(seed, count, start)
+            gens = sample_generators(settings.seed, count, start)
             start_noise = randn((count, *shape), generator=gens, device=self.device) if noise is None else noise[part].to(self.device)
             x = start_noise * (1 + sigmas[0] ** 2).sqrt().float()
             batch_cond = {k: v[part] for k, v in cond.items()} if cond else None
             denoiser = self.denoiser
-            if guidance != 1.0:
-                denoiser = GuidedDenoiser(self.denoiser, {k: v[part] for k, v in uncond.items()}, guidance, rescale)
+            if scale != 1.0:
+                denoiser = GuidedDenoiser(self.denoiser, {k: v[part] for k, v in uncond.items()}, scale, settings.guidance_rescale)
 
-            def on_step(i, x, x0, start=start, count=count):
+            def on_step(info, start=start, count=count):
                 bar.update(count)
                 if callback is not None:
-                    callback(start, i, x, x0)
+                    callback({**info, "start": start})
 
-            x = sample_fn(denoiser, x, sigmas, cond=batch_cond, generator=gens, callback=on_step, **sampler_options)
+            x = sample_fn(denoiser, x, sigmas, cond=batch_cond, generator=gens, callback=on_step, **options)
             out.append(self.decode(x) if self.vae is not None else x.clamp(-1, 1).cpu())
         bar.close()
         return torch.cat(out)

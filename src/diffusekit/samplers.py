@@ -3,9 +3,11 @@
     sample_xxx(denoiser, x, sigmas, cond=None, generator=None, callback=None, **options) -> x
 
 x starts as noise at sigmas[0] (x = x0 + sigmas[0] * eps, k-diffusion scaling) and
-the loop walks down the decreasing `sigmas`, which end at 0. `callback(i, x, x0_hat)`
-is called after every step; `generator` is None, a torch.Generator or a list of
-per-sample generators (see runtime.randn).
+the loop walks down the decreasing `sigmas`, which end at 0. After every step,
+`callback(info)` gets a dict with k-diffusion's keys: "i" (the step), "steps" (their
+number), "sigma" (where the network predicted "denoised", the x0_hat), "sigma_next" (the
+level the new "x" is at). `generator` is None, a torch.Generator or a list of per-sample
+generators (see runtime.randn).
 
 In this scaling the DDPM forward chain is Brownian motion: x_{sigma'} = x_{sigma} +
 sqrt(sigma'^2 - sigma^2) z. Its reverse posterior q(x_s | x_t, x0) (Ho et al. eq. 7)
@@ -18,7 +20,14 @@ from __future__ import annotations
 
 import torch
 
+from diffusekit.errors import UserError
 from diffusekit.runtime import randn
+
+
+def report(callback, i: int, sigmas: torch.Tensor, x: torch.Tensor, x0: torch.Tensor) -> None:
+    """Tell the callback (if any) where step i left x."""
+    if callback is not None:
+        callback({"i": i, "steps": len(sigmas) - 1, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "x": x, "denoised": x0})
 
 
 def _noise_like(x: torch.Tensor, generator) -> torch.Tensor:
@@ -46,7 +55,7 @@ def sample_ddpm(denoiser, x, sigmas, cond=None, generator=None, callback=None, v
     (in the sigma scaling: (t^2 - s^2)(1 + s^2)/(1 + t^2)). No noise is added on the last step.
     """
     if variance not in ("fixed_small", "fixed_large"):
-        raise ValueError(f"unknown DDPM variance '{variance}'; use fixed_small or fixed_large")
+        raise UserError(f"unknown DDPM variance '{variance}'; use fixed_small or fixed_large")
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = denoiser(x, sigma, cond)
@@ -57,8 +66,7 @@ def sample_ddpm(denoiser, x, sigmas, cond=None, generator=None, callback=None, v
             else:
                 std = ((sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)).sqrt()
             x = x + std.to(x.dtype) * _noise_like(x, generator)
-        if callback is not None:
-            callback(i, x, x0)
+        report(callback, i, sigmas, x, x0)
     return x
 
 
@@ -76,8 +84,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, cond=None, generator=None, callb
         x = x + ((x - x0) / sigma) * (sigma_down - sigma).to(x.dtype)
         if sigma_up > 0:
             x = x + sigma_up.to(x.dtype) * _noise_like(x, generator)
-        if callback is not None:
-            callback(i, x, x0)
+        report(callback, i, sigmas, x, x0)
     return x
 
 
@@ -106,8 +113,7 @@ def sample_heun(denoiser, x, sigmas, cond=None, generator=None, callback=None):
             x_euler = x + slope * dt
             slope_next = (x_euler - denoiser(x_euler, sigma_next, cond)) / sigma_next
             x = x + (slope + slope_next) / 2 * dt
-        if callback is not None:
-            callback(i, x, x0)
+        report(callback, i, sigmas, x, x0)
     return x
 
 
@@ -146,7 +152,7 @@ def sample_dpmpp(denoiser, x, sigmas, cond=None, generator=None, callback=None, 
     the one before it is at most second order (as in diffusers), which keeps few-step sampling stable.
     """
     if order not in (1, 2, 3) or (order == 3 and eta != 0):
-        raise ValueError("DPM-Solver++ supports order 1, 2 or 3 (order 3 only with eta = 0)")
+        raise UserError("DPM-Solver++ supports order 1, 2 or 3 (order 3 only with eta = 0)")
     steps = len(sigmas) - 1
     history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (lambda, x0_hat), newest last
     for i in range(steps):
@@ -163,8 +169,7 @@ def sample_dpmpp(denoiser, x, sigmas, cond=None, generator=None, callback=None, 
             x = ((sigma_next / sigma) * torch.exp(-eta * h)).to(x.dtype) * x + phi.to(x.dtype) * _dpmpp_data_term(history[-use:], h, phi)
             if eta > 0:
                 x = x + (sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()).to(x.dtype) * _noise_like(x, generator)
-        if callback is not None:
-            callback(i, x, x0)
+        report(callback, i, sigmas, x, x0)
     return x
 
 
@@ -193,8 +198,6 @@ SAMPLERS = {
 
 
 def get_sampler(name: str):
-    from diffusekit.errors import UserError
-
     if name not in SAMPLERS:
         raise UserError(f"unknown sampler '{name}'; choose one of: {', '.join(SAMPLERS)}")
     return SAMPLERS[name]

@@ -18,6 +18,8 @@ import math
 import numpy as np
 import torch
 
+from diffusekit.errors import UserError
+
 # abar_T = 0 (zero terminal SNR) would make sigma infinite; samplers use this
 # floor instead, as diffusers does (2**-24, i.e. sigma_max ~ 4096).
 MIN_ALPHA_CUMPROD = 2.0**-24
@@ -167,7 +169,7 @@ class NoiseSchedule:
         """
         T = self.num_timesteps
         if not 1 <= steps <= T:
-            raise ValueError(f"steps must be between 1 and {T}, got {steps}")
+            raise UserError(f"{steps} sampling steps are out of range: this model has {T} timesteps, so use between 1 and {T}")
         # numpy, as diffusers computes them, so that rounding ties land on the same integers
         if spacing == "leading":
             ts = (np.arange(steps) * (T // steps)).round() + steps_offset
@@ -176,7 +178,7 @@ class NoiseSchedule:
         elif spacing == "linspace":
             ts = np.linspace(0, T - 1, steps).round()
         else:
-            raise ValueError(f"'{spacing}' is not a timestep spacing; use leading, trailing or linspace")
+            raise UserError(f"unknown step schedule '{spacing}'; use one of: {', '.join(SPACINGS)}")
         return torch.from_numpy(ts.copy()).clamp(0, T - 1).long().flip(0)
 
     def sampling_sigmas(self, steps: int, spacing: str = "trailing", rho: float = 7.0, steps_offset: int = 0) -> torch.Tensor:

@@ -25,11 +25,12 @@ from diffusekit.data.latents import latent_dataset
 from diffusekit.errors import UserError
 from diffusekit.files import read_tensors, write_json_atomic
 from diffusekit.images import save_grid
-from diffusekit.io.checkpoint import latest_checkpoint, load_weights, resolve_checkpoint
+from diffusekit.io.checkpoint import latest_checkpoint, load_config, load_weights, resolve_checkpoint
 from diffusekit.losses import diffusion_loss, draw_t_and_noise
+from diffusekit.models import build_text_encoder, build_unet, build_vae, text_condition
 from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.nn.text import CaptionEmbeddings
-from diffusekit.pipeline import Pipeline, build_text_encoder, build_unet, build_vae, load_config, text_condition
+from diffusekit.pipeline import Pipeline
 from diffusekit.runtime import prepare_module
 from diffusekit.schedule import NoiseSchedule
 from diffusekit.trainer import Trainer, TrainResult, run_training

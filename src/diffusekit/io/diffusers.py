@@ -1,7 +1,7 @@
 """Stable Diffusion / diffusers folders: read them into diffusekit, write diffusekit models as them.
 
-    Pipeline.from_pretrained("stable-diffusion-v1-5/")  # a pipeline folder (model_index.json) ...
-    Pipeline.from_pretrained("ddpm-cifar10-32/unet")    # ... or a lone UNet2DModel folder
+    read_parts("stable-diffusion-v1-5/")  # a pipeline folder (model_index.json) ...
+    read_parts("ddpm-cifar10-32/unet")    # ... or a lone UNet2DModel folder (Pipeline.from_pretrained calls it)
     (writing: io/diffusers_export.py, `diffusekit export RUN --format diffusers OUT/`)
 
 Parameter names already match (nn/unet.py and nn/vae.py use diffusers' names), so the
@@ -25,7 +25,7 @@ import torch
 
 from diffusekit.config import Config, config_from_dict
 from diffusekit.errors import ConfigError, UserError
-from diffusekit.files import read_json as checkpoint_read_json
+from diffusekit.files import read_json as read_json_object
 from diffusekit.files import read_tensors
 from diffusekit.io.diffusers_keys import (
     BLOCKS,
@@ -48,7 +48,7 @@ from diffusekit.io.diffusers_keys import (
     read_renamed,
     write_renamed,
 )
-from diffusekit.nn.state import load_state_dict_checked
+from diffusekit.models import ModelParts, build_parts, image_shape
 from diffusekit.nn.vae import VAEConfig
 from diffusekit.runtime import warn
 
@@ -127,8 +127,6 @@ def class_count(num_class_embeds: int | None, where: str) -> int:
 
 def unet_config(config: Config) -> dict:
     """The diffusers config.json of diffusekit's U-Net: UNet2DConditionModel with text, else UNet2DModel."""
-    from diffusekit.pipeline import image_shape
-
     m = config.model
     kind = "UNet2DConditionModel" if m.cross_attention_dim else "UNet2DModel"
     names = BLOCKS[kind]
@@ -254,7 +252,7 @@ def is_diffusers_folder(path: str | Path) -> bool:
 
 
 def read_json(path: Path, where: str) -> dict:
-    return checkpoint_read_json(path, where, container="the diffusers folder")
+    return read_json_object(path, where, container="the diffusers folder")
 
 
 def find_parts(path: Path) -> Folder:
@@ -325,8 +323,11 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """A diffusers model folder's weights: safetensors (one file or shards), else a .bin read without running pickled code."""
     shards = folder / f"{WEIGHT_FILES[0]}.index.json"
     if shards.is_file():
-        names = sorted(set(read_json(shards, str(shards)).get("weight_map", {}).values()))
-        return {key: value for name in names for key, value in read_tensors(folder / name).items()}
+        weight_map = read_json(shards, str(shards)).get("weight_map", {})
+        names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else None
+        if not names or not all(isinstance(name, str) for name in names):
+            raise UserError(f"'{shards}' has no weight_map of shard file names; the diffusers folder is damaged")
+        return {key: value for name in names for key, value in read_tensors(shard_path(folder, name, shards)).items()}
     for name in WEIGHT_FILES:
         path = folder / name
         if path.is_file() and name.endswith(".safetensors"):
@@ -339,19 +340,19 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise UserError(f"'{folder}' has no weights: expected {WEIGHT_FILES[0]} (or {', '.join(WEIGHT_FILES[1:])})")
 
 
-def load_pipeline(path: str | Path, device: str = "auto"):
-    """A diffusekit Pipeline from a diffusers pipeline folder or a lone UNet2DModel folder."""
-    from diffusekit.pipeline import Pipeline, build_text_encoder, build_unet, build_vae
-    from diffusekit.runtime import pick_device, prepare_module
+def shard_path(folder: Path, name: str, index: Path) -> Path:
+    """A shard named by an index file: it must be a file of `folder` itself, so that no config can make
+    diffusekit read a file outside the folder the user gave."""
+    path = folder / name
+    if Path(name).name != name or name in (".", "..") or not path.resolve().is_relative_to(folder.resolve()):
+        raise UserError(f"'{index}' names the shard '{name}', which is not a file of '{folder}'; diffusekit reads no file outside "
+                        "the model folder: fix the weight_map or put the shards beside the index")
+    return path
 
+
+def read_parts(path: str | Path) -> ModelParts:
+    """The config and networks of a diffusers pipeline folder or a lone UNet2DModel folder."""
     folder = find_parts(Path(path))
     config = read_config(folder)
-    dev = pick_device(device)
-    net = build_unet(config)
-    load_state_dict_checked(net, read_weights(folder.unet), source=str(folder.unet))
-    vae = None
-    if folder.vae is not None:
-        vae = build_vae(config)
-        load_state_dict_checked(vae, read_weights(folder.vae), source=str(folder.vae))
-        vae = prepare_module(vae, dev)
-    return Pipeline(config, prepare_module(net, dev), dev, checkpoint=folder.root, vae=vae, text_encoder=build_text_encoder(config, dev))
+    vae_weights = read_weights(folder.vae) if folder.vae is not None else None
+    return build_parts(config, read_weights(folder.unet), vae_weights, folder.root)

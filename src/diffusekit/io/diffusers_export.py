@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 from diffusekit.config import Config
 from diffusekit.errors import UserError
 from diffusekit.files import read_tensors, write_json_atomic
-from diffusekit.io.checkpoint import load_weights, resolve_checkpoint
+from diffusekit.io.checkpoint import load_config, load_weights, resolve_checkpoint
 from diffusekit.io.diffusers import FORMAT_VERSION, SKIPPED_COMPONENTS, WEIGHT_FILES, read_json, scheduler_config, tokenizer_length, unet_config, vae_config
+from diffusekit.models import build_unet, build_vae
 from diffusekit.nn.state import load_state_dict_checked
 
 PIPELINE_PARTS = {"DDPMPipeline": ["unet", "scheduler"], "StableDiffusionPipeline": ["unet", "vae", "text_encoder", "scheduler"]}
@@ -70,8 +71,6 @@ def export_diffusers(run: str | Path, out: str | Path, components: list[str] | N
     Without `components`: a pipeline folder (DDPMPipeline for a pixel model, StableDiffusionPipeline for a
     latent text-to-image model with a CLIP text encoder). With them: just those component folders.
     """
-    from diffusekit.pipeline import build_unet, build_vae, load_config
-
     ckpt = resolve_checkpoint(run)
     config = load_config(ckpt)
     if config.task != "diffusion":

@@ -12,8 +12,7 @@ from pathlib import Path
 from diffusekit.config import RESUMABLE_KEYS, RESUMABLE_SECTIONS, Config, diff_configs
 from diffusekit.errors import UserError
 from diffusekit.files import write_text_atomic
-from diffusekit.io.checkpoint import latest_checkpoint
-from diffusekit.pipeline import load_config
+from diffusekit.io.checkpoint import latest_checkpoint, load_config
 
 
 def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) -> Path | None:

@@ -1,0 +1,107 @@
+"""The model factory: a Config -> its networks, for training, loading and export alike.
+
+    parts = load_parts("runs/emoji-ldm")       # a run or checkpoint: config + networks with their weights
+    net = build_unet(config)                    # the denoising network of a config, freshly initialised
+
+A diffusers folder becomes the same ModelParts through io/diffusers.py (read_parts);
+pipeline.Pipeline puts parts on a device and samples them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from diffusekit.config import Config
+from diffusekit.errors import UserError
+from diffusekit.files import read_json, read_tensors
+from diffusekit.io.checkpoint import load_config, load_weights, resolve_checkpoint
+from diffusekit.nn.state import load_state_dict_checked
+from diffusekit.nn.unet import UNet
+from diffusekit.nn.vae import AutoencoderKL
+
+
+def image_shape(config: Config, size: int | None = None) -> tuple[int, int, int]:
+    """What the U-Net denoises for images of `size` (default: the training size): images, or a latent model's latents."""
+    size = size or config.data.image_size
+    if config.latent.vae:
+        factor = config.vae.downsample_factor
+        if size % factor:
+            raise UserError(f"--size {size} is not a multiple of {factor}, the autoencoder's down-sampling factor")
+        return (config.vae.latent_channels, size // factor, size // factor)
+    return (config.data.channels, size, size)
+
+
+def build_unet(config: Config) -> UNet:
+    return UNet.from_config(config.model, in_channels=image_shape(config)[0])
+
+
+def build_vae(config: Config) -> AutoencoderKL:
+    return AutoencoderKL.from_config(config.vae, config.data.channels)
+
+
+def build_text_encoder(config: Config, device=None):
+    """The model's text encoder (None for a model without text conditioning)."""
+    if not config.text.encoder:
+        return None
+    from diffusekit.nn.text import TextEncoder  # imports transformers: only for text models
+
+    encoder = TextEncoder(config.text.encoder, config.text.max_length)
+    if encoder.dim != config.model.cross_attention_dim:
+        raise UserError(
+            f"the text encoder '{config.text.encoder}' gives {encoder.dim}-wide embeddings but model.cross_attention_dim = "
+            f"{config.model.cross_attention_dim}; set model.cross_attention_dim={encoder.dim}"
+        )
+    return encoder.to(device) if device is not None else encoder
+
+
+def text_condition(hidden: torch.Tensor, mask: torch.Tensor, mask_padding: bool) -> dict:
+    """The U-Net's text inputs: token embeddings, and the padding mask unless the model attends to padding."""
+    return {"context": hidden, "context_mask": mask} if mask_padding else {"context": hidden}
+
+
+@dataclass
+class ModelParts:
+    """A diffusion model as loaded: its config and networks (on the CPU), and where they came from."""
+
+    config: Config
+    net: torch.nn.Module
+    vae: AutoencoderKL | None = None
+    text_encoder: torch.nn.Module | None = None
+    source: Path | None = None  # the checkpoint or diffusers folder
+    step: int | None = None  # optimizer steps trained, where known
+
+
+def build_parts(config: Config, net_weights: dict, vae_weights: dict | None, source: Path, step: int | None = None) -> ModelParts:
+    """The networks of `config` with the given weights (each checked against the config's shapes)."""
+    net = build_unet(config)
+    load_state_dict_checked(net, net_weights, source=str(source))
+    vae = None
+    if config.latent.vae:
+        if vae_weights is None:
+            raise UserError(f"'{source}' is a latent model but holds no autoencoder weights; it is incomplete")
+        vae = build_vae(config)
+        load_state_dict_checked(vae, vae_weights, source=str(source))
+    return ModelParts(config, net, vae, build_text_encoder(config), source, step)
+
+
+def load_parts(path: str | Path, weights: str = "ema") -> ModelParts:
+    """A diffusekit run or checkpoint folder: its config, and its EMA (or raw, weights="model") weights."""
+    ckpt = resolve_checkpoint(path)
+    config = load_config(ckpt)
+    if config.task != "diffusion":
+        raise UserError(f"'{path}' holds an {config.task} (from train-vae), not a diffusion model: sample from a diffusion run")
+    vae_weights = read_tensors(ckpt / "vae.safetensors") if config.latent.vae else None
+    state = read_json(ckpt / "state.json", "training state")
+    return build_parts(config, load_weights(ckpt, weights), vae_weights, ckpt, state.get("step"))
+
+
+def default_model() -> Path:
+    """The text-to-image demo model shipped in the package."""
+    path = Path(str(resources.files("diffusekit") / "assets" / "emoji-t2i"))
+    if not (path / "config.json").is_file():
+        raise UserError("no shipped demo model in this installation; give a text-to-image run with --model RUN")
+    return path
