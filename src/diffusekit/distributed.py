@@ -99,6 +99,13 @@ def thread_share(threads: int) -> int:
     return max(1, available_cores() // processes_per_node())
 
 
+def draw_for_global_batch(draw, per_rank: int, rank_: int, world_: int):
+    """draw(count) for the whole global batch of per_rank x world_ rows, and this rank's rows of it:
+    rank_, rank_ + world_, ... (where BatchStream puts this rank's images). So what a run draws (data
+    order, timesteps, noise, flips) does not depend on how many processes share its batch."""
+    return draw(per_rank * world_)[rank_::world_]
+
+
 def barrier() -> None:
     if world() > 1:
         dist.barrier()

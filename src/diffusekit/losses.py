@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from diffusekit.denoiser import prediction_target
+from diffusekit.distributed import draw_for_global_batch
 from diffusekit.errors import UserError
 from diffusekit.schedule import NoiseSchedule
 
@@ -43,9 +44,8 @@ def draw_t_and_noise(schedule: NoiseSchedule, x0: torch.Tensor, generator: torch
     depend on how many processes share the batch.
     """
     device = generator.device if generator is not None else x0.device
-    count = x0.shape[0] * world
-    t = torch.randint(0, schedule.num_timesteps, (count,), generator=generator, device=device)[rank::world]
-    eps = torch.randn((count, *x0.shape[1:]), generator=generator, device=device, dtype=x0.dtype)[rank::world]
+    t = draw_for_global_batch(lambda n: torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=device), len(x0), rank, world)
+    eps = draw_for_global_batch(lambda n: torch.randn((n, *x0.shape[1:]), generator=generator, device=device, dtype=x0.dtype), len(x0), rank, world)
     return t.to(x0.device), eps.to(x0.device)
 
 

@@ -22,6 +22,7 @@ import torch
 from diffusekit.config import Config
 from diffusekit.data import load_dataset, to_float
 from diffusekit.data.latents import latent_dataset
+from diffusekit.distributed import draw_for_global_batch
 from diffusekit.errors import UserError
 from diffusekit.files import read_tensors, write_json_atomic
 from diffusekit.images import save_grid
@@ -103,7 +104,8 @@ class DiffusionTrainer(Trainer):
 
     def uniform(self, count: int) -> torch.Tensor:
         """count draws from U[0, 1) on the training generator, on the training device (this rank's rows of a draw for the global batch)."""
-        return self.my_rows(torch.rand(count * self.world, generator=self.generator, device=self.generator.device)).to(self.device)
+        values = draw_for_global_batch(lambda n: torch.rand(n, generator=self.generator, device=self.generator.device), count, self.rank, self.world)
+        return values.to(self.device)
 
     def next_batch(self) -> tuple[torch.Tensor, dict | None]:
         idx = self.stream.next_indices()

@@ -161,11 +161,6 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
 
-    def my_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of something drawn for the whole global batch: rows rank, rank + world, ...,
-        where its images sit in the global batch (BatchStream's sharding)."""
-        return rows[self.rank :: self.world]
-
     def gradient_sync(self, last: bool):
         """Wrap one micro-batch's forward and backward: with several processes the gradients are
         averaged over the ranks only on the last micro-batch of a step (DDP's no_sync before)."""

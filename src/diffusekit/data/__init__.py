@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from diffusekit.distributed import draw_for_global_batch
 from diffusekit.errors import UserError
 from diffusekit.runtime import derive_seed
 
@@ -99,7 +100,11 @@ class BatchStream:
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch)))
 
     def next_indices(self) -> torch.Tensor:
-        need, parts = self.batch_size * self.world, []
+        return draw_for_global_batch(self._take, self.batch_size, self.rank, self.world)
+
+    def _take(self, need: int) -> torch.Tensor:
+        """The next `need` indices of the epochs' permutations."""
+        parts = []
         while need:
             take = min(need, self.n - self.position)
             parts.append(self._perm[self.position : self.position + take])
@@ -108,7 +113,7 @@ class BatchStream:
             if self.position == self.n:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._perm = self._permutation(self.epoch)
-        return torch.cat(parts)[self.rank :: self.world]
+        return torch.cat(parts)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusekit.data import ImageDataset, to_float
+from diffusekit.distributed import draw_for_global_batch
 from diffusekit.files import read_cached_tensors, save_tensors_atomic, write_json_atomic
 from diffusekit.runtime import cache_dir
 
@@ -46,7 +47,7 @@ class LatentDataset:
         whole global batch and this rank's rows kept (as losses.draw_t_and_noise does).
         """
         mean, std = self.mean[idx], self.std[idx]
-        noise = torch.randn((len(idx) * world, *mean.shape[1:]), generator=generator, device=generator.device)[rank::world]
+        noise = draw_for_global_batch(lambda n: torch.randn((n, *mean.shape[1:]), generator=generator, device=generator.device), len(idx), rank, world)
         return mean.to(noise.device) + std.to(noise.device) * noise
 
 

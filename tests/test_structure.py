@@ -1,0 +1,122 @@
+"""The shape of the code: imports only go down the layers of DESIGN.md, no import cycles
+(imports inside functions count too), small files, and a module map that names every module."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "diffusekit"
+
+# DESIGN.md's layers, bottom to top; a module may import its own layer and the ones below.
+LAYERS = {
+    1: ["errors", "files", "runtime", "schedule", "denoiser", "losses", "samplers", "guidance", "distributed", "optim"],
+    2: ["nn"],
+    3: ["config", "config_checks", "models", "io", "data", "images"],
+    4: ["trainer", "training_state", "train", "train_vae", "pipeline", "evaluate", "metrics"],
+    5: ["cli", "__main__", "__init__", "serve"],
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def type_checking_only(tree: ast.Module) -> set[ast.AST]:
+    """The import statements under `if TYPE_CHECKING:` (annotations only: never executed)."""
+    blocks = [n for n in ast.walk(tree) if isinstance(n, ast.If) and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING"]
+    return {node for block in blocks for stmt in block.body for node in ast.walk(stmt)}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """diffusekit modules `path` imports, at the top or inside functions."""
+    found, tree = set(), ast.parse(path.read_text())
+    skipped = type_checking_only(tree)
+    for node in ast.walk(tree):
+        if node in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("diffusekit")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("diffusekit") and node.level == 0:
+            for alias in node.names:  # `from diffusekit.io import diffusers` imports the module diffusekit.io.diffusers
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in MODULES else node.module)
+    return {name for name in found if name in MODULES} - {module_name(path)}
+
+
+GRAPH = {name: imported_modules(path) for name, path in MODULES.items()}
+
+
+def layer_of(name: str) -> int:
+    parts = name.split(".")[1:] or ["__init__"]
+    top = parts[0]
+    for layer, names in LAYERS.items():
+        if top in names:
+            return layer
+    raise AssertionError(f"{name} has no layer in tests/test_structure.py LAYERS; add it (and to the README module map)")
+
+
+def test_every_module_has_a_layer():
+    for name in MODULES:
+        layer_of(name)
+
+
+def test_imports_only_go_down_the_layers():
+    upward = [f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})" for a, deps in GRAPH.items() for b in deps if layer_of(b) > layer_of(a)]
+    assert upward == []
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path a -> ... -> a, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    assert find_cycle(GRAPH) is None, " -> ".join(find_cycle(GRAPH))
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_files_are_small_enough_to_read_in_one_sitting(name):
+    assert len(MODULES[name].read_text().splitlines()) < 400
+
+
+def test_the_readme_module_map_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| module |"):]
+    named = set(re.findall(r"`([\w/]+)\.py`", table)) | {f"{folder}/{m}" for folder, mods in re.findall(r"`(\w+)/`\s*\|\s*([^|]+)\|", table)
+                                                        for m in re.findall(r"`(\w+)\.py`", mods)}
+    missing = [str(p.relative_to(PACKAGE).with_suffix("")) for p in MODULES.values()
+               if p.name not in ("__init__.py", "__main__.py") and str(p.relative_to(PACKAGE).with_suffix("")) not in named
+               and p.stem not in named]
+    assert missing == [], f"add these modules to the README module map: {missing}"
