@@ -144,8 +144,7 @@ class DiffusionTrainer(Trainer):
                     )
                 (loss / tc.grad_accumulation).backward()
             total += loss.detach()
-        self.optimizer_step()
-        self.finish_step(len(x0))
+        self.finish_step(len(x0), stepped=self.optimizer_step())
         return {"loss": float(total) / tc.grad_accumulation}
 
     def pipeline(self) -> Pipeline:

@@ -59,12 +59,13 @@ class VAETrainer(Trainer):
             self.extra_modules["discriminator"] = self.disc
         return AutoencoderKL.from_config(self.config.vae, self.config.data.channels)
 
-    def __init__(self, config: Config, run_dir, progress: bool = True, resume_from=None):
-        super().__init__(config, run_dir, progress, resume_from)
-        if config.vae_loss.disc_weight > 0:
-            self.optimizers["disc_optimizer"] = make_optimizer(self.disc.parameters(), config.train)
+    def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"disc_optimizer": make_optimizer(self.disc.parameters(), self.config.train)} if "discriminator" in self.extra_modules else {}
+
+    def grid_images(self) -> torch.Tensor:
+        """The same GRID_IMAGES originals at every step, spread over the dataset."""
         fixed = torch.linspace(0, len(self.dataset) - 1, min(GRID_IMAGES, len(self.dataset))).round().long()
-        self.grid_images = to_float(self.dataset.images[fixed])
+        return to_float(self.dataset.images[fixed])
 
     def next_batch(self) -> torch.Tensor:
         x = to_float(self.dataset.images[self.stream.next_indices()]).to(self.device)
@@ -93,7 +94,7 @@ class VAETrainer(Trainer):
                 loss = loss + lc.disc_weight * weight * gan
                 logs.update({"g_loss": gan.item(), "adaptive_weight": weight.item()})
         loss.backward()
-        self.optimizer_step()
+        stepped = self.optimizer_step()
         if self.discriminator_on():
             # the generator's backward also reached the discriminator: its step must see only its own loss
             self.optimizers["disc_optimizer"].zero_grad(set_to_none=True)
@@ -102,7 +103,7 @@ class VAETrainer(Trainer):
             d_loss.backward()
             self.optimizer_step("disc_optimizer", self.disc)
             logs["d_loss"] = d_loss.item()
-        self.finish_step(len(x))
+        self.finish_step(len(x), stepped)
         return {"loss": loss.item(), **logs}
 
     def checkpoint_config(self) -> dict:
@@ -120,8 +121,9 @@ class VAETrainer(Trainer):
 
     def sample_grid(self) -> Path:
         """Originals (top rows) over their reconstructions by the EMA autoencoder."""
-        rec = self.reconstruct(self.grid_images)
-        return save_grid(torch.cat([self.grid_images, rec]), self.run_dir / "samples" / f"step_{self.step:08d}.png", ncols=min(8, len(rec)))
+        originals = self.grid_images()
+        rec = self.reconstruct(originals)
+        return save_grid(torch.cat([originals, rec]), self.run_dir / "samples" / f"step_{self.step:08d}.png", ncols=min(8, len(rec)))
 
     def evaluate(self) -> dict:
         from diffusekit.evaluate import evaluate_reconstructions

@@ -34,24 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from diffusekit import distributed
+from diffusekit import distributed, training_state
 from diffusekit.config import Config, config_to_dict
 from diffusekit.data import BatchStream
 from diffusekit.errors import UserError
-from diffusekit.files import read_json, read_tensors, write_json_atomic
-from diffusekit.io.checkpoint import (
-    checkpoint_name,
-    flatten_optimizer_state,
-    latest_checkpoint,
-    remove_stale_temp_files,
-    save_checkpoint,
-    unflatten_optimizer_state,
-)
+from diffusekit.files import write_json_atomic
+from diffusekit.io.checkpoint import checkpoint_name, remove_stale_temp_files
 from diffusekit.io.runs import clear_run_dir, drop_records_after, prepare_run_dir
-from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.optim import ema_decay_at, ema_update, lr_at, make_optimizer
 from diffusekit.runtime import parse_duration, pick_device, prepare_module, use_all_cores, warn
 
@@ -89,9 +80,11 @@ def window_means(window: list[dict[str, float]]) -> dict[str, float]:
 
 
 class Trainer:
-    """Subclasses set self.net (the trained network, whose EMA is kept) in build(), and may add
-    more modules and optimizers to self.extra_modules / self.optimizers. train_step runs the net
-    through self.train_net (the net, or with several processes its DistributedDataParallel wrapper)."""
+    """Subclasses provide hooks and no __init__ of their own; the base calls them once, in this order:
+    load_data() (the dataset), build() (the trained network, whose EMA is kept; more modules may go into
+    self.extra_modules), extra_optimizers() (theirs). train_step runs the net through self.train_net
+    (the net, or with several processes its DistributedDataParallel wrapper), steps with
+    optimizer_step() and ends with finish_step()."""
 
     single_process_reason = ""  # why a subclass cannot train in several processes ("": it can)
 
@@ -110,11 +103,10 @@ class Trainer:
         self.stream = BatchStream(len(self.dataset), tc.batch_size * tc.grad_accumulation, tc.seed, self.rank, self.world)
         self.generator = torch.Generator(self.device).manual_seed(tc.seed + 1)  # everything random in a step; in step on every rank
         self.step, self.images_seen, self.train_seconds, self.skipped_steps = 0, 0, 0.0, 0
-        self.step_skipped = False
         self.extra_modules: dict[str, torch.nn.Module] = {}
         self.net = prepare_module(self.build(), self.device)
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
-        self.optimizers = {"optimizer": make_optimizer(self.net.parameters(), tc)}
+        self.optimizers = {"optimizer": make_optimizer(self.net.parameters(), tc), **self.extra_optimizers()}
         self.train_net = self.wrap_for_ranks(self.net)
         if self.rank:
             torch.manual_seed(distributed.rank_seed(tc.seed, self.rank))  # each rank its own dropout masks
@@ -141,6 +133,10 @@ class Trainer:
     def build(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Optimizers of the extra modules build() made (a discriminator's), by name; none by default."""
+        return {}
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step; returns the losses to log ("loss" first)."""
         raise NotImplementedError
@@ -166,21 +162,22 @@ class Trainer:
         averaged over the ranks only on the last micro-batch of a step (DDP's no_sync before)."""
         return self.train_net.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
 
-    def optimizer_step(self, name: str = "optimizer", module: torch.nn.Module | None = None) -> None:
-        """Clip the gradients of `module` (default: the net), step the optimizer, clear gradients.
+    def optimizer_step(self, name: str = "optimizer", module: torch.nn.Module | None = None) -> bool:
+        """Clip the gradients of `module` (default: the net), step the optimizer, clear gradients; whether it stepped.
 
         Gradients that are not finite (a NaN/inf loss; with several processes on any rank, as DDP
         averages it into every rank's gradients) stop the run, or with train.on_nan = "skip"
-        the step is skipped: no optimizer step here, no EMA update in finish_step.
+        the step is skipped: no optimizer step here (False), and finish_step then leaves the EMA alone.
         """
         module, clip = module or self.net, self.config.train.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(module.parameters(), clip if clip > 0 else float("inf"))  # inf: only measures
         if not torch.isfinite(norm):
             self.optimizers[name].zero_grad(set_to_none=True)
             self.not_finite()
-            return
+            return False
         self.optimizers[name].step()
         self.optimizers[name].zero_grad(set_to_none=True)
+        return True
 
     def not_finite(self) -> None:
         step, tc = self.step + 1, self.config.train
@@ -190,14 +187,13 @@ class Trainer:
                 f"'{self.run_dir / 'checkpoints'}' hold only finite weights. Start again with a lower train.lr (now {tc.lr:g}) "
                 f"or a train.grad_clip (now {tc.grad_clip:g}), or --resume with --set train.on_nan=skip to skip such batches"
             )
-        self.step_skipped = True
         if self.rank == 0:
             warn(f"the loss is NaN or infinite at step {step}; that batch is skipped (train.on_nan = skip)")
 
-    def finish_step(self, batch_size: int) -> None:
+    def finish_step(self, batch_size: int, stepped: bool) -> None:
         """After the optimizer step(s): the EMA follows (unless the step was skipped), count the step and its images."""
         tc = self.config.train
-        if self.step_skipped:
+        if not stepped:
             self.skipped_steps += 1
         else:
             ema_update(self.ema, self.net, ema_decay_at(self.step, tc.ema_decay, tc.ema_warmup))
@@ -209,80 +205,12 @@ class Trainer:
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.net, "ema": self.ema, **self.extra_modules}
 
-    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Everything a checkpoint holds as tensors. With several processes every rank must call it (it gathers their RNG states)."""
-        rng = {"train_generator": self.generator.get_state()}
-        for states in distributed.all_gather(distributed.own_rng_states(self.device)):
-            rng.update(states)
-        tensors = {name: module.state_dict() for name, module in self.modules().items()}
-        tensors.update({name: flatten_optimizer_state(opt.state_dict())[0] for name, opt in self.optimizers.items()})
-        return {**tensors, "rng": rng}
-
-    def state_json(self) -> dict:
-        return {
-            "step": self.step,
-            "images_seen": self.images_seen,
-            "train_seconds": self.train_seconds,
-            "skipped_steps": self.skipped_steps,
-            "processes": self.world,
-            "global_batch": self.global_batch,
-            "device": self.device.type,  # the training generator's state only fits a generator of this kind
-            "data": self.stream.state_dict(),
-            "optimizers": {name: flatten_optimizer_state(opt.state_dict())[1] for name, opt in self.optimizers.items()},
-        }
-
     def checkpoint_config(self) -> dict:
+        """The config saved in each checkpoint."""
         return config_to_dict(self.config)
 
     def save(self, final: bool = False) -> Path | None:
-        """Write a checkpoint (rank 0) while the other ranks wait for the outcome, so nobody races ahead.
-
-        A save that fails (full disk, no permission) keeps the previous checkpoint: a warning, and
-        training goes on (None); a failed final save is an error.
-        """
-        tensors = self.state_tensors()
-        outcome = self.write_checkpoint(tensors) if self.rank == 0 else None
-        saved, problem = distributed.broadcast_from_main(outcome)
-        if saved is not None:
-            return Path(saved)
-        if final:
-            raise UserError(f"could not write the final checkpoint: {problem}; free some space or fix the permissions, then --resume")
-        if self.rank == 0:
-            warn(f"could not write a checkpoint: {problem}; training goes on")
-        return None
-
-    def write_checkpoint(self, tensors) -> tuple[str | None, str | None]:
-        """(the checkpoint written, None) or (None, what went wrong and which checkpoint is kept)."""
-        try:
-            ckpt = save_checkpoint(self.run_dir, self.step, tensors, self.state_json(), self.checkpoint_config(), self.config.train.keep_checkpoints)
-            return str(ckpt), None
-        except (OSError, SafetensorError) as err:
-            kept = latest_checkpoint(self.run_dir)
-            kept_text = f"the last complete checkpoint, {kept}, is kept" if kept else "there is no earlier checkpoint"
-            return None, f"step {self.step} in '{self.run_dir / 'checkpoints'}' failed ({err}); {kept_text}"
-
-    def load(self, ckpt: Path) -> None:
-        for name, module in self.modules().items():
-            load_state_dict_checked(module, read_tensors(ckpt / f"{name}.safetensors"), str(ckpt))
-        state = read_json(ckpt / "state.json", "training state")
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(unflatten_optimizer_state(read_tensors(ckpt / f"{name}.safetensors"), state["optimizers"][name]))
-        rng = read_tensors(ckpt / "rng.safetensors")
-        saved_device = state.get("device", self.device.type)
-        if saved_device != self.device.type:
-            raise UserError(
-                f"'{ckpt}' was trained on {saved_device} and its random state cannot continue on {self.device.type}: "
-                f"resume with --set train.device={saved_device}, or start a new run from its weights"
-            )
-        self.generator.set_state(rng["train_generator"])
-        self.stream.load_state_dict(state["data"])
-        self.step, self.images_seen, self.train_seconds = state["step"], state["images_seen"], state["train_seconds"]
-        self.skipped_steps = state.get("skipped_steps", 0)
-        distributed.restore_own_rng_states(rng, self.device, distributed.rank_seed(self.config.train.seed, self.rank) + self.step)
-        saved_batch = state.get("global_batch", self.global_batch)
-        if saved_batch != self.global_batch and self.rank == 0:
-            warn(f"the global batch is now {self.global_batch} images (train.batch_size x grad_accumulation x {self.world} processes); "
-                 f"the run trained with {saved_batch} so far")
+        return training_state.save(self, final)
 
     # ------------------------------------------------------------------ the loop
 
@@ -336,7 +264,7 @@ class Trainer:
     def run(self, resume_from: Path | None = None) -> TrainResult:
         tc = self.config.train
         if resume_from is not None:
-            self.load(resume_from)
+            training_state.restore(self, resume_from)
         if self.rank == 0:
             self.start_outputs(resumed=resume_from is not None)
         budget = parse_duration(tc.budget) if tc.budget else None
@@ -353,14 +281,14 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             self.set_learning_rates()
-            self.step_skipped = False
+            skipped_before = self.skipped_steps
             losses = self.train_step()
             elapsed = time.perf_counter() - t0
             session_train += elapsed
             self.train_seconds += elapsed
             session_images += self.global_batch
             rate = session_images / max(session_train, 1e-9)
-            if not self.step_skipped:
+            if self.skipped_steps == skipped_before:
                 window.append(losses)
                 last_loss = losses["loss"]
             bar.update(1)
