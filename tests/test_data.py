@@ -12,7 +12,7 @@ from diffusekit.config import DataConfig
 from diffusekit.data import BatchStream, load_dataset
 from diffusekit.data.folder import load_folder
 from diffusekit.data.mnist import load_mnist
-from diffusekit.errors import UserError
+from diffusekit.errors import DiffusekitWarning, UserError
 
 
 def solid(color, size=(8, 8)) -> np.ndarray:
@@ -105,9 +105,10 @@ def folder_with_bad_files(tmp_path):
     return tmp_path
 
 
-def test_bad_files_are_reported_skipped_and_counted(folder_with_bad_files, capsys):
-    images, names, skipped = load(folder_with_bad_files, bad_images="skip")
-    err = capsys.readouterr().err
+def test_bad_files_are_reported_skipped_and_counted(folder_with_bad_files):
+    with pytest.warns(DiffusekitWarning) as warned:
+        images, names, skipped = load(folder_with_bad_files, bad_images="skip")
+    err = "\n".join(str(w.message) for w in warned)
     assert skipped == 2 and images.shape[0] == 3 and "noise.png" not in names
     assert str(folder_with_bad_files / "noise.png") in err and str(folder_with_bad_files / "truncated.jpg") in err
     assert "skipped 2" in err

@@ -1,0 +1,26 @@
+"""diffusekit: readable diffusion models that train and sample fast on a CPU.
+
+    from diffusekit import Pipeline
+    images = Pipeline.from_pretrained("runs/mnist")(n=16)
+
+The package imports nothing heavy until a name is used (so `diffusekit --help` stays fast).
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+try:
+    __version__ = metadata.version("diffusekit")
+except metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["Pipeline", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Pipeline":
+        from diffusekit.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'diffusekit' has no attribute {name!r}")

@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from diffusekit.errors import UserError
+from diffusekit.errors import DiffusekitWarning, UserError
 
 NOISE_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")  # schedule.BETA_SCHEDULES (not imported: keeps `--help` fast)
 
@@ -308,8 +309,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """diffusekit's warnings as one 'warning: ...' line between progress-bar updates; others as Python prints them."""
+    if not issubclass(category, DiffusekitWarning):
+        return DEFAULT_SHOWWARNING(message, category, filename, lineno, file, line)
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+DEFAULT_SHOWWARNING = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DiffusekitWarning)  # every one, as they happen
+        warnings.showwarning = print_warning
+        return run_command(args)
+
+
+def run_command(args) -> int:
     try:
         args.func(args)
     except UserError as err:

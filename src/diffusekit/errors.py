@@ -12,3 +12,12 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config key or value that is unknown, wrongly typed or out of range."""
+
+
+class DiffusekitWarning(UserWarning):
+    """Something worth knowing that does not stop the work (a skipped image, a truncated prompt, a failed
+    periodic save). Library code warns through `warnings`, so that a program can silence or capture it:
+
+        warnings.filterwarnings("ignore", category=DiffusekitWarning)
+
+    The CLI prints each one as a line "warning: ..." on stderr."""

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import os
 import re
-import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-from diffusekit.errors import UserError
+from diffusekit.errors import DiffusekitWarning, UserError
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
 
 
 def warn(message: str) -> None:
-    """One 'warning: ...' line on stderr, between progress-bar updates."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(f"warning: {message}", file=sys.stderr)
+    """A DiffusekitWarning (errors.py): the CLI prints it as one 'warning: ...' line, a program may filter it."""
+    warnings.warn(message, DiffusekitWarning, stacklevel=2)
 
 
 def available_cores() -> int:
