@@ -12,8 +12,8 @@ import warnings
 from pathlib import Path
 
 from diffusekit.errors import DiffusekitWarning, UserError
-
-NOISE_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")  # schedule.BETA_SCHEDULES (not imported: keeps `--help` fast)
+from diffusekit.samplers import SAMPLERS
+from diffusekit.schedule import BETA_SCHEDULES, SPACINGS
 
 
 def _train(args) -> None:
@@ -57,6 +57,7 @@ def _sample(args) -> None:
     from diffusekit.pipeline import Pipeline
     from diffusekit.schedule import sigma_to_alpha_sigma
 
+    check_image_outputs(Path(args.out), args.animate)
     pipe = Pipeline.from_pretrained(getattr(args, "checkpoint", None) or args.model or default_model(), weights=args.weights, device=args.device)
     frames, shown = [], min(args.n, 64)
 
@@ -77,20 +78,40 @@ def _sample(args) -> None:
     )
     _write_images(images, Path(args.out), "samples" if args.command == "sample" else "images")
     if args.animate:
-        save_gif(frames, args.animate)
+        try:
+            save_gif(frames, args.animate)
+        except OSError as err:
+            raise UserError(f"could not write the animation to '{args.animate}' ({err}); free some space or choose another --animate") from None
         print(f"wrote the reverse process ({len(frames)} frames) to {args.animate}")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def check_image_outputs(out: Path, animate: str | None) -> None:
+    """Refuse, before any work, an --out (or --animate) that cannot be written as asked."""
+    if out.suffix.lower() in IMAGE_SUFFIXES and out.is_dir():
+        raise UserError(f"--out '{out}' is a folder; give a new file name for a grid, or a folder name without an image suffix for one PNG per image")
+    if out.suffix.lower() not in IMAGE_SUFFIXES and out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is an existing file, not a folder; give a .png name for a grid, or a folder for one PNG per image")
+    if animate and Path(animate).is_dir():
+        raise UserError(f"--animate '{animate}' is a folder; give a .gif file name")
 
 
 def _write_images(images, out: Path, noun: str) -> None:
     """A grid for an image file name, else one PNG per image into the folder `out`."""
     from diffusekit.images import save_grid, save_images
 
-    if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
-        save_grid(images, out)
-        print(f"wrote a grid of {len(images)} {noun} to {out}")
-    else:
-        save_images(images, out)
-        print(f"wrote {len(images)} PNGs to {out}/")
+    try:
+        if out.suffix.lower() in IMAGE_SUFFIXES:
+            save_grid(images, out)
+            print(f"wrote a grid of {len(images)} {noun} to {out}")
+        else:
+            save_images(images, out)
+            print(f"wrote {len(images)} PNGs to {out}/")
+    except OSError as err:
+        raise UserError(f"could not write the {noun} to '{out}' ({err}); free some space or choose another --out "
+                        "(the model and its checkpoints are untouched)") from None
 
 
 def _eval(args) -> None:
@@ -121,10 +142,11 @@ def _eval(args) -> None:
 def _info(args) -> None:
     from diffusekit.config import config_to_dict
     from diffusekit.files import read_json
-    from diffusekit.io.checkpoint import load_config, resolve_checkpoint
+    from diffusekit.io.checkpoint import check_intact, load_config, resolve_checkpoint
     from diffusekit.models import build_unet, build_vae
 
     ckpt = resolve_checkpoint(args.checkpoint)
+    check_intact(ckpt)
     config = load_config(ckpt)
     state = read_json(ckpt / "state.json", "training state")
     autoencoder = config.task == "autoencoder"
@@ -209,17 +231,33 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_value(text: str) -> int:
+    """--seed: a whole number torch can seed with (config_checks.check_seed)."""
+    from diffusekit.config_checks import check_seed
+    from diffusekit.errors import ConfigError
+
+    try:
+        value = int(text)
+        check_seed("--seed", value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
 def add_sampling_args(p: argparse.ArgumentParser, n: int, out: str) -> None:
     """The options `sample` and `generate` share."""
     p.add_argument("--n", type=positive_int, default=n, help="number of images")
     p.add_argument("--steps", type=positive_int, help="network evaluations (default: the model's sample.steps)")
-    p.add_argument("--sampler", help="sampler name (default: the model's sample.sampler)")
-    p.add_argument("--schedule", "--spacing", dest="spacing", help="step schedule: leading, trailing, linspace, karras or logsnr")
+    p.add_argument("--sampler", choices=SAMPLERS, metavar="NAME", help=f"the sampler: {', '.join(SAMPLERS)} (default: the model's sample.sampler)")
+    p.add_argument("--schedule", "--spacing", dest="spacing", choices=SPACINGS, metavar="NAME",
+                   help=f"the step schedule: {', '.join(SPACINGS)} (default: the model's sample.spacing)")
     p.add_argument("--eta", type=float, help="noise of ddim / euler_ancestral / dpmpp_2m_sde (0 deterministic)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's sample.guidance; 1: none)")
     p.add_argument("--guidance-rescale", type=float, help="guidance rescale phi in [0, 1] (Lin et al. 2023)")
     p.add_argument("--negative", help="a negative prompt: what guidance steers away from (text-to-image models)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--size", type=positive_int, help="image size in pixels (default: the size the model was trained at)")
     p.add_argument("--out", default=out, help="a .png grid, or a folder for one PNG per image")
     p.add_argument("--animate", metavar="GIF", help="also write the reverse process as an animated GIF")
@@ -228,8 +266,15 @@ def add_sampling_args(p: argparse.ArgumentParser, n: int, out: str) -> None:
     p.add_argument("--device", default="auto")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with diffusekit's one-line errors: "error: ..." on stderr and exit code 2, no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffusekit", description="Train and sample diffusion models.")
+    parser = Parser(prog="diffusekit", description="Train and sample diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, what in (("train", "a diffusion model"), ("train-vae", "the autoencoder of a latent diffusion model")):
@@ -252,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("generate", help="text to image: images from a prompt")
-    p.add_argument("prompt", nargs="+", help="the prompt (several prompts: they take turns over the --n images)")
+    p.add_argument("prompt", nargs="+", help='the prompt, one argument: quote a prompt of several words ("a red apple"); '
+                   'several prompts take turns over the --n images')
     p.add_argument("--model", help="a text-to-image run, checkpoint or diffusers folder (default: the shipped emoji demo model)")
     add_sampling_args(p, n=8, out="generated.png")
     p.set_defaults(func=_sample, label=None)
@@ -264,11 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", choices=("mnist", "inception", "random"), help="feature network (default: mnist for digits, else random)")
     p.add_argument("--inception-weights", metavar="PATH", help="local Inception-v3 FID weights (or set DIFFUSEKIT_INCEPTION_WEIGHTS)")
     p.add_argument("--n", type=positive_int, default=2000, help="number of samples")
-    p.add_argument("--sampler", help="sampler name (default: the run's eval.sampler)")
+    p.add_argument("--sampler", choices=SAMPLERS, metavar="NAME", help=f"the sampler: {', '.join(SAMPLERS)} (default: the run's eval.sampler)")
     p.add_argument("--steps", type=positive_int, help="network evaluations (default: the run's eval.steps)")
-    p.add_argument("--schedule", "--spacing", dest="spacing", help="step schedule: leading, trailing, linspace, karras or logsnr")
+    p.add_argument("--schedule", "--spacing", dest="spacing", choices=SPACINGS, metavar="NAME",
+                   help=f"the step schedule: {', '.join(SPACINGS)} (default: the run's sample.spacing)")
     p.add_argument("--guidance", type=float, help="guidance scale for conditional models")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--size", type=positive_int, help="with --images and a folder reference: the size both are compared at (default 64)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="where to write the JSON report (default: RUN/eval/...)")
@@ -302,9 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=positive_int, default=8)
     p.add_argument("--size", type=positive_int, default=64)
     p.add_argument("--channels", type=int, choices=(1, 3), default=3)
-    p.add_argument("--schedule", default="linear", choices=NOISE_SCHEDULES)
+    p.add_argument("--schedule", default="linear", choices=BETA_SCHEDULES)
     p.add_argument("--timesteps", type=positive_int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.set_defaults(func=_noise)
     return parser
 
@@ -322,7 +369,10 @@ DEFAULT_SHOWWARNING = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error already printed as one "error:" line
+        return stop.code if isinstance(stop.code, int) else 2
     with warnings.catch_warnings():
         warnings.simplefilter("always", DiffusekitWarning)  # every one, as they happen
         warnings.showwarning = print_warning
@@ -333,6 +383,9 @@ def run_command(args) -> int:
     try:
         args.func(args)
     except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the machine's, not ours: a full disk, a missing permission, a vanished file
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -57,14 +57,14 @@ class Pipeline:
 
     @classmethod
     def from_parts(cls, parts: ModelParts, device: str = "auto") -> "Pipeline":
-        dev = pick_device(device)
+        dev = pick_device(device, option="--device ")
         vae = prepare_module(parts.vae, dev) if parts.vae is not None else None
         text_encoder = parts.text_encoder.to(dev) if parts.text_encoder is not None else None
         return cls(parts.config, prepare_module(parts.net, dev), dev, checkpoint=parts.source, step=parts.step, vae=vae, text_encoder=text_encoder)
 
     def to(self, device: torch.device | str) -> "Pipeline":
         """Move the networks (U-Net, VAE, text encoder) to `device`, as pipe.to("cuda") in diffusers."""
-        self.device = pick_device(str(device))
+        self.device = pick_device(str(device), option="--device ")
         self.net = prepare_module(self.net, self.device)
         if self.vae is not None:
             self.vae = prepare_module(self.vae, self.device)
@@ -117,8 +117,13 @@ class Pipeline:
         Several prompts take turns (p1, p2, p1, p2, ...), so n must be a multiple of their number."""
         if prompts is not None:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if not all(isinstance(p, str) for p in [*prompts, negative or ""]):
+                raise UserError(f"prompts and the negative prompt must be strings, got {[*prompts, negative]!r}")
             if not prompts or n % len(prompts):
-                raise UserError(f"{len(prompts)} prompts cannot share {n} images evenly; ask for a multiple of {max(len(prompts), 1)} images")
+                listed = ", ".join(repr(p) for p in prompts[:4]) + (", ..." if len(prompts) > 4 else "")
+                raise UserError(f"{len(prompts)} prompts ({listed}) cannot share {n} images evenly; ask for a multiple of "
+                                f"{max(len(prompts), 1)} images (--n), or, if they are the words of one prompt, quote a prompt of "
+                                f"several words as one argument: \"{' '.join(prompts)}\"")
             prompts = prompts * (n // len(prompts))
             return self.encode_prompts(prompts), self.encode_prompts([negative or ""] * n)
         if negative:

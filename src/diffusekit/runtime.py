@@ -24,8 +24,9 @@ def available_cores() -> int:
 
 
 def derive_seed(seed: int, index: int) -> int:
-    """A seed for stream `index` (an epoch, a sample, a rank) of the run seed `seed`."""
-    return seed * 1_000_003 + index
+    """A seed for stream `index` (an epoch, a sample, a rank) of the run seed `seed`, within the 64 bits a
+    torch.Generator takes (seeds are below 2^63, so small seeds give the same streams as ever)."""
+    return (seed * 1_000_003 + index) % 2**64
 
 
 def cache_dir() -> Path:
@@ -60,11 +61,12 @@ def use_all_cores(threads: int = 0) -> int:
     return count
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto", option: str = "--set train.device=") -> torch.device:
+    """The torch device `name` (auto: a GPU if there is one); `option` is how the user chose it, for the messages."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' was asked for but no CUDA GPU is visible; use --set train.device=cpu")
+        raise UserError(f"device '{name}' was asked for but no CUDA GPU is visible; use {option}cpu (or {option}auto)")
     try:
         device = torch.device(name)
     except RuntimeError:

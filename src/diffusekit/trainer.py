@@ -242,12 +242,22 @@ class Trainer:
         self.log({"step": self.step, "eval": {k: v for k, v in report.items() if k not in ("checkpoint", "step")}})
 
     def start_outputs(self, resumed: bool) -> None:
-        """Rank 0 prepares the run folder: config.json, no leftovers of a killed save, no metrics past the checkpoint."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "config.json", config_to_dict(self.config))
-        remove_stale_temp_files(self.run_dir)
-        if resumed:
-            drop_records_after(self.run_dir / "metrics.jsonl", self.step)
+        """Rank 0 prepares the run folder: config.json, no leftovers of a killed save, no metrics past the checkpoint.
+        If that cannot be written (a full disk), every rank stops with one message, before any step."""
+        problem = None
+        if self.rank == 0:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(self.run_dir / "config.json", config_to_dict(self.config))
+                remove_stale_temp_files(self.run_dir)
+                if resumed:
+                    drop_records_after(self.run_dir / "metrics.jsonl", self.step)
+            except OSError as err:
+                problem = f"could not write to the run folder '{self.run_dir}' ({err})"
+        problem = distributed.broadcast_from_main(problem)
+        if problem:
+            kept = "its checkpoints are intact" if resumed else "nothing was trained"
+            raise UserError(f"{problem}; {kept}: free some space or fix the permissions, then run again")
 
     def over_budget(self, start: float, budget: float | None) -> bool:
         """Whether the time budget is spent; with several processes, on any rank (they stop together)."""
@@ -265,8 +275,7 @@ class Trainer:
         tc = self.config.train
         if resume_from is not None:
             training_state.restore(self, resume_from)
-        if self.rank == 0:
-            self.start_outputs(resumed=resume_from is not None)
+        self.start_outputs(resumed=resume_from is not None)
         budget = parse_duration(tc.budget) if tc.budget else None
         start, session_images, session_train = time.perf_counter(), 0, 0.0
         window: list[dict[str, float]] = []

@@ -59,6 +59,9 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
         with Image.open(path) as image:
             image.load()
             image = resize_center_crop(to_mode(image, channels), size)
+    except Image.DecompressionBombError as err:
+        raise UserError(f"refusing image '{path}': {err} (PIL's limit against decompression bombs, Image.MAX_IMAGE_PIXELS); "
+                        "shrink the image first") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise UserError(f"cannot read image '{path}': {err}") from None
     array = np.asarray(image, dtype=np.uint8)
@@ -80,7 +83,7 @@ def load_folder(root: str | Path, size: int, channels: int, bad_images: str = "s
             if bad_images == "abort":
                 raise UserError(f"{err}. Remove or replace the file, or set data.bad_images=skip to skip unreadable images") from None
             skipped += 1
-            warn(f"skipping unreadable image {path}")
+            warn(f"skipping unreadable image {path} ({err})")
     if not arrays:
         raise UserError(f"none of the {len(files)} image files in '{root}' could be read; check that they are valid PNG/JPEG/WebP files")
     if skipped:
@@ -96,7 +99,8 @@ def read_captions(root: str | Path, names: list[str]) -> list[str] | None:
     metadata = root / "metadata.jsonl"
     if metadata.is_file():
         texts = {}
-        for number, line in enumerate(metadata.read_text().splitlines(), 1):
+        for number, raw in enumerate(metadata.read_bytes().splitlines(), 1):
+            line = decode_caption(raw, f"{metadata} line {number}")
             if not line.strip():
                 continue
             try:
@@ -108,4 +112,11 @@ def read_captions(root: str | Path, names: list[str]) -> list[str] | None:
     sidecars = [(root / name).with_suffix(".txt") for name in names]
     if not any(p.is_file() for p in sidecars):
         return None
-    return [p.read_text().strip() if p.is_file() else "" for p in sidecars]
+    return [decode_caption(p.read_bytes(), str(p)).strip() if p.is_file() else "" for p in sidecars]
+
+
+def decode_caption(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{where} is not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r}); save the captions as UTF-8") from None

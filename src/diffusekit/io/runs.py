@@ -5,54 +5,90 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
-import shutil
 from pathlib import Path
 
 from diffusekit.config import RESUMABLE_KEYS, RESUMABLE_SECTIONS, Config, diff_configs
 from diffusekit.errors import UserError
 from diffusekit.files import write_text_atomic
-from diffusekit.io.checkpoint import latest_checkpoint, load_config
+from diffusekit.io.checkpoint import LATEST, check_intact, latest_checkpoint, load_config, newest_intact_checkpoint
 
 
 def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) -> Path | None:
     """Check the run folder against the request (deleting nothing); returns the checkpoint to resume from, if any."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out '{run_dir}' is a file; a run needs a folder: choose a new name (e.g. runs/NAME)")
     if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise UserError(f"nothing to resume in '{run_dir}': it has no complete checkpoint; drop --resume to start a new run there")
-        saved = load_config(ckpt)
-        clashes = [(k, a, b) for k, a, b in diff_configs(saved, config) if k not in RESUMABLE_KEYS and k.split(".")[0] not in RESUMABLE_SECTIONS]
-        if clashes:
-            listed = "; ".join(f"{k}: {a!r} in the run, {b!r} asked" for k, a, b in clashes[:5])
-            raise UserError(
-                f"the checkpoint in '{run_dir}' was trained with another config ({listed}); resume without those "
-                "--set changes, or start a new run with another --out"
-            )
-        return ckpt
+        return checkpoint_to_resume(run_dir, config)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise UserError(f"'{run_dir}' already holds files; pass --resume to continue that run, --overwrite to replace it, or choose another --out")
-        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES)
+        foreign = [str(p.relative_to(run_dir)) for p in run_contents(run_dir) if not is_run_file(p.relative_to(run_dir))]
         if foreign:
             raise UserError(
-                f"--overwrite would delete '{run_dir}', which holds files that are not part of a diffusekit run "
-                f"({', '.join(foreign[:3])}); choose another --out"
+                f"--overwrite would delete '{run_dir}', which holds files that are not part of a diffusekit run (diffusekit did not write them) "
+                f"({', '.join(foreign[:3])}); move them out or choose another --out"
             )
     return None
 
 
-RUN_ENTRIES = {"config.json", "metrics.jsonl", "checkpoints", "samples", "eval"}  # what a run folder holds
+def checkpoint_to_resume(run_dir: Path, config: Config) -> Path:
+    """The run's latest checkpoint, intact and trained with a config that `config` may continue."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserError(f"nothing to resume in '{run_dir}': it has no complete checkpoint; drop --resume to start a new run there")
+    try:
+        check_intact(ckpt)
+    except UserError as err:
+        intact = newest_intact_checkpoint(run_dir, before=ckpt)
+        fix = (f"the newest intact one is {intact.name}: write '{intact.name}' into {run_dir / 'checkpoints' / LATEST} and --resume again"
+               if intact else "no earlier checkpoint is intact: start a new run")
+        raise UserError(f"{err}; {fix}") from None
+    saved = load_config(ckpt)
+    clashes = [(k, a, b) for k, a, b in diff_configs(saved, config) if k not in RESUMABLE_KEYS and k.split(".")[0] not in RESUMABLE_SECTIONS]
+    if clashes:
+        listed = "; ".join(f"{k}: {a!r} in the run, {b!r} asked" for k, a, b in clashes[:5])
+        raise UserError(
+            f"the checkpoint in '{run_dir}' was trained with another config ({listed}); resume without those "
+            "--set changes, or start a new run with another --out"
+        )
+    return ckpt
+
+
+# What diffusekit writes into a run folder, by name: RUN/config.json, RUN/metrics.jsonl, sample grids
+# (and their prompts), evaluation reports, checkpoint folders, the `latest` pointer and what a killed
+# write leaves behind (.NAME.*.tmp files, .tmp-* folders). --overwrite deletes these and nothing else.
+RUN_FILE_PATTERNS = (
+    "config.json", "metrics.jsonl", ".config.json.*", ".metrics.jsonl.*",
+    "samples/step_*.png", "samples/step_*.json", "samples/.step_*",
+    "eval/*eval-*.json", "eval/.*eval-*",
+    "checkpoints/latest", "checkpoints/.latest.*", "checkpoints/step_*/*", "checkpoints/.tmp-*/*",
+)
+
+
+def is_run_file(relative: Path) -> bool:
+    return any(fnmatch.fnmatchcase(relative.as_posix(), pattern) for pattern in RUN_FILE_PATTERNS)
+
+
+def run_contents(run_dir: Path) -> list[Path]:
+    """Every file in a run folder (symbolic links as files, never followed)."""
+    return sorted(p for p in run_dir.rglob("*") if p.is_symlink() or not p.is_dir())
+
+
+RUN_FOLDER_PATTERNS = ("samples", "eval", "checkpoints", "checkpoints/step_*", "checkpoints/.tmp-*")
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    """Delete a run's own files (prepare_run_dir has checked that nothing else is there)."""
-    for name in RUN_ENTRIES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
+    """Delete a run's own files, then its own folders that this leaves empty (prepare_run_dir has checked
+    that nothing else is there)."""
+    for path in run_contents(run_dir):
+        if is_run_file(path.relative_to(run_dir)):
             path.unlink()
+    for pattern in reversed(RUN_FOLDER_PATTERNS):  # the deepest first
+        for folder in run_dir.glob(pattern):
+            if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def drop_records_after(metrics: Path, step: int) -> None:
