@@ -88,6 +88,33 @@ def _one_thread(monkeypatch):
     torch.set_num_threads(1)
 
 
+# ----------------------------------------------------------------------------- the CLI
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """`diffusekit ARGS` in this process: (exit code, stdout, stderr)."""
+    from diffusekit.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(result, *fragments):
+    """Exit code 2, one line on stderr starting with 'error:' and naming the fragments; no traceback."""
+    code, _, err = result
+    shown = [line.rsplit("\r", 1)[-1].strip() for line in err.split("\n")]  # a terminal shows what follows a progress bar's last \r
+    lines = [line for line in shown if line]
+    assert code == 2 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 # ----------------------------------------------------------------------------- image files
 
 

@@ -13,10 +13,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import random_images, tiny_config, write_images, write_preset
+from conftest import assert_user_error, cli, random_images, snapshot, tiny_config, write_images, write_preset
 from PIL import Image
 
-from diffusekit.cli import main
 from diffusekit.config import Config, apply_overrides, config_from_dict, config_to_dict, diff_configs, load_preset, preset_names
 from diffusekit.errors import ConfigError, UserError
 from diffusekit.nn.unet import UNet
@@ -124,26 +123,6 @@ def test_durations():
 
 
 # ----------------------------------------------------------------------------- the CLI: helpers
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(result, *fragments):
-    """Exit code 2, one line on stderr starting with 'error:' and naming the fragments; no traceback."""
-    code, _, err = result
-    lines = err.strip().splitlines()
-    assert code == 2 and "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
-def snapshot(folder) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import TINY, tiny_config, write_preset
 
-import diffusekit.io.checkpoint as checkpoint_module
+import diffusekit.files as files_module
 import diffusekit.train as train_module
 from diffusekit.cli import main
 from diffusekit.errors import DiffusekitWarning, UserError
@@ -102,14 +102,15 @@ def test_kill_9_mid_run_then_resume_continues_exactly(preset, image_folder, tmp_
 
 SLOW_SECOND_SAVE = f"""
 import pathlib, time
-import diffusekit.io.checkpoint as c
-real = c.save_file
-def save_file(tensors, path):
-    real(tensors, path)
-    if "step_{2 * EVERY:08d}" in str(path) and path.name == "ema.safetensors":  # mid-way through the second save
+import diffusekit.files as f
+real = f.save_file
+def save_file(tensors, path, **options):
+    real(tensors, path, **options)
+    path = pathlib.Path(path)  # files are written as .NAME.*.tmp.safetensors, then renamed
+    if "step_{2 * EVERY:08d}" in str(path) and path.name.startswith(".ema.safetensors."):  # mid-way through the second save
         pathlib.Path(str(path.parent.parent.parent / "saving")).touch()
         time.sleep(600)
-c.save_file = save_file
+f.save_file = save_file
 """
 
 
@@ -135,14 +136,15 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_latest(preset, imag
 
 def disk_full_at(monkeypatch, *steps: int) -> None:
     """Saving the checkpoints of `steps` fails with ENOSPC after the first file."""
-    real = checkpoint_module.save_file
+    real = files_module.save_file
 
-    def save_file(tensors, path):
-        if any(f"step_{step:08d}" in str(path) for step in steps) and Path(path).name != "model.safetensors":
+    def save_file(tensors, path, **options):
+        final = Path(path).name.lstrip(".").split(".safetensors")[0] + ".safetensors"  # written as .NAME.*.tmp.safetensors
+        if any(f"step_{step:08d}" in str(path) for step in steps) and final != "model.safetensors":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real(tensors, path)
+        real(tensors, path, **options)
 
-    monkeypatch.setattr(checkpoint_module, "save_file", save_file)
+    monkeypatch.setattr(files_module, "save_file", save_file)
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(monkeypatch, image_folder, tmp_path, capsys):

@@ -66,18 +66,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], sync: bool =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
     tmp = Path(name)
     try:
-        os.fchmod(fd, new_file_mode())
-        os.close(fd)
-        fd = -1
         write(tmp)
+        os.chmod(tmp, new_file_mode())  # after writing: some writers (safetensors) replace the file with a private one
         if sync:
             fsync_path(tmp)
         os.replace(tmp, path)
     finally:
-        if fd >= 0:
-            os.close(fd)
         tmp.unlink(missing_ok=True)
     return path
 
@@ -90,10 +87,10 @@ def write_json_atomic(path: str | Path, data) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None, sync: bool = True) -> Path:
     """A safetensors file (tensors moved to the CPU, made contiguous), written atomically."""
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+    return atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata), sync=sync)
 
 
 def make_temp_folder(final: Path) -> Path:

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from diffusekit.config import Config, config_from_dict
 from diffusekit.errors import UserError
-from diffusekit.files import TEMP_PREFIX, fsync_folder, make_temp_folder, read_json, read_tensors, write_text_atomic
+from diffusekit.files import TEMP_PREFIX, fsync_folder, make_temp_folder, read_json, read_tensors, save_tensors_atomic, write_text_atomic
 
 LATEST = "latest"
 WEIGHT_FILES = {"ema": "ema.safetensors", "model": "model.safetensors"}
@@ -46,7 +45,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch
     tmp = make_temp_folder(final)
     try:
         for name, group in tensors.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / f"{name}.safetensors")
+            save_tensors_atomic(group, tmp / f"{name}.safetensors", sync=False)  # fsync_folder below flushes them
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         fsync_folder(tmp)  # the files reach the disk before the folder's new name does
@@ -127,7 +126,7 @@ def write_sampling_checkpoint(path: str | Path, out: str | Path, half: bool = Fa
                 tensors = read_tensors(ckpt / name)
                 if half:
                     tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-                save_file(tensors, str(tmp / name))
+                save_tensors_atomic(tensors, tmp / name, sync=False)
         state = read_json(ckpt / "state.json", "training state")
         (tmp / "state.json").write_text(json.dumps({k: state[k] for k in ("step", "images_seen", "train_seconds") if k in state}) + "\n")
         shutil.copyfile(ckpt / "config.json", tmp / "config.json")

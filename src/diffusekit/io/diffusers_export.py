@@ -12,11 +12,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from diffusekit.config import Config
 from diffusekit.errors import UserError
-from diffusekit.files import read_tensors, write_json_atomic
+from diffusekit.files import read_tensors, save_tensors_atomic, write_json_atomic
 from diffusekit.io.checkpoint import load_config, load_weights, resolve_checkpoint
 from diffusekit.io.diffusers import FORMAT_VERSION, SKIPPED_COMPONENTS, WEIGHT_FILES, read_json, scheduler_config, tokenizer_length, unet_config, vae_config
 from diffusekit.models import build_unet, build_vae
@@ -116,7 +115,7 @@ def export_diffusers(run: str | Path, out: str | Path, components: list[str] | N
 def write_model(folder: Path, config_json: dict, module: torch.nn.Module) -> None:
     folder.mkdir(parents=True)
     write_json_atomic(folder / "config.json", config_json)
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(folder / WEIGHT_FILES[0]))
+    save_tensors_atomic(module.state_dict(), folder / WEIGHT_FILES[0])
 
 
 def copy_text_encoder(config: Config, out: Path) -> dict[str, list]:
