@@ -21,6 +21,7 @@ from diffusekit.errors import UserError
 from diffusekit.nn.unet import UNet
 from diffusekit.pipeline import Pipeline
 
+pytestmark = pytest.mark.filterwarnings("ignore::diffusekit.errors.DiffusekitWarning")  # skipped files warn, as they should
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

@@ -1,0 +1,86 @@
+"""`diffusekit info`, `export` and `slim`: what a checkpoint is, and copies of it in other forms."""
+
+from __future__ import annotations
+
+import json
+
+
+def _info(args) -> None:
+    from diffusekit.config import config_to_dict
+    from diffusekit.files import read_json
+    from diffusekit.io.checkpoint import check_intact, load_config, resolve_checkpoint
+    from diffusekit.models import build_unet, build_vae
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    check_intact(ckpt)
+    config = load_config(ckpt)
+    state = read_json(ckpt / "state.json", "training state")
+    autoencoder = config.task == "autoencoder"
+    params = sum(p.numel() for p in (build_vae(config) if autoencoder else build_unet(config)).parameters())
+    info = {
+        "checkpoint": str(ckpt),
+        "step": state.get("step"),
+        "images_seen": state.get("images_seen"),
+        "train_seconds": round(state.get("train_seconds", 0.0), 1),
+        "parameters": params,
+        "has_ema": (ckpt / "ema.safetensors").is_file(),
+        "config": config_to_dict(config),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    m, d, data, v = config.model, config.diffusion, config.data, config.vae
+    print(f"checkpoint   {ckpt}")
+    print(f"trained      {info['step']} steps, {info['images_seen']} images, {info['train_seconds']} s")
+    vae_line = (f"KL autoencoder, widths {list(v.channels)}, {v.latent_channels} latent channels, "
+                f"{v.downsample_factor}x smaller latents, latent scale {v.scale_factor:.4g}")
+    if autoencoder:
+        print(f"model        {vae_line}; {params / 1e6:.2f}M parameters")
+        print(f"data         {data.dataset}{' ' + data.path if data.path else ''}, {data.channels} x {data.image_size} x {data.image_size}")
+        return
+    if config.latent.vae:
+        print(f"latent       {vae_line} (from {config.latent.vae})")
+    print(f"model        U-Net {params / 1e6:.2f}M parameters; widths {list(m.channels)}, {m.layers_per_block} resnet(s)/level, "
+          f"attention at levels {list(m.attention_levels)}, {'class-conditional (' + str(m.num_classes) + ')' if m.num_classes else 'unconditional'}")
+    print(f"diffusion    {d.schedule} schedule, T = {d.timesteps}, predicts {d.prediction}, {d.loss_weighting} loss weighting"
+          + (", zero terminal SNR" if d.zero_terminal_snr else ""))
+    print(f"data         {data.dataset}{' ' + data.path if data.path else ''}, {data.channels} x {data.image_size} x {data.image_size}")
+    print(f"sampling     {config.sample.sampler}, {config.sample.steps} steps, {config.sample.spacing} spacing (defaults)")
+
+
+def _export(args) -> None:
+    from diffusekit.io.diffusers_export import export_diffusers
+
+    components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
+    for note in export_diffusers(args.checkpoint, args.out, components=components, weights=args.weights):
+        print(f"note: {note}")
+    print(f"wrote a diffusers folder to {args.out}")
+
+
+def _slim(args) -> None:
+    from diffusekit.io.checkpoint import write_sampling_checkpoint
+
+    out = write_sampling_checkpoint(args.checkpoint, args.out, half=args.half)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"wrote a sampling-only checkpoint to {out} ({size / 2**20:.1f} MiB)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="describe a checkpoint")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("export", help="write a run as a diffusers folder (DDPMPipeline or Stable Diffusion layout)")
+    p.add_argument("checkpoint", metavar="RUN_OR_CKPT")
+    p.add_argument("out", metavar="OUT", help="a new folder")
+    p.add_argument("--format", choices=("diffusers",), default="diffusers")
+    p.add_argument("--components", help="write only these parts, e.g. unet,vae (of unet, vae, text_encoder, scheduler), without model_index.json")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("slim", help="copy a checkpoint with only what sampling needs (EMA weights, VAE, config)")
+    p.add_argument("checkpoint", metavar="RUN_OR_CKPT")
+    p.add_argument("out", metavar="OUT", help="a folder")
+    p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
+    p.set_defaults(func=_slim)

@@ -1,0 +1,50 @@
+"""Argument types and the options several commands share."""
+
+from __future__ import annotations
+
+import argparse
+
+from diffusekit.samplers import SAMPLERS
+from diffusekit.schedule import SPACINGS
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    """--seed: a whole number torch can seed with (config_checks.check_seed)."""
+    from diffusekit.config_checks import check_seed
+    from diffusekit.errors import ConfigError
+
+    try:
+        value = int(text)
+        check_seed("--seed", value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def add_sampling_args(p: argparse.ArgumentParser, n: int, out: str) -> None:
+    """The options `sample` and `generate` share."""
+    p.add_argument("--n", type=positive_int, default=n, help="number of images")
+    p.add_argument("--steps", type=positive_int, help="network evaluations (default: the model's sample.steps)")
+    p.add_argument("--sampler", choices=SAMPLERS, metavar="NAME", help=f"the sampler: {', '.join(SAMPLERS)} (default: the model's sample.sampler)")
+    p.add_argument("--schedule", "--spacing", dest="spacing", choices=SPACINGS, metavar="NAME",
+                   help=f"the step schedule: {', '.join(SPACINGS)} (default: the model's sample.spacing)")
+    p.add_argument("--eta", type=float, help="noise of ddim / euler_ancestral / dpmpp_2m_sde (0 deterministic)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's sample.guidance; 1: none)")
+    p.add_argument("--guidance-rescale", type=float, help="guidance rescale phi in [0, 1] (Lin et al. 2023)")
+    p.add_argument("--negative", help="a negative prompt: what guidance steers away from (text-to-image models)")
+    p.add_argument("--seed", type=seed_value, default=0)
+    p.add_argument("--size", type=positive_int, help="image size in pixels (default: the size the model was trained at)")
+    p.add_argument("--out", default=out, help="a .png grid, or a folder for one PNG per image")
+    p.add_argument("--animate", metavar="GIF", help="also write the reverse process as an animated GIF")
+    p.add_argument("--batch-size", type=positive_int, help="images sampled at once (default: the model's sample.batch_size, 64); the images do not depend on it")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--device", default="auto")

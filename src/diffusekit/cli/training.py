@@ -1,0 +1,55 @@
+"""`diffusekit train` and `diffusekit train-vae`: a run folder from a preset, or a run resumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusekit.cli.options import positive_int
+from diffusekit.errors import UserError
+
+
+def _train(args) -> None:
+    from diffusekit.config import apply_overrides, load_preset
+    from diffusekit.distributed import launched_rank
+    from diffusekit.io.checkpoint import latest_checkpoint, load_config
+
+    if args.command == "train-vae":
+        from diffusekit.train_vae import train_vae as train
+    else:
+        from diffusekit.train import train
+
+    if args.preset is None and not (args.resume and args.out):
+        raise UserError("train needs --preset NAME (see `diffusekit presets`), or --resume with --out of an existing run")
+    out = Path(args.out or f"runs/{Path(args.preset).stem}")
+    if args.preset is None:  # --resume alone: continue with the run's own config
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise UserError(f"nothing to resume in '{out}': it has no complete checkpoint")
+        config = load_config(ckpt)
+    else:
+        config = load_preset(args.preset)
+    overrides = list(args.set or [])
+    if args.budget:
+        overrides.append(f"train.budget={json.dumps(args.budget)}")
+    if args.steps is not None:
+        overrides.append(f"train.max_steps={args.steps}")
+    config = apply_overrides(config, overrides)
+    result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if launched_rank() == 0:  # under torchrun: once, not once per process
+        print(f"run: {result.run_dir}  step {result.step}  checkpoint: {result.checkpoint}")
+        print(f"samples: {result.run_dir / 'samples'}")
+
+
+def register(sub) -> None:
+    for name, what in (("train", "a diffusion model"), ("train-vae", "the autoencoder of a latent diffusion model")):
+        p = sub.add_parser(name, help=f"train {what} from a preset")
+        p.add_argument("--preset", help="a built-in preset (see `diffusekit presets`) or a .toml file")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
+        p.add_argument("--out", help="run folder (default runs/PRESET)")
+        p.add_argument("--budget", help="stop after this much wall-clock time, e.g. 10m, 90s, 1h30m")
+        p.add_argument("--steps", type=positive_int, help="stop after this many optimizer steps (train.max_steps)")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.set_defaults(func=_train)
