@@ -136,10 +136,28 @@ class GEGLU(nn.Module):
         return a * F.gelu(gate)
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+class GELU(nn.Module):
+    """A linear layer, then GELU (Hendrycks & Gimpel 2016); approximate="tanh" is the tanh form of ViT and DiT."""
+
+    def __init__(self, dim: int, inner: int, approximate: str = "none"):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim)])
+        self.proj = nn.Linear(dim, inner)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate=self.approximate)
+
+
+class FeedForward(nn.Module):
+    """A projection with its activation, dropout, a linear layer back: "geglu" (Stable Diffusion) or
+    "gelu-approximate" (DiT, ViT: tanh GELU)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, activation: str = "geglu"):
+        super().__init__()
+        if activation not in ("geglu", "gelu-approximate"):
+            raise ValueError(f"unknown feed-forward activation {activation!r}")
+        first = GEGLU(dim, dim * mult) if activation == "geglu" else GELU(dim, dim * mult, approximate="tanh")
+        self.net = nn.ModuleList([first, nn.Dropout(dropout), nn.Linear(dim * mult, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
