@@ -22,7 +22,7 @@ from diffusekit.config import apply_overrides, load_preset
 from diffusekit.data import load_dataset, to_float
 from diffusekit.evaluate import evaluate_checkpoint, evaluate_reconstructions
 from diffusekit.losses import diffusion_loss
-from diffusekit.models import build_unet, image_shape
+from diffusekit.models import build_net, image_shape
 from diffusekit.runtime import prepare_module, use_all_cores
 from diffusekit.schedule import NoiseSchedule
 from diffusekit.train import resolve_latent_config, train
@@ -39,7 +39,7 @@ def configs(vae: str, budget: str):
 
 
 def steps_per_second(config, steps: int = 20) -> float:
-    net = prepare_module(build_unet(config), torch.device("cpu"))
+    net = prepare_module(build_net(config), torch.device("cpu"))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     schedule = NoiseSchedule.from_config(config.diffusion)
     x0 = torch.randn(config.train.batch_size, *image_shape(config))

@@ -21,7 +21,7 @@ import torch
 
 from diffusekit.config import apply_overrides, load_preset
 from diffusekit.losses import diffusion_loss
-from diffusekit.models import build_unet
+from diffusekit.models import build_net
 from diffusekit.runtime import parse_duration, prepare_module, use_all_cores
 from diffusekit.schedule import NoiseSchedule
 from diffusekit.train import train
@@ -61,7 +61,7 @@ def steps_per_second(net, config, forward, steps: int = 20, warmup: int = 3) -> 
 
 
 def reference_ratio(config) -> dict:
-    ours = prepare_module(build_unet(config), torch.device("cpu"))
+    ours = prepare_module(build_net(config), torch.device("cpu"))
     result = {"diffusekit_images_per_s": steps_per_second(ours, config, ours) * config.train.batch_size}
     twin = diffusers_twin(config)
     if twin is not None:

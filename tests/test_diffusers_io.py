@@ -27,7 +27,7 @@ from diffusekit.errors import ConfigError, UserError  # noqa: E402
 from diffusekit.io.checkpoint import save_checkpoint  # noqa: E402
 from diffusekit.io.diffusers import is_diffusers_folder, unet_config  # noqa: E402
 from diffusekit.io.diffusers_export import export_diffusers  # noqa: E402
-from diffusekit.models import build_unet, build_vae  # noqa: E402
+from diffusekit.models import build_net, build_vae  # noqa: E402
 from diffusekit.nn.blocks import Attention, SelfAttention2D  # noqa: E402
 from diffusekit.pipeline import Pipeline  # noqa: E402
 
@@ -379,7 +379,7 @@ def save_run(folder: Path, config, net: torch.nn.Module, vae: torch.nn.Module | 
 def test_exported_pixel_run_loads_in_diffusers_and_samples_the_same(tmp_path):
     config = tiny_config(diffusion__prediction="v")  # v-prediction: a random net's samples do not all saturate
     torch.manual_seed(0)
-    run = save_run(tmp_path / "run", config, perturb(build_unet(config), 7))
+    run = save_run(tmp_path / "run", config, perturb(build_net(config), 7))
     out = tmp_path / "export"
     assert cli_main(["export", str(run), "--format", "diffusers", str(out)]) == 0
     pipe = Pipeline.from_pretrained(run, device="cpu")
@@ -401,7 +401,7 @@ def test_exported_pixel_run_loads_in_diffusers_and_samples_the_same(tmp_path):
 def test_exported_class_conditional_run_is_a_unet2dmodel_with_a_null_class(tmp_path, capsys):
     config = tiny_config(model__num_classes=3)
     torch.manual_seed(0)
-    net = perturb(build_unet(config), 6)
+    net = perturb(build_net(config), 6)
     out = tmp_path / "export"
     assert cli_main(["export", str(save_run(tmp_path / "run", config, net)), str(out)]) == 0
     assert "class_labels" in capsys.readouterr().out
@@ -431,7 +431,7 @@ def test_a_minilm_model_is_not_a_stable_diffusion_pipeline_but_its_unet_and_vae_
     c = ours.config
     config = validate(replace(c, text=replace(c.text, encoder="minilm", max_length=16), model=replace(c.model, cross_attention_dim=384)))
     torch.manual_seed(0)
-    net, vae = build_unet(config), build_vae(config)
+    net, vae = build_net(config), build_vae(config)
     run = save_run(tmp_path / "run", config, net, vae)
     assert cli_main(["export", str(run), str(tmp_path / "sd")]) == 2
     err = capsys.readouterr().err
@@ -484,7 +484,7 @@ def test_initial_noise_of_the_wrong_shape_is_a_user_error(ours):
 
 def test_steps_offset_shifts_leading_timesteps_and_is_validated():
     config = tiny_config(sample__steps_offset=1)
-    pipe, plain = Pipeline(config, build_unet(config)), Pipeline(tiny_config(), build_unet(config))
+    pipe, plain = Pipeline(config, build_net(config)), Pipeline(tiny_config(), build_net(config))
     assert torch.equal(pipe.sigmas(5, "leading")[:-1], plain.schedule.sigmas[torch.tensor([81, 61, 41, 21, 1])])
     assert torch.equal(pipe.sigmas(5, "trailing"), plain.sigmas(5, "trailing"))  # only leading spacing is offset
     with pytest.raises(ConfigError, match="sample.steps_offset"):

@@ -23,8 +23,9 @@ from diffusekit.nn.vae import VAEConfig
 
 @dataclass
 class ModelConfig:
-    """The U-Net (names follow diffusers' UNet2DModel where they can)."""
+    """The denoising network: a U-Net (names follow diffusers' UNet2DModel where they can) or a DiT."""
 
+    type: str = "unet"  # unet | dit (a Diffusion Transformer, nn/dit.py: the dit fields below)
     channels: tuple[int, ...] = (32, 64, 64)  # block_out_channels, one per level
     layers_per_block: int = 1
     attention_levels: tuple[int, ...] = (2,)  # levels (0 = full size) with self-attention
@@ -43,12 +44,21 @@ class ModelConfig:
     freq_shift: float = 0.0  # time embedding frequencies 10000^(-i / (half - freq_shift))
     downsample_padding: int = 1  # 1: pad all sides before a stride-2 conv; 0: one row/column right and bottom
     norm_eps: float = 1e-5  # epsilon of the GroupNorms in the ResNet and self-attention blocks
+    # The DiT (model.type = "dit"; Peebles & Xie 2023; DiT-S/2 is patch 2, width 384, depth 12, 6 heads). dropout,
+    # num_classes and cross_attention_dim above apply to it too; the other U-Net fields do not.
+    patch_size: int = 2  # p x p pixels (or latent positions) per token; must divide the image or latent size
+    hidden_size: int = 384  # the token width
+    depth: int = 12  # transformer blocks
+    num_heads: int = 6  # attention heads per block (hidden_size / num_heads wide)
+    mlp_ratio: int = 4  # the MLP's hidden width / hidden_size
+    pos_embed: str = "sincos"  # sincos (fixed; any size at sampling) | learned (the training size only)
 
 
 @dataclass
 class DiffusionConfig:
     """The forward process and what the network predicts."""
 
+    process: str = "ddpm"  # ddpm (the beta schedules below) | flow (flow matching, flow.py: x_t = (1 - t) x0 + t eps)
     schedule: str = "linear"  # linear | scaled_linear | cosine | sigmoid
     timesteps: int = 1000
     beta_start: float = 1e-4
@@ -57,6 +67,12 @@ class DiffusionConfig:
     prediction: str = "eps"  # eps | x0 | v
     loss_weighting: str = "uniform"  # uniform | min_snr
     snr_gamma: float = 5.0  # gamma of min-SNR-gamma weighting
+    # Flow matching only (process = "flow"; Esser et al. 2024, SD3). It predicts v = eps - x0 (prediction = "v").
+    shift: float = 1.0  # time shift t' = s t / (1 + (s - 1) t) in training and sampling (SD3: 3.0 at 1024 px; 1: none)
+    timestep_sampling: str = "uniform"  # uniform | logit_normal (SD3's default) | mode: the density of training t
+    logit_mean: float = 0.0  # logit_normal: t = sigmoid(logit_mean + logit_std * n)
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # mode: the scale s of SD3 eq. 20, in [-1, 2 / (pi - 2)]
 
 
 @dataclass

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from diffusekit.denoiser import PREDICTIONS
 from diffusekit.errors import ConfigError
+from diffusekit.flow import FLOW_SPACINGS, TIMESTEP_SAMPLINGS
 from diffusekit.losses import WEIGHTINGS
 from diffusekit.nn.vae import check_vae_config
 from diffusekit.runtime import parse_duration
@@ -26,6 +28,7 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+PROCESSES = ("ddpm", "flow")
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes (as a signed 64-bit integer)
 
 
@@ -48,9 +51,11 @@ def check_sample(s: SampleConfig, timesteps: int) -> SampleConfig:
     return s
 
 
-def validate(config: Config) -> Config:
-    """Range and consistency checks; returns the config unchanged."""
-    m, d, data, t, s = config.model, config.diffusion, config.data, config.train, config.sample
+NETWORKS = ("unet", "dit")
+
+
+def check_unet(m) -> None:
+    """The U-Net's fields (model.*), when model.type = "unet"."""
     _check(len(m.channels) >= 1 and all(c > 0 for c in m.channels), "model.channels needs at least one positive width, e.g. 32,64,64")
     _check(m.layers_per_block >= 1, "model.layers_per_block must be at least 1")
     for level in m.attention_levels:
@@ -64,15 +69,81 @@ def validate(config: Config) -> Config:
         else:
             _check(c % m.attention_head_dim == 0, f"model.attention_head_dim = {m.attention_head_dim} does not divide the width {c} of attention level {level}")
     _check(m.cross_attention_dim >= 0 and m.attention_heads >= 0 and m.transformer_layers >= 1, "model.cross_attention_dim and attention_heads must be >= 0, transformer_layers >= 1")
-    _check(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
-    _check(m.num_classes >= 0, "model.num_classes must be 0 (unconditional) or the number of classes")
     _check(m.downsample_padding in (0, 1), "model.downsample_padding must be 1 (pad all sides) or 0 (pad right and bottom)")
     _check(m.norm_eps > 0, "model.norm_eps must be positive, e.g. 1e-5")
+
+
+def check_dit(m) -> None:
+    """The DiT's fields (model.*), when model.type = "dit"."""
+    for key in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"):
+        _check(getattr(m, key) >= 1, f"model.{key} must be at least 1, got {getattr(m, key)}")
+    _choice("model.pos_embed", m.pos_embed, ("sincos", "learned"))
+    _check(m.hidden_size % m.num_heads == 0, f"model.hidden_size = {m.hidden_size} is not divisible by model.num_heads = {m.num_heads}; "
+           f"pick a width that is a multiple of the head count (e.g. {m.num_heads * 64})")
+    _check(m.pos_embed != "sincos" or m.hidden_size % 4 == 0, f"model.hidden_size = {m.hidden_size} must be a multiple of 4 for "
+           "2-D sin-cos position embeddings (or set model.pos_embed = \"learned\")")
+
+
+def network_size_check(config, size: int) -> None:
+    """The image (or latent) size must pass through the network: the U-Net's levels halve it, the DiT cuts it into patches."""
+    m, where = config.model, ("the latent size" if config.latent.vae else "data.image_size")
+    if m.type == "dit":
+        divisors = [p for p in range(1, size + 1) if size % p == 0]
+        _check(size % m.patch_size == 0, f"model.patch_size = {m.patch_size} does not divide {where} = {size}: the DiT cuts it into "
+               f"{m.patch_size}x{m.patch_size} patches; use a patch size that divides {size} ({', '.join(map(str, divisors))}) or another size")
+        return
+    factor = 2 ** (len(m.channels) - 1)
+    _check(
+        size % factor == 0,
+        f"{where} = {size} cannot pass through the U-Net: its {len(m.channels)} levels "
+        f"halve the size {len(m.channels) - 1} times, so the size must be a multiple of {factor} (e.g. {max(factor, size // factor * factor)} "
+        f"or {(size // factor + 1) * factor}), or use fewer levels in model.channels",
+    )
+
+
+def check_process(config) -> None:
+    """diffusion.process: the DDPM-only options under flow matching, and the flow-only ones under DDPM."""
+    d, defaults = config.diffusion, type(config.diffusion)()
+    _choice("diffusion.process", d.process, PROCESSES)
+    _choice("diffusion.timestep_sampling", d.timestep_sampling, TIMESTEP_SAMPLINGS)
+    _check(d.shift > 0, f"diffusion.shift must be positive (1: no shift; SD3 uses 3.0), got {d.shift}")
+    _check(d.logit_std > 0, f"diffusion.logit_std must be positive (SD3: 1.0), got {d.logit_std}")
+    _check(-1 <= d.mode_scale <= 2 / (math.pi - 2), f"diffusion.mode_scale must be in [-1, {2 / (math.pi - 2):.3f}] "
+           f"(SD3 eq. 20 is a density only there), got {d.mode_scale}")
+    if d.process == "ddpm":
+        for key, fix in (("shift", "1"), ("timestep_sampling", '"uniform"')):
+            _check(getattr(d, key) == getattr(defaults, key), f"diffusion.{key} = {getattr(d, key)!r} applies to flow models only: "
+                   f"set diffusion.process = \"flow\" (with diffusion.prediction = \"v\"), or diffusion.{key} = {fix}")
+        return
+    flow = "a flow model (diffusion.process = \"flow\")"
+    for key in ("schedule", "beta_start", "beta_end"):
+        _check(getattr(d, key) == getattr(defaults, key), f"diffusion.{key} = {getattr(d, key)!r} is a DDPM beta-schedule option and "
+               f"{flow} has no betas: remove it (the default is {getattr(defaults, key)!r}), or set diffusion.process = \"ddpm\"")
+    _check(not d.zero_terminal_snr, f"diffusion.zero_terminal_snr is a DDPM option: {flow} already ends at pure noise (t = 1); "
+           "set diffusion.zero_terminal_snr = false")
+    _check(d.prediction != "eps", f"diffusion.prediction = 'eps' does not work for {flow}: at t = 1 an eps prediction says nothing "
+           "about x0; set diffusion.prediction = \"v\" (the velocity eps - x0, as SD3) or \"x0\"")
+    _check(d.loss_weighting == "uniform", f"diffusion.loss_weighting = {d.loss_weighting!r} is a DDPM option; {flow} weights t through "
+           "diffusion.timestep_sampling (e.g. \"logit_normal\", SD3's): set diffusion.loss_weighting = \"uniform\"")
+    spacing = config.sample.spacing
+    _check(spacing in FLOW_SPACINGS, f"sample.spacing = {spacing!r} does not apply to {flow} (leading never starts at pure noise); "
+           f"use one of: {', '.join(FLOW_SPACINGS)} (linspace is diffusers' FlowMatchEulerDiscreteScheduler)")
+
+
+def validate(config: Config) -> Config:
+    """Range and consistency checks; returns the config unchanged."""
+    m, d, data, t, s = config.model, config.diffusion, config.data, config.train, config.sample
+    _choice("model.type", m.type, NETWORKS)
+    (check_unet if m.type == "unet" else check_dit)(m)
+    _check(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
+    _check(m.num_classes >= 0, "model.num_classes must be 0 (unconditional) or the number of classes")
+    _check(m.cross_attention_dim >= 0, "model.cross_attention_dim must be >= 0 (0: no text)")
 
     _choice("diffusion.schedule", d.schedule, BETA_SCHEDULES)
     _choice("diffusion.prediction", d.prediction, PREDICTIONS)
     _choice("diffusion.loss_weighting", d.loss_weighting, WEIGHTINGS)
     _check(d.timesteps >= 2, "diffusion.timesteps must be at least 2")
+    check_process(config)
     _check(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start and beta_end need 0 < beta_start < beta_end < 1")
     _check(d.snr_gamma > 0, "diffusion.snr_gamma must be positive")
     _check(
@@ -96,14 +167,9 @@ def validate(config: Config) -> Config:
     )
     _check(data.dataset != "emoji" or data.image_size <= 136, "data.image_size for emoji must be at most 136 (the font's glyph size)")
     _check(not (data.hflip and config.latent.vae), "data.hflip does not work with latent.vae: the latent cache holds unflipped images; set data.hflip=false")
-    size = data.image_size // vae_factor if config.latent.vae else data.image_size  # what the U-Net sees
-    factor = 2 ** (len(m.channels) - 1)
-    _check(
-        config.task == "autoencoder" or size % factor == 0,
-        f"{'the latent size' if config.latent.vae else 'data.image_size'} = {size} cannot pass through the U-Net: its {len(m.channels)} levels "
-        f"halve the size {len(m.channels) - 1} times, so the size must be a multiple of {factor} (e.g. {max(factor, size // factor * factor)} "
-        f"or {(size // factor + 1) * factor}), or use fewer levels in model.channels",
-    )
+    size = data.image_size // vae_factor if config.latent.vae else data.image_size  # what the network sees
+    if config.task != "autoencoder":
+        network_size_check(config, size)
     _check(data.dataset != "folder" or bool(data.path), "data.dataset = 'folder' needs data.path, e.g. --set data.path=my_images/")
     _check(data.limit >= 0, "data.limit must be 0 (all) or a positive count")
 

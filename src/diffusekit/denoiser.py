@@ -8,6 +8,9 @@ x_t = alpha * x0 + s * eps (DDPM eq. 4):
     x0 target:   x0                  x0 = output
     v target:    alpha*eps - s*x0    x0 = alpha * x_t - s * v    (Salimans & Ho 2022, sec. 4)
 
+A flow model (flow.py) has alpha = 1 - t, s = t; eps and x0 convert as above, and its v is the
+velocity dx_t/dt = eps - x0 (Lipman et al. 2023), so x0 = x_t - t * v.
+
 Samplers use the k-diffusion variable x = x_t / alpha = x0 + sigma * eps.
 """
 
@@ -16,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from diffusekit.errors import UserError
-from diffusekit.schedule import NoiseSchedule, sigma_to_alpha_sigma
+from diffusekit.flow import FlowSchedule
+from diffusekit.schedule import NoiseSchedule
 
 PREDICTIONS = ("eps", "x0", "v")
 
@@ -25,23 +29,27 @@ def _expand(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return c.to(like.dtype).view(-1, *[1] * (like.ndim - 1))
 
 
-def prediction_target(prediction: str, x0, eps, alpha, s) -> torch.Tensor:
+def prediction_target(prediction: str, x0, eps, alpha, s, process: str = "ddpm") -> torch.Tensor:
     """What the network is trained to output for x_t = alpha * x0 + s * eps."""
     if prediction == "eps":
         return eps
     if prediction == "x0":
         return x0
+    if prediction == "v" and process == "flow":
+        return eps - x0
     if prediction == "v":
         return _expand(alpha, x0) * eps - _expand(s, x0) * x0
     raise UserError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
 
 
-def x0_from_prediction(prediction: str, output, x_t, alpha, s) -> torch.Tensor:
+def x0_from_prediction(prediction: str, output, x_t, alpha, s, process: str = "ddpm") -> torch.Tensor:
     """The clean image implied by a network output at x_t = alpha * x0 + s * eps."""
     if prediction == "eps":
         return (x_t - _expand(s, x_t) * output) / _expand(alpha, x_t)
     if prediction == "x0":
         return output
+    if prediction == "v" and process == "flow":
+        return x_t - _expand(s, x_t) * output
     if prediction == "v":
         return _expand(alpha, x_t) * x_t - _expand(s, x_t) * output
     raise UserError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
@@ -52,13 +60,14 @@ def eps_from_x0(x0, x_t, alpha, s) -> torch.Tensor:
 
 
 class Denoiser:
-    """Wraps a discrete-time network net(x_t, t, **cond) as D(x, sigma, cond) -> x0_hat.
+    """Wraps a network net(x_t, t, **cond) as D(x, sigma, cond) -> x0_hat.
 
-    sigma is mapped back to a (possibly fractional) timestep t, and x to the
-    DDPM scale x_t = x / sqrt(1 + sigma^2), before the network is called.
+    sigma is mapped back to the network's time (a DDPM model's possibly fractional timestep, a
+    flow model's t * timesteps), and x to the process's own scale x_t = x * alpha (DDPM:
+    x / sqrt(1 + sigma^2), flow: x / (1 + sigma)), before the network is called.
     """
 
-    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, prediction: str):
+    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule | FlowSchedule, prediction: str):
         if prediction not in PREDICTIONS:
             raise UserError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
         self.net, self.schedule, self.prediction = net, schedule, prediction
@@ -73,8 +82,8 @@ class Denoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         sigma = sigma.to(x.device, torch.float64).expand(x.shape[0])
-        alpha, s = sigma_to_alpha_sigma(sigma)
+        alpha, s = self.schedule.coefficients(sigma)
         x_t = x * _expand(alpha, x)
-        t = self.schedule.sigma_to_t(sigma).to(torch.float32)
+        t = self.schedule.net_time(self.schedule.sigma_to_t(sigma))
         output = self.net(x_t, t, **(cond or {})).to(x.dtype)
-        return x0_from_prediction(self.prediction, output, x_t, alpha, s)
+        return x0_from_prediction(self.prediction, output, x_t, alpha, s, self.schedule.process)

@@ -1,7 +1,7 @@
 """The model factory: a Config -> its networks, for training, loading and export alike.
 
     parts = load_parts("runs/emoji-ldm")       # a run or checkpoint: config + networks with their weights
-    net = build_unet(config)                    # the denoising network of a config, freshly initialised
+    net = build_net(config)                     # the denoising network of a config (U-Net or DiT), freshly initialised
 
 A diffusers folder becomes the same ModelParts through io/diffusers.py (read_parts);
 pipeline.Pipeline puts parts on a device and samples them.
@@ -19,13 +19,14 @@ from diffusekit.config import Config
 from diffusekit.errors import UserError
 from diffusekit.files import read_json, read_tensors
 from diffusekit.io.checkpoint import load_config, load_weights, resolve_checkpoint
+from diffusekit.nn.dit import DiT
 from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.nn.unet import UNet
 from diffusekit.nn.vae import AutoencoderKL
 
 
 def image_shape(config: Config, size: int | None = None) -> tuple[int, int, int]:
-    """What the U-Net denoises for images of `size` (default: the training size): images, or a latent model's latents."""
+    """What the network denoises for images of `size` (default: the training size): images, or a latent model's latents."""
     size = size or config.data.image_size
     if config.latent.vae:
         factor = config.vae.downsample_factor
@@ -35,8 +36,34 @@ def image_shape(config: Config, size: int | None = None) -> tuple[int, int, int]
     return (config.data.channels, size, size)
 
 
-def build_unet(config: Config) -> UNet:
-    return UNet.from_config(config.model, in_channels=image_shape(config)[0])
+def build_net(config: Config) -> UNet | DiT:
+    """The denoising network of model.type: the U-Net, or the DiT (sized for the training images or latents)."""
+    channels, size, _ = image_shape(config)
+    m = config.model
+    if m.type == "dit":
+        return DiT(in_channels=channels, sample_size=size, patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth,
+                   num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, num_classes=m.num_classes, cross_attention_dim=m.cross_attention_dim,
+                   pos_embed=m.pos_embed, dropout=m.dropout)
+    return UNet.from_config(m, in_channels=channels)
+
+
+build_unet = build_net  # the name before the DiT, kept for code that still calls it
+
+NETWORK_NAMES = {"unet": "U-Net", "dit": "DiT"}
+SIGNATURE_KEYS = {"dit": "pos_embed.proj.weight", "unet": "conv_in.weight"}  # a weight only that network has
+
+
+def load_net(config: Config, weights: dict[str, torch.Tensor], source: str) -> UNet | DiT:
+    """The network of `config` with `weights`, checked; the weights of the other kind of network name model.type."""
+    kind = next((k for k, key in SIGNATURE_KEYS.items() if key in weights), config.model.type)
+    if kind != config.model.type:
+        raise UserError(
+            f"the weights in {source} are a {NETWORK_NAMES[kind]}'s, but the config says model.type = {config.model.type!r} "
+            f"(a {NETWORK_NAMES[config.model.type]}): set model.type = {kind!r} with that network's sizes, or use the config.json saved with those weights"
+        )
+    net = build_net(config)
+    load_state_dict_checked(net, weights, source=source)
+    return net
 
 
 def build_vae(config: Config) -> AutoencoderKL:
@@ -77,8 +104,7 @@ class ModelParts:
 
 def build_parts(config: Config, net_weights: dict, vae_weights: dict | None, source: Path, step: int | None = None) -> ModelParts:
     """The networks of `config` with the given weights (each checked against the config's shapes)."""
-    net = build_unet(config)
-    load_state_dict_checked(net, net_weights, source=str(source))
+    net = load_net(config, net_weights, str(source))
     vae = None
     if config.latent.vae:
         if vae_weights is None:

@@ -28,7 +28,7 @@ from diffusekit.models import ModelParts, image_shape, load_parts, text_conditio
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores
 from diffusekit.samplers import get_sampler
-from diffusekit.schedule import NoiseSchedule
+from diffusekit.schedule import make_schedule
 
 LARGE_IMAGE_PIXELS = 256 * 256  # from this size on, the VAE decodes one image at a time
 
@@ -40,7 +40,7 @@ class Pipeline:
                  step: int | None = None, vae: AutoencoderKL | None = None, text_encoder=None):
         self.config, self.net, self.device = config, net.eval(), torch.device(device)
         self.text_encoder = text_encoder
-        self.schedule = NoiseSchedule.from_config(config.diffusion)
+        self.schedule = make_schedule(config.diffusion)
         self.denoiser = Denoiser(self.net, self.schedule, config.diffusion.prediction)
         self.checkpoint, self.step = checkpoint, step
         self.vae = vae.eval() if vae is not None else None
@@ -194,7 +194,7 @@ class Pipeline:
             part = slice(start, start + count)
             gens = sample_generators(settings.seed, count, start)
             start_noise = randn((count, *shape), generator=gens, device=self.device) if noise is None else noise[part].to(self.device)
-            x = start_noise * (1 + sigmas[0] ** 2).sqrt().float()
+            x = start_noise / self.schedule.coefficients(sigmas[:1])[0].float()  # pure noise on the process's scale, as x at sigmas[0]
             batch_cond = {k: v[part] for k, v in cond.items()} if cond else None
             denoiser = self.denoiser
             if scale != 1.0:

@@ -7,7 +7,11 @@ the loop walks down the decreasing `sigmas`, which end at 0. After every step,
 `callback(info)` gets a dict with k-diffusion's keys: "i" (the step), "steps" (their
 number), "sigma" (where the network predicted "denoised", the x0_hat), "sigma_next" (the
 level the new "x" is at). `generator` is None, a torch.Generator or a list of per-sample
-generators (see runtime.randn).
+generators (see runtime.randn). The flow samplers step in flow time t = sigma / (1 + sigma)
+on x_t = x / (1 + sigma) (flow.py), as SD3 and FLUX users know them; they run any denoiser.
+
+Steps are written as x0_hat + (sigma' / sigma)(x - x0_hat) rather than x + slope * (sigma' - sigma): the same
+number, without float32 cancellation when sigma is large (zero-terminal-SNR and flow models start at 4096 or more).
 
 In this scaling the DDPM forward chain is Brownian motion: x_{sigma'} = x_{sigma} +
 sqrt(sigma'^2 - sigma^2) z. Its reverse posterior q(x_s | x_t, x0) (Ho et al. eq. 7)
@@ -21,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from diffusekit.errors import UserError
+from diffusekit.flow import sigma_to_t
 from diffusekit.runtime import randn
 
 
@@ -81,7 +86,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, cond=None, generator=None, callb
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = denoiser(x, sigma, cond)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x = x + ((x - x0) / sigma) * (sigma_down - sigma).to(x.dtype)
+        x = x0 + (sigma_down / sigma).to(x.dtype) * (x - x0)  # = x + (x - x0) / sigma * (sigma_down - sigma), without cancellation
         if sigma_up > 0:
             x = x + sigma_up.to(x.dtype) * _noise_like(x, generator)
         report(callback, i, sigmas, x, x0)
@@ -107,12 +112,12 @@ def sample_heun(denoiser, x, sigmas, cond=None, generator=None, callback=None):
         x0 = denoiser(x, sigma, cond)
         slope = (x - x0) / sigma
         dt = (sigma_next - sigma).to(x.dtype)
+        x_euler = x0 + (sigma_next / sigma).to(x.dtype) * (x - x0)  # x + slope * dt, without cancellation at a large sigma
         if sigma_next == 0:
-            x = x + slope * dt
+            x = x_euler
         else:
-            x_euler = x + slope * dt
             slope_next = (x_euler - denoiser(x_euler, sigma_next, cond)) / sigma_next
-            x = x + (slope + slope_next) / 2 * dt
+            x = x_euler + (slope_next - slope) / 2 * dt  # = x + (slope + slope_next) / 2 * dt
         report(callback, i, sigmas, x, x0)
     return x
 
@@ -185,6 +190,45 @@ def sample_dpmpp_3m(denoiser, x, sigmas, cond=None, generator=None, callback=Non
     return sample_dpmpp(denoiser, x, sigmas, cond, generator, callback, order=3, eta=0.0)
 
 
+def _flow_velocity(denoiser, x_t, sigma, t, cond):
+    """(v, x0_hat) at flow time t for x_t = (1 - t) x0 + t eps, i.e. x = x_t (1 + sigma): v = (x_t - x0_hat) / t."""
+    x0 = denoiser(x_t * (1 + sigma).to(x_t.dtype), sigma, cond)
+    return (x_t - x0) / t.to(x_t.dtype), x0
+
+
+@torch.no_grad()
+def sample_flow_euler(denoiser, x, sigmas, cond=None, generator=None, callback=None):
+    """Euler in flow time t (SD3, FLUX; diffusers' FlowMatchEulerDiscreteScheduler): x_t' = x_t + (t' - t) v
+    with x_t = x / (1 + sigma) and t = sigma / (1 + sigma) (flow.py). For any denoiser this is the update
+    of sample_euler (an Euler step of the probability-flow ODE does not depend on the scaling), in SD3's terms."""
+    ts = sigma_to_t(sigmas)
+    x_t = x / (1 + sigmas[0]).to(x.dtype)
+    for i in range(len(sigmas) - 1):
+        v, x0 = _flow_velocity(denoiser, x_t, sigmas[i], ts[i], cond)
+        x_t = x_t + (ts[i + 1] - ts[i]).to(x.dtype) * v
+        report(callback, i, sigmas, x_t * (1 + sigmas[i + 1]).to(x.dtype), x0)
+    return x_t * (1 + sigmas[-1]).to(x.dtype)
+
+
+@torch.no_grad()
+def sample_flow_heun(denoiser, x, sigmas, cond=None, generator=None, callback=None):
+    """Heun in flow time t (diffusers' FlowMatchHeunDiscreteScheduler): the Euler step's end velocity
+    averaged with its start velocity; the last step, to t = 0, stays Euler. 2 * steps - 1 network calls."""
+    ts = sigma_to_t(sigmas)
+    x_t = x / (1 + sigmas[0]).to(x.dtype)
+    for i in range(len(sigmas) - 1):
+        v, x0 = _flow_velocity(denoiser, x_t, sigmas[i], ts[i], cond)
+        dt = (ts[i + 1] - ts[i]).to(x.dtype)
+        x_euler = x_t + dt * v
+        if sigmas[i + 1] == 0:
+            x_t = x_euler
+        else:
+            v_next, _ = _flow_velocity(denoiser, x_euler, sigmas[i + 1], ts[i + 1], cond)
+            x_t = x_t + dt * (v + v_next) / 2
+        report(callback, i, sigmas, x_t * (1 + sigmas[i + 1]).to(x.dtype), x0)
+    return x_t * (1 + sigmas[-1]).to(x.dtype)
+
+
 SAMPLERS = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
@@ -194,6 +238,8 @@ SAMPLERS = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_3m": sample_dpmpp_3m,
+    "flow_euler": sample_flow_euler,
+    "flow_heun": sample_flow_heun,
 }
 
 

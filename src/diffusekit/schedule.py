@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from diffusekit.errors import UserError
+from diffusekit.flow import FlowSchedule
 
 # abar_T = 0 (zero terminal SNR) would make sigma infinite; samplers use this
 # floor instead, as diffusers does (2**-24, i.e. sigma_max ~ 4096).
@@ -103,7 +104,12 @@ SPACINGS = ("leading", "trailing", "linspace", "karras", "logsnr")
 
 
 class NoiseSchedule:
-    """A discrete-time forward process defined by its betas (float64 throughout)."""
+    """A discrete-time forward process defined by its betas (float64 throughout).
+
+    flow.FlowSchedule has the same interface for flow matching; make_schedule picks one from a config.
+    """
+
+    process = "ddpm"
 
     def __init__(self, betas: torch.Tensor):
         self.betas = betas.to(torch.float64)
@@ -130,6 +136,18 @@ class NoiseSchedule:
     @property
     def sigma_max(self) -> float:
         return float(self.sigmas[-1])
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(abar), sqrt(1 - abar)) at a k-diffusion sigma: x_t = x * sqrt(abar)."""
+        return sigma_to_alpha_sigma(sigma.to(torch.float64))
+
+    def net_time(self, t: torch.Tensor) -> torch.Tensor:
+        """What the network is conditioned on: the (possibly fractional) timestep itself, float32."""
+        return t.to(torch.float32)
+
+    def draw_t(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """n training timesteps, uniform over 0..T-1 (DDPM eq. 14)."""
+        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         abar = self.alphas_cumprod.to(t.device)[t]
@@ -193,3 +211,10 @@ class NoiseSchedule:
         else:
             sigmas = self.sigmas[self.timesteps(steps, spacing, steps_offset)]
         return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def make_schedule(cfg):
+    """The forward process of a DiffusionConfig: DDPM betas (NoiseSchedule) or flow matching (flow.FlowSchedule)."""
+    if cfg.process == "flow":
+        return FlowSchedule.from_config(cfg)
+    return NoiseSchedule.from_config(cfg)

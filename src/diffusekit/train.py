@@ -1,12 +1,12 @@
-"""Training a diffusion model: the U-Net learns to predict eps / x0 / v from noised data.
+"""Training a diffusion model: the network (U-Net or DiT) learns to predict eps / x0 / v from noised data.
 
 Each step: a batch x0 (pixels in [-1, 1], or for a latent model z ~ q(z | x) from the
 latent cache, data/latents.py), t ~ U{0..T-1}, eps ~ N(0, I),
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and a (weighted) MSE on the target
-(losses.py). Class labels are replaced by the null class with probability
+(losses.py); a flow model draws t in [0, 1] and trains on x_t = (1 - t) x0 + t eps (flow.py). Class labels are replaced by the null class with probability
 train.label_dropout, captions by the empty prompt with probability text.caption_dropout,
 so that classifier-free guidance has an unconditional model. Captions are encoded once
-(nn/text.py CaptionEmbeddings) and the U-Net cross-attends to their token embeddings.
+(nn/text.py CaptionEmbeddings) and the network cross-attends to their token embeddings.
 The loop itself (EMA, budgets, checkpoints, exact resume) is trainer.Trainer.
 """
 
@@ -28,12 +28,12 @@ from diffusekit.files import read_tensors, write_json_atomic
 from diffusekit.images import save_grid
 from diffusekit.io.checkpoint import latest_checkpoint, load_config, load_weights, resolve_checkpoint
 from diffusekit.losses import diffusion_loss, draw_t_and_noise
-from diffusekit.models import build_text_encoder, build_unet, build_vae, text_condition
+from diffusekit.models import build_net, build_text_encoder, build_vae, text_condition
 from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.nn.text import CaptionEmbeddings
 from diffusekit.pipeline import Pipeline
 from diffusekit.runtime import prepare_module
-from diffusekit.schedule import NoiseSchedule
+from diffusekit.schedule import make_schedule
 from diffusekit.trainer import Trainer, TrainResult, run_training
 
 
@@ -73,12 +73,12 @@ class DiffusionTrainer(Trainer):
         return latent_dataset(images, self.vae, latent_cache_name(self.config), self.device, self.progress)
 
     def build(self) -> torch.nn.Module:
-        self.schedule = NoiseSchedule.from_config(self.config.diffusion)
+        self.schedule = make_schedule(self.config.diffusion)
         self.labels = self._class_labels()
         self.text_encoder, self.captions = self._caption_embeddings()
         if self.vae is not None:
             self.extra_modules["vae"] = self.vae  # saved in every checkpoint: a latent checkpoint decodes on its own
-        return build_unet(self.config)
+        return build_net(self.config)
 
     def _class_labels(self) -> torch.Tensor | None:
         wanted, dataset = self.config.model.num_classes, self.dataset

@@ -9,14 +9,14 @@ def _info(args) -> None:
     from diffusekit.config import config_to_dict
     from diffusekit.files import read_json
     from diffusekit.io.checkpoint import check_intact, load_config, resolve_checkpoint
-    from diffusekit.models import build_unet, build_vae
+    from diffusekit.models import build_net, build_vae
 
     ckpt = resolve_checkpoint(args.checkpoint)
     check_intact(ckpt)
     config = load_config(ckpt)
     state = read_json(ckpt / "state.json", "training state")
     autoencoder = config.task == "autoencoder"
-    params = sum(p.numel() for p in (build_vae(config) if autoencoder else build_unet(config)).parameters())
+    params = sum(p.numel() for p in (build_vae(config) if autoencoder else build_net(config)).parameters())
     info = {
         "checkpoint": str(ckpt),
         "step": state.get("step"),

@@ -10,25 +10,22 @@ from diffusekit.errors import UserError
 
 def _sample(args) -> None:
     """`sample` and `generate`: images from a run, a checkpoint or a diffusers folder."""
-    import torch
-
     from diffusekit.images import save_gif
     from diffusekit.models import default_model
     from diffusekit.pipeline import Pipeline
-    from diffusekit.schedule import sigma_to_alpha_sigma
 
     check_image_outputs(Path(args.out), args.animate)
     pipe = Pipeline.from_pretrained(getattr(args, "checkpoint", None) or args.model or default_model(), weights=args.weights, device=args.device)
     frames, shown = [], min(args.n, 64)
 
     def record(info) -> None:
-        """Up to ~60 frames of the first batch: x_t on the DDPM scale, or a latent model's decoded x0_hat."""
+        """Up to ~60 frames of the first batch: x_t on the process's own scale, or a latent model's decoded x0_hat."""
         last, every = info["steps"] - 1, max(1, (info["steps"] - 1) // 60)
         if info["start"] == 0 and (info["i"] % every == 0 or info["i"] == last):
             if pipe.vae is not None:
                 frames.append(pipe.decode(info["denoised"][:shown]))
             else:
-                alpha, _ = sigma_to_alpha_sigma(info["sigma_next"].to(torch.float64))
+                alpha, _ = pipe.schedule.coefficients(info["sigma_next"])
                 frames.append((info["x"][:shown] * alpha.float().to(info["x"].device)).clamp(-1, 1).cpu())
 
     images = pipe.sample(

@@ -18,7 +18,7 @@ from diffusekit.errors import UserError
 from diffusekit.files import read_tensors, save_tensors_atomic, write_json_atomic
 from diffusekit.io.checkpoint import load_config, load_weights, resolve_checkpoint
 from diffusekit.io.diffusers import FORMAT_VERSION, SKIPPED_COMPONENTS, WEIGHT_FILES, read_json, scheduler_config, tokenizer_length, unet_config, vae_config
-from diffusekit.models import build_unet, build_vae
+from diffusekit.models import build_vae, load_net
 from diffusekit.nn.state import load_state_dict_checked
 
 PIPELINE_PARTS = {"DDPMPipeline": ["unet", "scheduler"], "StableDiffusionPipeline": ["unet", "vae", "text_encoder", "scheduler"]}
@@ -83,8 +83,7 @@ def export_diffusers(run: str | Path, out: str | Path, components: list[str] | N
     index = {"_class_name": pipeline, "_diffusers_version": FORMAT_VERSION}
     try:
         if "unet" in parts:
-            net = build_unet(config)
-            load_state_dict_checked(net, load_weights(ckpt, weights), source=str(ckpt))
+            net = load_net(config, load_weights(ckpt, weights), str(ckpt))
             unet_json = unet_config(config)
             write_model(tmp / "unet", unet_json, net)
             index["unet"] = ["diffusers", unet_json["_class_name"]]

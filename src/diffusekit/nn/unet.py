@@ -16,6 +16,7 @@ a skip and consumed, last first, by one up-path resnet.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -150,9 +151,10 @@ class UNet(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, in_channels: int, out_channels: int | None = None) -> "UNet":
-        """The U-Net a ModelConfig describes (its fields are this constructor's keyword arguments)."""
+        """The U-Net a ModelConfig describes (its U-Net fields are this constructor's keyword arguments; the DiT's are not)."""
+        accepted = inspect.signature(cls.__init__).parameters
         fields = {**dataclasses.asdict(cfg), "channels": tuple(cfg.channels), "attention_levels": tuple(cfg.attention_levels)}
-        return cls(in_channels, out_channels or in_channels, **fields)
+        return cls(in_channels, out_channels or in_channels, **{k: v for k, v in fields.items() if k in accepted})
 
     def check_input(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         factor = 2 ** (self.num_levels - 1)
