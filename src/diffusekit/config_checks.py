@@ -118,7 +118,7 @@ def check_process(config) -> None:
     flow = "a flow model (diffusion.process = \"flow\")"
     for key in ("schedule", "beta_start", "beta_end"):
         _check(getattr(d, key) == getattr(defaults, key), f"diffusion.{key} = {getattr(d, key)!r} is a DDPM beta-schedule option and "
-               f"{flow} has no betas: remove it (the default is {getattr(defaults, key)!r}), or set diffusion.process = \"ddpm\"")
+               f"{flow} has no betas: remove it or set it to the default {getattr(defaults, key)!r}, or set diffusion.process = \"ddpm\"")
     _check(not d.zero_terminal_snr, f"diffusion.zero_terminal_snr is a DDPM option: {flow} already ends at pure noise (t = 1); "
            "set diffusion.zero_terminal_snr = false")
     _check(d.prediction != "eps", f"diffusion.prediction = 'eps' does not work for {flow}: at t = 1 an eps prediction says nothing "

@@ -40,10 +40,19 @@ def _info(args) -> None:
         return
     if config.latent.vae:
         print(f"latent       {vae_line} (from {config.latent.vae})")
-    print(f"model        U-Net {params / 1e6:.2f}M parameters; widths {list(m.channels)}, {m.layers_per_block} resnet(s)/level, "
-          f"attention at levels {list(m.attention_levels)}, {'class-conditional (' + str(m.num_classes) + ')' if m.num_classes else 'unconditional'}")
-    print(f"diffusion    {d.schedule} schedule, T = {d.timesteps}, predicts {d.prediction}, {d.loss_weighting} loss weighting"
-          + (", zero terminal SNR" if d.zero_terminal_snr else ""))
+    conditioning = f"class-conditional ({m.num_classes})" if m.num_classes else "text-conditioned" if m.cross_attention_dim else "unconditional"
+    if m.type == "dit":
+        print(f"model        DiT {params / 1e6:.2f}M parameters; patch {m.patch_size}, width {m.hidden_size}, depth {m.depth}, "
+              f"{m.num_heads} heads, {m.pos_embed} positions, {conditioning}")
+    else:
+        print(f"model        U-Net {params / 1e6:.2f}M parameters; widths {list(m.channels)}, {m.layers_per_block} resnet(s)/level, "
+              f"attention at levels {list(m.attention_levels)}, {conditioning}")
+    if d.process == "flow":
+        target = "v (the velocity eps - x0)" if d.prediction == "v" else d.prediction
+        print(f"diffusion    flow matching, T = {d.timesteps}, predicts {target}, {d.timestep_sampling} t, shift {d.shift:g}")
+    else:
+        print(f"diffusion    {d.schedule} schedule, T = {d.timesteps}, predicts {d.prediction}, {d.loss_weighting} loss weighting"
+              + (", zero terminal SNR" if d.zero_terminal_snr else ""))
     print(f"data         {data.dataset}{' ' + data.path if data.path else ''}, {data.channels} x {data.image_size} x {data.image_size}")
     print(f"sampling     {config.sample.sampler}, {config.sample.steps} steps, {config.sample.spacing} spacing (defaults)")
 
