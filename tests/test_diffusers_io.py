@@ -188,7 +188,9 @@ def test_stable_diffusion_2_style_unet_and_v_prediction_sample_the_same(sd_folde
     latents = initial_latents(1, seed=2)
     expected = run_diffusers(theirs, theirs.scheduler, latents, steps=4, guidance=2.0)
     images = pipe.sample(1, steps=4, prompts=PROMPT, guidance=2.0, noise=latents)
-    assert max_diff((images + 1) / 2, expected) <= TOL
+    # diffusers' DDIM starts at abar = 0, diffusekit at its 2^-24 floor (schedule.MIN_ALPHA_CUMPROD): the first x0_hat
+    # moves by 2^-12 x_t, about 1e-4 in these images (measured: with a 2^-40 floor the two agree to 1e-6)
+    assert max_diff((images + 1) / 2, expected) <= 2 * TOL
 
 
 # Stable Diffusion 1.5's own config files (stable-diffusion-v1-5/stable-diffusion-v1-5), as diffusers 0.6 wrote them

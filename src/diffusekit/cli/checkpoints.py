@@ -84,7 +84,7 @@ def register(sub) -> None:
     p.add_argument("checkpoint", metavar="RUN_OR_CKPT")
     p.add_argument("out", metavar="OUT", help="a new folder")
     p.add_argument("--format", choices=("diffusers",), default="diffusers")
-    p.add_argument("--components", help="write only these parts, e.g. unet,vae (of unet, vae, text_encoder, scheduler), without model_index.json")
+    p.add_argument("--components", help="write only these parts, e.g. unet,vae (of unet or transformer (a DiT), vae, text_encoder, scheduler), without model_index.json")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.set_defaults(func=_export)
 

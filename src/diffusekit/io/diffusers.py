@@ -30,6 +30,8 @@ from diffusekit.files import read_tensors
 from diffusekit.io.diffusers_keys import (
     BLOCKS,
     FALLBACK_SAMPLER,
+    FLOW_SCHEDULER_KEYS,
+    FLOW_SCHEDULERS,
     FORMAT_VERSION,
     LEADING_BY_DEFAULT,
     READ_COMPONENTS,
@@ -191,9 +193,14 @@ def vae_config(config: Config) -> dict:
 
 def scheduler_fields(cfg: dict, where: str) -> dict[str, Any]:
     """diffusion.* (the noise schedule) and sample.* (default sampler and spacing) from a scheduler config."""
+    kind = cfg.get("_class_name", "")
+    if kind in FLOW_SCHEDULERS.values():  # flow matching: the network predicts the velocity eps - x0
+        check_keys(cfg, FLOW_SCHEDULER_KEYS, where, unknown="ignore")
+        sampler = next(name for name, cls in FLOW_SCHEDULERS.items() if cls == kind)
+        return {**read_renamed(cfg, FLOW_SCHEDULER_KEYS, where), "diffusion.process": "flow", "diffusion.prediction": "v",
+                "sample.sampler": sampler, "sample.spacing": "linspace"}
     check_keys(cfg, SCHEDULER_KEYS, where, unknown="ignore")
     fields = read_renamed(cfg, SCHEDULER_KEYS, where)
-    kind = cfg.get("_class_name", "")
     fields["sample.sampler"] = next((sampler for sampler, (cls, picks, _) in SCHEDULERS.items()
                                      if cls == kind and all(cfg.get(k, v) == v for k, v in picks.items())), FALLBACK_SAMPLER)
     spacing = cfg.get("timestep_spacing") or ("leading" if kind in LEADING_BY_DEFAULT else "linspace")
@@ -206,8 +213,12 @@ def scheduler_fields(cfg: dict, where: str) -> dict[str, Any]:
 
 
 def scheduler_config(config: Config) -> dict:
-    """A scheduler config for diffusekit's default sampler, spacing and noise schedule."""
-    cls, picks, extras = SCHEDULERS[config.sample.sampler]
+    """A scheduler config for diffusekit's default sampler, spacing and noise schedule (a flow model: a FlowMatch scheduler)."""
+    if config.diffusion.process == "flow":
+        cls = FLOW_SCHEDULERS.get(config.sample.sampler, FLOW_SCHEDULERS["flow_euler"])
+        table = FLOW_SCHEDULER_KEYS if cls == FLOW_SCHEDULERS["flow_euler"] else [key for key in FLOW_SCHEDULER_KEYS if key.how == "rename"]
+        return {"_class_name": cls, "_diffusers_version": FORMAT_VERSION, **write_renamed(config, table)}
+    cls, picks, extras = SCHEDULERS.get(config.sample.sampler, SCHEDULERS[FALLBACK_SAMPLER])
     spacing = config.sample.spacing
     out = {"_class_name": cls, "_diffusers_version": FORMAT_VERSION, **write_renamed(config, SCHEDULER_KEYS), **picks, **extras,
            "timestep_spacing": spacing if spacing in SPACINGS else "trailing"}

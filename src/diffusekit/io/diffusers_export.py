@@ -4,6 +4,13 @@ A pixel model becomes a DDPMPipeline folder (unet/ + scheduler/); a latent text-
 model with a CLIP text encoder a StableDiffusionPipeline folder (unet/, vae/, text_encoder/,
 tokenizer/, scheduler/). The configs come from the same key tables that reading uses
 (io/diffusers.py), so a round trip gives back the same model.
+
+A flow model gets a FlowMatchEulerDiscreteScheduler (or FlowMatchHeun, for flow_heun): DDPMPipeline
+runs it as diffusekit's flow_euler with linspace steps; StableDiffusionPipeline cannot (it scales the
+start by init_noise_sigma, which flow schedulers lack). A DiT is written as transformer/, a
+DiTTransformer2DModel (DIT_KEYS); diffusers has no pipeline for it that fits (DiTPipeline is ImageNet's:
+its null class is 1000), so DiTs export as components. Not exportable: a text-conditioned DiT (diffusers'
+DiT has no cross-attention), learned position embeddings, mlp_ratio other than 4.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from diffusekit.errors import UserError
 from diffusekit.files import read_tensors, save_tensors_atomic, write_json_atomic
 from diffusekit.io.checkpoint import load_config, load_weights, resolve_checkpoint
 from diffusekit.io.diffusers import FORMAT_VERSION, SKIPPED_COMPONENTS, WEIGHT_FILES, read_json, scheduler_config, tokenizer_length, unet_config, vae_config
-from diffusekit.models import build_vae, load_net
+from diffusekit.io.diffusers_keys import DIT_KEYS, write_renamed
+from diffusekit.models import build_vae, image_shape, load_net
 from diffusekit.nn.state import load_state_dict_checked
 
 PIPELINE_PARTS = {"DDPMPipeline": ["unet", "scheduler"], "StableDiffusionPipeline": ["unet", "vae", "text_encoder", "scheduler"]}
@@ -33,6 +41,8 @@ def text_model_type(encoder: str) -> str:
 
 def pipeline_class(config: Config) -> tuple[str | None, str]:
     """(the diffusers pipeline that samples this model as diffusekit does, or None; why there is none)."""
+    if config.model.type == "dit":
+        return None, "diffusers' DiTPipeline is ImageNet's (1000 classes, null class 1000, latents only), so a DiT exports as components"
     if not config.latent.vae:
         if config.text.encoder:
             return None, "diffusers has no pipeline for a pixel-space text-to-image model (StableDiffusionPipeline works in a VAE's latent space)"
@@ -46,12 +56,15 @@ def pipeline_class(config: Config) -> tuple[str | None, str]:
     if config.text.mask_padding:
         return None, ("the model was trained with text.mask_padding = true (its cross-attention skips padding tokens), "
                       "but StableDiffusionPipeline attends to them, so it would draw other images")
+    if config.diffusion.process == "flow":
+        return None, "StableDiffusionPipeline cannot run a flow-matching scheduler (it scales the start by init_noise_sigma, which they lack)"
     return "StableDiffusionPipeline", ""
 
 
 def export_parts(config: Config, components: list[str] | None, run: str) -> tuple[str | None, list[str]]:
     """(pipeline class or None, the components to write), or a UserError saying what cannot be exported and why."""
-    available = ["unet", "scheduler"] + (["vae"] if config.latent.vae else []) + (["text_encoder"] if config.text.encoder else [])
+    network = "transformer" if config.model.type == "dit" else "unet"
+    available = [network, "scheduler"] + (["vae"] if config.latent.vae else []) + (["text_encoder"] if config.text.encoder else [])
     if components is None:
         pipeline, why = pipeline_class(config)
         if pipeline is None:
@@ -87,6 +100,9 @@ def export_diffusers(run: str | Path, out: str | Path, components: list[str] | N
             unet_json = unet_config(config)
             write_model(tmp / "unet", unet_json, net)
             index["unet"] = ["diffusers", unet_json["_class_name"]]
+        if "transformer" in parts:
+            net = load_net(config, load_weights(ckpt, weights), str(ckpt))
+            write_model(tmp / "transformer", dit_config(config), net, dit_state(config, net))
         if "vae" in parts:
             vae = build_vae(config)
             load_state_dict_checked(vae, read_tensors(ckpt / "vae.safetensors"), source=str(ckpt))
@@ -111,10 +127,35 @@ def export_diffusers(run: str | Path, out: str | Path, components: list[str] | N
     return export_notes(config, pipeline)
 
 
-def write_model(folder: Path, config_json: dict, module: torch.nn.Module) -> None:
+def write_model(folder: Path, config_json: dict, module: torch.nn.Module, state: dict | None = None) -> None:
     folder.mkdir(parents=True)
     write_json_atomic(folder / "config.json", config_json)
-    save_tensors_atomic(module.state_dict(), folder / WEIGHT_FILES[0])
+    save_tensors_atomic(module.state_dict() if state is None else state, folder / WEIGHT_FILES[0])
+
+
+def dit_config(config: Config) -> dict:
+    """The DiTTransformer2DModel config.json of diffusekit's DiT, or a UserError naming what it cannot express."""
+    m = config.model
+    reasons = [why for bad, why in (
+        (m.cross_attention_dim, "it is text-conditioned, and diffusers' DiTTransformer2DModel has no cross-attention"),
+        (m.pos_embed != "sincos", "its position embeddings are learned; DiTTransformer2DModel computes sin-cos ones"),
+        (m.mlp_ratio != 4, f"model.mlp_ratio = {m.mlp_ratio}; DiTTransformer2DModel's MLP is 4 times as wide"),
+    ) if bad]
+    if reasons:
+        raise UserError(f"this DiT cannot be exported to diffusers: {'; '.join(reasons)}")
+    channels, size, _ = image_shape(config)
+    return {"_class_name": "DiTTransformer2DModel", "_diffusers_version": FORMAT_VERSION, **write_renamed(config, DIT_KEYS),
+            "attention_head_dim": m.hidden_size // m.num_heads, "in_channels": channels, "out_channels": channels, "sample_size": size,
+            "num_embeds_ada_norm": m.num_classes or 1}
+
+
+def dit_state(config: Config, net: torch.nn.Module) -> dict:
+    """The DiT's weights; an unconditional DiT gets diffusers' class tables (1 class + null) all zero, which add nothing."""
+    state = dict(net.state_dict())
+    if not config.model.num_classes:
+        for i in range(config.model.depth):
+            state[f"transformer_blocks.{i}.norm1.emb.class_embedder.embedding_table.weight"] = torch.zeros(2, config.model.hidden_size)
+    return state
 
 
 def copy_text_encoder(config: Config, out: Path) -> dict[str, list]:
@@ -138,12 +179,19 @@ def copy_text_encoder(config: Config, out: Path) -> dict[str, list]:
 def export_notes(config: Config, pipeline: str | None) -> list[str]:
     """Where diffusers will not sample exactly as diffusekit does."""
     notes, s = [], config.sample
-    if config.model.num_classes:
+    if config.model.type == "dit":
+        notes.append("call the DiTTransformer2DModel with class_labels: " + (
+            f"0..{config.model.num_classes - 1}, or {config.model.num_classes} (the null class)" if config.model.num_classes
+            else "any label (0 or 1: its class tables are zero, so the model stays unconditional)"))
+    if config.diffusion.process == "flow" and (s.sampler not in ("flow_euler", "flow_heun", "euler") or s.spacing != "linspace"):
+        notes.append(f"diffusers' FlowMatch schedulers step linspace in t (diffusekit: --sampler flow_euler --schedule linspace), "
+                     f"not {s.sampler} with {s.spacing} spacing")
+    if config.model.num_classes and config.model.type == "unet":
         notes.append(f"the UNet2DModel has num_class_embeds = {config.model.num_classes + 1} (label {config.model.num_classes} is the null class); "
                      "call it with class_labels: DDPMPipeline passes none, and UNet2DModel then raises")
-    if s.sampler.startswith("dpmpp") and s.spacing in ("leading", "linspace"):
+    if config.diffusion.process != "flow" and s.sampler.startswith("dpmpp") and s.spacing in ("leading", "linspace"):
         notes.append(f"diffusers' DPMSolverMultistepScheduler spaces {s.spacing} steps differently from diffusekit (n + 1 points); trailing spacing gives the same timesteps")
-    if s.spacing == "logsnr":
+    if s.spacing == "logsnr" and config.diffusion.process != "flow":
         notes.append("diffusers has no log-SNR spacing; the scheduler config says trailing")
     if pipeline == "StableDiffusionPipeline" and s.spacing == "leading" and s.steps_offset != 1:
         notes.append("StableDiffusionPipeline resets steps_offset to 1, so its leading timesteps are one above diffusekit's")

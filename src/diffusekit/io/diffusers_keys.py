@@ -119,6 +119,31 @@ VAE_KEYS = [
 ]
 VAE_BLOCKS = ("DownEncoderBlock2D", "UpDecoderBlock2D")
 
+# DiTTransformer2DModel (norm_type "ada_norm_zero"), written on export; diffusekit does not read DiT folders.
+DIT_KEYS = [
+    rename("patch_size", "model.patch_size", 2),
+    rename("num_layers", "model.depth", 28),
+    rename("num_attention_heads", "model.num_heads", 16),
+    rename("dropout", "model.dropout", 0.0),
+    derived("attention_head_dim", 72), derived("in_channels", 4), derived("out_channels", None), derived("sample_size", 32),
+    derived("num_embeds_ada_norm", 1000),
+    fixed("activation_fn", "gelu-approximate"), fixed("norm_type", "ada_norm_zero"), fixed("norm_elementwise_affine", False),
+    fixed("norm_eps", 1e-5), fixed("attention_bias", True), fixed("upcast_attention", False),
+    ignored("norm_num_groups", "used by diffusers' continuous-input transformers only, not the patched DiT"),
+]
+
+# The flow-matching schedulers (diffusion.process = "flow"); FlowMatchHeunDiscreteScheduler has the renamed keys only.
+FLOW_SCHEDULER_KEYS = [
+    rename("num_train_timesteps", "diffusion.timesteps", 1000),
+    rename("shift", "diffusion.shift", 1.0),
+    fixed("use_dynamic_shifting", False), fixed("invert_sigmas", False), fixed("shift_terminal", None), fixed("use_karras_sigmas", False),
+    fixed("use_exponential_sigmas", False), fixed("use_beta_sigmas", False), fixed("stochastic_sampling", False),
+    ignored("base_shift", "used only with use_dynamic_shifting"), ignored("max_shift", "used only with use_dynamic_shifting"),
+    ignored("base_image_seq_len", "used only with use_dynamic_shifting"), ignored("max_image_seq_len", "used only with use_dynamic_shifting"),
+    ignored("time_shift_type", "used only with use_dynamic_shifting"),
+]
+FLOW_SCHEDULERS = {"flow_euler": "FlowMatchEulerDiscreteScheduler", "flow_heun": "FlowMatchHeunDiscreteScheduler"}  # both space steps linspace
+
 # Scheduler keys not listed here only tune diffusers' own sampler, so they are ignored.
 SCHEDULER_KEYS = [
     rename("num_train_timesteps", "diffusion.timesteps", 1000),
@@ -143,6 +168,7 @@ SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}, {"clip_sample": False, "set_alpha_to_one": True}),
     "ddpm": ("DDPMScheduler", {}, {"clip_sample": False}),
     "euler": ("EulerDiscreteScheduler", {}, {}),
+    "flow_euler": ("EulerDiscreteScheduler", {}, {}),  # for a DDPM model flow_euler is Euler (samplers.py); reading gives "euler"
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, {}),
     "heun": ("HeunDiscreteScheduler", {}, {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, {}),
