@@ -24,12 +24,16 @@ from diffusekit.runtime import parse_duration
 # ----------------------------------------------------------------------------- presets
 
 
-def test_every_preset_loads_and_builds_its_unet():
-    assert "mnist" in preset_names()
+def test_every_preset_loads_and_builds_its_network():
+    from diffusekit.models import build_net
+    from diffusekit.nn.dit import DiT
+
+    assert {"mnist", "mnist-flow", "mnist-dit", "emoji-dit"} <= set(preset_names())
     for name in preset_names():
         config = load_preset(name)
         assert config.description
-        UNet.from_config(config.model, in_channels=config.data.channels)
+        if config.task == "diffusion":
+            assert isinstance(build_net(config), DiT if config.model.type == "dit" else UNet)
 
 
 def test_mnist_preset_is_the_28px_grayscale_digits():
