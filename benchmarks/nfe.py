@@ -29,11 +29,11 @@ SCHEDULE_NFE = (10, 20)
 
 
 def steps_for(sampler: str, nfe: int) -> int:
-    return max(1, round((nfe + 1) / 2)) if sampler == "heun" else nfe
+    return max(1, round((nfe + 1) / 2)) if sampler.endswith("heun") else nfe  # heun and flow_heun: 2 * steps - 1 calls
 
 
 def nfe_of(sampler: str, steps: int) -> int:
-    return 2 * steps - 1 if sampler == "heun" else steps
+    return 2 * steps - 1 if sampler.endswith("heun") else steps
 
 
 def measure(pipe: Pipeline, sampler: str, steps: int, n: int, spacing: str) -> dict:

@@ -35,13 +35,18 @@ def retrieval(generated: torch.Tensor, training: torch.Tensor, targets: torch.Te
     return {"top1": (nearest[:, 0] == targets).double().mean().item(), "top5": (nearest == targets[:, None]).any(1).double().mean().item()}
 
 
-def emoji_alignment(run: str, count: int, guidance: float, steps: int, grid_dir: Path) -> dict:
-    pipe = Pipeline.from_pretrained(run)
+def emoji_prompt_samples(pipe: Pipeline, count: int, guidance: float, steps: int, sampler: str | None = None):
+    """One image for each of `count` training captions spread over the emoji set: (generated, training images, data, targets, prompts)."""
     data = load_dataset(pipe.config.data, progress=False)
-    training = to_float(data.images)
     targets = torch.linspace(0, len(data) - 1, count).round().long()
     prompts = [data.captions[i] for i in targets.tolist()]
-    generated = pipe.sample(count, prompts=prompts, guidance=guidance, steps=steps, seed=0, batch_size=100)
+    generated = pipe.sample(count, prompts=prompts, guidance=guidance, steps=steps, sampler=sampler, seed=0, batch_size=100)
+    return generated, to_float(data.images), data, targets, prompts
+
+
+def emoji_alignment(run: str, count: int, guidance: float, steps: int, grid_dir: Path) -> dict:
+    pipe = Pipeline.from_pretrained(run)
+    generated, training, data, targets, prompts = emoji_prompt_samples(pipe, count, guidance, steps)
     extractor = get_feature_extractor("random")
     gen_features, _ = embed(extractor, generated)
     train_features, _ = embed(extractor, training)

@@ -7,12 +7,15 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from diffusekit.config import DiffusionConfig
 from diffusekit.denoiser import Denoiser, prediction_target, x0_from_prediction
 from diffusekit.errors import UserError
 from diffusekit.flow import T_MAX, FlowSchedule, shift_t, sigma_to_t, t_to_sigma
 from diffusekit.losses import diffusion_loss
+from diffusekit.models import build_net
+from diffusekit.pipeline import Pipeline
 from diffusekit.samplers import SAMPLERS
 from diffusekit.schedule import NoiseSchedule, make_schedule
 
@@ -224,3 +227,15 @@ def test_every_sampler_runs_a_flow_denoiser_and_reproduces_gaussian_data(sampler
     out = SAMPLERS[sampler](Denoiser(gaussian_velocity, schedule, "v"), x, sigmas, generator=gen)
     assert out.mean().item() == pytest.approx(MU, abs=0.015)
     assert out.std().item() == pytest.approx(VAR**0.5, rel=0.02)
+
+
+def test_sampling_at_another_size_shifts_by_the_side_ratio():
+    """SD3 eq. 23: alpha = sqrt(m / n) for m and n pixels; twice the side is twice the shift (DDPM models keep their grid)."""
+    flow = tiny_config(diffusion__process="flow", diffusion__prediction="v", diffusion__beta_start=1e-4, diffusion__beta_end=0.02,
+                       diffusion__shift=1.5, sample__spacing="linspace")
+    pipe = Pipeline(flow, build_net(flow))
+    torch.testing.assert_close(pipe.sigmas(6, size=16), FlowSchedule(100, 3.0).sampling_sigmas(6, "linspace"))
+    torch.testing.assert_close(pipe.sigmas(6, size=8), pipe.sigmas(6))
+    assert pipe.sample(2, steps=3, size=16).shape == (2, 1, 16, 16)
+    ddpm = Pipeline(tiny_config(), build_net(tiny_config()))
+    torch.testing.assert_close(ddpm.sigmas(6, size=16), ddpm.sigmas(6))

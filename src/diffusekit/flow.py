@@ -80,6 +80,11 @@ class FlowSchedule:
     def num_timesteps(self) -> int:
         return self.timesteps
 
+    def resized(self, scale: float) -> "FlowSchedule":
+        """The schedule for images `scale` times the training size (per side): SD3 eq. 23's resolution-dependent
+        shift, alpha = sqrt(m / n) for m and n pixels (or latent positions), i.e. the side ratio, times this shift."""
+        return FlowSchedule(self.timesteps, self.shift * scale, self.sampling, self.logit_mean, self.logit_std, self.mode_scale)
+
     def shifted(self, t: torch.Tensor) -> torch.Tensor:
         return shift_t(t, self.shift)
 

@@ -86,10 +86,12 @@ class Pipeline:
         """The model's sample config with the values given here (None: the model's own), checked."""
         return check_sample(replace(self.config.sample, **{k: v for k, v in given.items() if v is not None}), self.schedule.num_timesteps)
 
-    def sigmas(self, steps: int | None = None, spacing: str | None = None) -> torch.Tensor:
-        """The steps + 1 noise levels a sampler walks down (the model's sample.steps / spacing by default)."""
+    def sigmas(self, steps: int | None = None, spacing: str | None = None, size: int | None = None) -> torch.Tensor:
+        """The steps + 1 noise levels a sampler walks down (the model's sample.steps / spacing by default); for
+        another image size than the training one, a flow model's time shift scales with it (SD3 eq. 23)."""
         settings = self.settings(steps=steps, spacing=spacing)
-        return self.schedule.sampling_sigmas(settings.steps, settings.spacing, steps_offset=settings.steps_offset)
+        schedule = self.schedule if size is None else self.schedule.resized(size / self.config.data.image_size)
+        return schedule.sampling_sigmas(settings.steps, settings.spacing, steps_offset=settings.steps_offset)
 
     def _labels(self, labels, n: int) -> torch.Tensor | None:
         if labels is None:
@@ -171,7 +173,8 @@ class Pipeline:
         steps, sampler, spacing, seed, guidance, guidance_rescale, eta, variance and batch_size replace the
         model's sample.* settings for this call (None keeps them). labels: class label(s) of a class-conditional
         model; prompts: text(s) of a text-to-image model (both repeated to n); negative: the prompt guidance
-        steers away from (default ""). size: another image size than the training one. noise: the initial
+        steers away from (default ""). size: another image size than the training one (a flow model's time
+        shift grows with it, SD3 eq. 23). noise: the initial
         noise [n, *shape] (standard normal, as diffusers' `latents`) instead of the seeded draw.
         callback(info) sees each batch after every step: the sampler's info (samplers.py) plus "start",
         the index of the batch's first image.
@@ -179,7 +182,7 @@ class Pipeline:
         settings = self.settings(n=n, steps=steps, sampler=sampler, spacing=spacing, seed=seed, guidance=guidance,
                                  guidance_rescale=guidance_rescale, eta=eta, variance=variance, batch_size=batch_size)
         sample_fn, options = get_sampler(settings.sampler), self.sampler_options(settings, eta, variance)
-        sigmas = self.sigmas(settings.steps, settings.spacing).to(self.device)
+        sigmas = self.sigmas(settings.steps, settings.spacing, size).to(self.device)
         cond, uncond = self.conditions(n, labels, prompts, negative)
         if uncond is None and guidance not in (None, 1.0):  # unconditional samples: nothing to guide towards
             raise UserError("classifier-free guidance needs a condition: give a --label or a prompt")

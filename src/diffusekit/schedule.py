@@ -137,6 +137,10 @@ class NoiseSchedule:
     def sigma_max(self) -> float:
         return float(self.sigmas[-1])
 
+    def resized(self, scale: float) -> "NoiseSchedule":
+        """The schedule for images `scale` times the training size: the same (only flow models shift by resolution)."""
+        return self
+
     def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sqrt(abar), sqrt(1 - abar)) at a k-diffusion sigma: x_t = x * sqrt(abar)."""
         return sigma_to_alpha_sigma(sigma.to(torch.float64))

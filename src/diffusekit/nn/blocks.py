@@ -11,6 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusekit.errors import UserError
+
+
+def check_text_context(network: str, width: int, context: torch.Tensor | None) -> None:
+    """A text-conditioned network (width > 0) needs token embeddings of its cross-attention width."""
+    if width and (context is None or context.shape[-1] != width):
+        got = "none" if context is None else f"width {context.shape[-1]}"
+        raise UserError(f"this {network} is text-conditioned and needs text embeddings of width {width} (got {got})")
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, sec. 3.5; DDPM appendix B).

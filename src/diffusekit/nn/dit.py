@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusekit.errors import UserError
-from diffusekit.nn.blocks import Attention, FeedForward, TimestepEmbedding, timestep_embedding
+from diffusekit.nn.blocks import Attention, FeedForward, TimestepEmbedding, check_text_context, timestep_embedding
 
 
 def sincos_2d(dim: int, rows: int, cols: int, base: int) -> torch.Tensor:
@@ -215,9 +215,7 @@ class DiT(nn.Module):
                 f"this DiT has learned position embeddings for {size}x{size} images and cannot take {h}x{w} ones "
                 f"(use {size}x{size} images, or a DiT with pos_embed='sincos')"
             )
-        if self.cross_attention_dim and (context is None or context.shape[-1] != self.cross_attention_dim):
-            got = "none" if context is None else f"width {context.shape[-1]}"
-            raise UserError(f"this DiT is text-conditioned and needs text embeddings of width {self.cross_attention_dim} (got {got})")
+        check_text_context("DiT", self.cross_attention_dim, context)
 
     def pooled_text(self, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
         """The masked mean of the text tokens through a small MLP: a global text vector for c."""

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from diffusekit.errors import UserError
-from diffusekit.nn.blocks import Downsample2D, ResnetBlock2D, SelfAttention2D, TimestepEmbedding, Transformer2D, Upsample2D, timestep_embedding
+from diffusekit.nn.blocks import Downsample2D, ResnetBlock2D, SelfAttention2D, TimestepEmbedding, Transformer2D, Upsample2D, check_text_context, timestep_embedding
 
 AttentionFactory = Callable[[int], nn.Module]  # channels -> an attention module taking (x, context, mask)
 
@@ -166,9 +166,7 @@ class UNet(nn.Module):
                 f"image size {h}x{w} cannot pass through this U-Net: its {self.num_levels} levels halve the size "
                 f"{self.num_levels - 1} times, so height and width must be multiples of {factor}"
             )
-        if self.cross_attention_dim and (context is None or context.shape[-1] != self.cross_attention_dim):
-            got = "none" if context is None else f"width {context.shape[-1]}"
-            raise UserError(f"this U-Net is text-conditioned and needs text embeddings of width {self.cross_attention_dim} (got {got})")
+        check_text_context("U-Net", self.cross_attention_dim, context)
 
     def forward(
         self,
