@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from diffusekit.errors import UserError
+
 
 def _info(args) -> None:
     from diffusekit.config import config_to_dict
@@ -11,6 +13,10 @@ def _info(args) -> None:
     from diffusekit.io.checkpoint import check_intact, load_config, resolve_checkpoint
     from diffusekit.models import build_unet, build_vae
 
+    if args.system:
+        return _system(args)
+    if args.checkpoint is None:
+        raise UserError("info needs a checkpoint (a run folder or checkpoints/step_* folder), or --system for this machine")
     ckpt = resolve_checkpoint(args.checkpoint)
     check_intact(ckpt)
     config = load_config(ckpt)
@@ -48,6 +54,28 @@ def _info(args) -> None:
     print(f"sampling     {config.sample.sampler}, {config.sample.steps} steps, {config.sample.spacing} spacing (defaults)")
 
 
+def _system(args) -> None:
+    from diffusekit.precision import system_summary
+    from diffusekit.runtime import use_all_cores
+
+    use_all_cores()
+    summary = system_summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    cpu, auto = summary["cpu"], summary["auto"]
+    print(f"cpu          {cpu['model']}; {cpu['physical_cores']} physical / {cpu['logical_cores']} logical cores usable; torch uses {summary['threads']} threads")
+    print(f"cpu flags    {', '.join(cpu['flags']) or 'none of interest'}; PyTorch kernels: {cpu['torch_capability']}")
+    print(f"native bf16  {'yes' if cpu['native_bf16'] else 'no'}")
+    print(f"auto on cpu  sampling in {auto['cpu']['inference']}, training in {auto['cpu']['training']} ({auto['cpu']['why']})")
+    for i, name in enumerate(summary["cuda"]):
+        print(f"cuda:{i}       {name}")
+    if "cuda" in auto:
+        print(f"auto on cuda sampling in {auto['cuda']['inference']}, training in {auto['cuda']['training']}")
+    print(f"compile      {'a C++ compiler for torch.compile: ' + summary['compiler'] if summary['compiler'] else 'no C++ compiler found: --compile falls back to eager'}")
+    print(f"torch        {summary['torch']}")
+
+
 def _export(args) -> None:
     from diffusekit.io.diffusers_export import export_diffusers
 
@@ -66,8 +94,9 @@ def _slim(args) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="describe a checkpoint")
-    p.add_argument("checkpoint", metavar="CKPT")
+    p = sub.add_parser("info", help="describe a checkpoint (or, with --system, this machine)")
+    p.add_argument("checkpoint", metavar="CKPT", nargs="?")
+    p.add_argument("--system", action="store_true", help="the CPU (and GPU) found, their native number formats, what --precision auto picks")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
 

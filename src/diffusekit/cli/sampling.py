@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusekit.cli.options import add_sampling_args
+from diffusekit.cli.options import add_sampling_args, describe_speed
 from diffusekit.errors import UserError
 
 
@@ -18,7 +18,8 @@ def _sample(args) -> None:
     from diffusekit.schedule import sigma_to_alpha_sigma
 
     check_image_outputs(Path(args.out), args.animate)
-    pipe = Pipeline.from_pretrained(getattr(args, "checkpoint", None) or args.model or default_model(), weights=args.weights, device=args.device)
+    pipe = Pipeline.from_pretrained(getattr(args, "checkpoint", None) or args.model or default_model(), weights=args.weights, device=args.device,
+                                    dtype=args.precision, compile=args.compile)
     frames, shown = [], min(args.n, 64)
 
     def record(info) -> None:
@@ -37,6 +38,7 @@ def _sample(args) -> None:
         size=args.size, callback=record if args.animate else None, progress=True,
     )
     _write_images(images, Path(args.out), "samples" if args.command == "sample" else "images")
+    print(describe_speed(pipe, args.precision))
     if args.animate:
         try:
             save_gif(frames, args.animate)
