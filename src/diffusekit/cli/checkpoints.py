@@ -1,11 +1,25 @@
-"""`diffusekit info`, `export` and `slim`: what a checkpoint is, and copies of it in other forms."""
+"""`diffusekit info`, `export` and `slim`: what a checkpoint (or an image) is, and copies of it in other forms."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+
+def _image_info(args) -> None:
+    """The parameters an image carries (the "parameters" text chunk, AUTOMATIC1111's layout)."""
+    from diffusekit.images import read_parameters
+
+    recorded = read_parameters(Path(args.checkpoint))
+    if args.json:
+        print(json.dumps(recorded, indent=2, ensure_ascii=False))
+        return
+    print(recorded["text"])
 
 
 def _info(args) -> None:
+    if Path(args.checkpoint).is_file():  # an image, not a checkpoint folder
+        return _image_info(args)
     from diffusekit.config import config_to_dict
     from diffusekit.files import read_json
     from diffusekit.io.checkpoint import check_intact, load_config, resolve_checkpoint
@@ -66,8 +80,8 @@ def _slim(args) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="describe a checkpoint")
-    p.add_argument("checkpoint", metavar="CKPT")
+    p = sub.add_parser("info", help="describe a checkpoint, or print the parameters an image was made with")
+    p.add_argument("checkpoint", metavar="CKPT_OR_IMAGE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
 
