@@ -226,9 +226,9 @@ class Pipeline:
         shape = image_shape(self.config, size)
         if noise is not None and tuple(noise.shape) != (n, *shape):
             raise UserError(f"noise has shape {list(noise.shape)}, but {n} samples need {[n, *shape]}")
-        known, mask = self.edit_inputs(image, mask, n, shape)
         if image is None and (strength is not None or mask is not None):
             raise UserError("strength and a mask need an init image (image=...)")
+        known, mask = self.edit_inputs(image, mask, n, shape)
         strength = default_strength(strength, mask is not None)
         sigmas = sigmas[strength_start(settings.steps, strength):] if image is not None else sigmas
         out, batch, walks = [], settings.batch_size, (len(sigmas) - 1) * jump_n_sample
