@@ -34,7 +34,7 @@ from diffusekit.models import size_multiple
 from diffusekit.samplers import SAMPLERS
 from diffusekit.schedule import SPACINGS
 from diffusekit.serve.jobs import FINISHED, Gallery, Job, ModelWorker, QueueFull
-from diffusekit.serve.requests import JobRequest, Limits, OpenAIImageRequest, RequestError, check_job, parse_body
+from diffusekit.serve.requests import JobRequest, Limits, OpenAIImageRequest, RequestError, check_job, mib, parse_body
 from diffusekit.version import __version__
 
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
@@ -116,12 +116,37 @@ async def read_json(request: Request, kind, limits: Limits):
     cap, body = limits.body_bytes(), bytearray()
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
-        raise RequestError(f"the request body is larger than the {cap // 2**20} MiB allowed; send smaller images", status=413, code="too_large")
+        raise RequestError(f"the request body is larger than the {mib(cap)} allowed; send smaller images", status=413, code="too_large")
     async for chunk in request.stream():
         body += chunk
         if len(body) > cap:
-            raise RequestError(f"the request body is larger than the {cap // 2**20} MiB allowed; send smaller images", status=413, code="too_large")
+            raise RequestError(f"the request body is larger than the {mib(cap)} allowed; send smaller images", status=413, code="too_large")
     return await run_in_threadpool(parse_body, bytes(body), kind)
+
+
+class Guard:
+    """Pure ASGI middleware (it leaves streaming and disconnects alone): the Host check against DNS rebinding,
+    and the API key on /api/ and /v1/ (the page itself needs none: it asks for the key)."""
+
+    def __init__(self, app, server: Server, allowed_hosts: list[str] | None):
+        self.app, self.server, self.allowed_hosts = app, server, allowed_hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "").rsplit(":", 1)[0].strip("[]").lower()
+        refusal = None
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            refusal = RequestError(f"Host '{host[:60]}' is not this server's name; open http://127.0.0.1:PORT/", status=421, code="bad_host")
+        elif self.server.api_key and (scope["path"].startswith("/api/") or scope["path"].startswith("/v1/")):
+            given = headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
+            if not hmac.compare_digest(token.encode(), self.server.api_key.encode()):
+                refusal = RequestError("this server needs an API key: send the header Authorization: Bearer KEY", status=401, code="invalid_api_key")
+        if refusal is not None:
+            return await error_response(refusal)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def create_app(server: Server, allowed_hosts: list[str] | None = None) -> FastAPI:
@@ -143,19 +168,7 @@ def create_app(server: Server, allowed_hosts: list[str] | None = None) -> FastAP
     async def _http_error(request, err: StarletteHTTPException):
         return error_response(RequestError(f"{err.detail}: {request.method} {request.url.path[:80]}", status=err.status_code, code="not_found"))
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        host = request.headers.get("host", "").rsplit(":", 1)[0].strip("[]").lower()
-        if allowed_hosts is not None and host not in allowed_hosts:
-            return error_response(RequestError(f"Host '{host[:60]}' is not this server's name; open http://127.0.0.1:PORT/", status=421, code="bad_host"))
-        path = request.url.path
-        if server.api_key and (path.startswith("/api/") or path.startswith("/v1/")):
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-            if not hmac.compare_digest(token.encode(), server.api_key.encode()):
-                return error_response(RequestError("this server needs an API key: send the header Authorization: Bearer KEY", status=401,
-                                                   code="invalid_api_key"))
-        return await call_next(request)
+    app.add_middleware(Guard, server=server, allowed_hosts=allowed_hosts)
 
     def static(name: str) -> Response:
         body = (resources.files("diffusekit.serve") / "static" / name).read_bytes()

@@ -149,6 +149,7 @@ class ModelWorker:
 
     def __init__(self, name: str, pipe, gallery: Gallery, queue_size: int = 8):
         self.name, self.pipe, self.gallery, self.queue_size = name, pipe, gallery, queue_size
+        pipe.name = name  # what its images record as "Model": the name clients choose it by
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: Job | None = None
         self.condition = threading.Condition()

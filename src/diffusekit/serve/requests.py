@@ -130,6 +130,10 @@ def parse_body(raw: bytes, kind: type[BaseModel]) -> BaseModel:
         raise RequestError(f"field '{field}': {first['msg']} (got {first.get('input')!r:.80})", field) from None
 
 
+def mib(size: int) -> str:
+    return f"{size / 2**20:.3g} MiB"
+
+
 def _check(ok: bool, message: str, param: str) -> None:
     if not ok:
         raise RequestError(message, param)
@@ -138,7 +142,7 @@ def _check(ok: bool, message: str, param: str) -> None:
 def decode_upload(data: str, what: str, limits: Limits):
     """A base64 image (optionally a data: URL) into a PIL image, within the upload limits."""
     payload = data.split(",", 1)[1] if data.startswith("data:") else data
-    _check(len(payload) * 3 // 4 <= limits.max_upload_bytes, f"the {what} is larger than the {limits.max_upload_bytes // 2**20} MiB allowed; "
+    _check(len(payload) * 3 // 4 <= limits.max_upload_bytes, f"the {what} is larger than the {mib(limits.max_upload_bytes)} allowed; "
            "send a smaller image", what)
     try:
         raw = base64.b64decode(payload, validate=True)
@@ -191,7 +195,7 @@ def check_job(req: JobRequest, pipe, limits: Limits, name: str = "") -> tuple[di
         raise RequestError(str(err), "strength") from None
     _check(1 <= req.jump_n_sample <= limits.max_jump_n_sample, f"jump_n_sample = {req.jump_n_sample}: use 1 (no resampling) to "
            f"{limits.max_jump_n_sample}", "jump_n_sample")
-    _check(1 <= req.jump_length <= steps, f"jump_length = {req.jump_length}: use 1 to the number of steps ({steps})", "jump_length")
+    _check(1 <= req.jump_length <= 1000, f"jump_length = {req.jump_length}: use 1 to 1000 steps between jumps", "jump_length")
     if req.mask is not None:
         _check(0 <= req.mask_blur <= 64, f"mask_blur = {req.mask_blur}: use 0 to 64 pixels", "mask_blur")
         mask = decode_upload(req.mask, "mask", limits)
