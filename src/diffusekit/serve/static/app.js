@@ -69,12 +69,13 @@ function loadInit(src) {
   image.src = src;
 }
 
-function paint(event) {
+function paint(event, first) {  // a round brush stroke from the last point to this one, in image pixels
   const canvas = $("mask-canvas"), box = canvas.getBoundingClientRect();
   const x = (event.clientX - box.left) * canvas.width / box.width, y = (event.clientY - box.top) * canvas.height / box.height;
-  const g = canvas.getContext("2d");
-  g.fillStyle = "#ff2d2d";
-  g.beginPath(); g.arc(x, y, Number($("brush").value) / 2, 0, 2 * Math.PI); g.fill();
+  const g = canvas.getContext("2d"), last = first || !state.last ? { x, y } : state.last;
+  g.strokeStyle = "#00d5ff"; g.lineWidth = Number($("brush").value); g.lineCap = g.lineJoin = "round";
+  g.beginPath(); g.moveTo(last.x, last.y); g.lineTo(x + 0.01, y); g.stroke();
+  state.last = { x, y };
   state.hasMask = true;
 }
 
@@ -239,7 +240,7 @@ async function init() {
   $("use-init").addEventListener("click", () => { const e = state.selected && gallery.get(state.selected.id); if (e) loadInit(e.src); });
   $("use-settings").addEventListener("click", useSettings);
   const mask = $("mask-canvas");
-  mask.addEventListener("pointerdown", (e) => { state.painting = true; mask.setPointerCapture(e.pointerId); paint(e); });
+  mask.addEventListener("pointerdown", (e) => { state.painting = true; mask.setPointerCapture(e.pointerId); paint(e, true); });
   mask.addEventListener("pointermove", (e) => { if (state.painting) paint(e); });
   mask.addEventListener("pointerup", () => { state.painting = false; });
   await start();
