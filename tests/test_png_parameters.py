@@ -116,3 +116,20 @@ def test_images_handed_to_us_are_decoded_only_within_limits():
     Image.new("RGB", (4, 4)).save(gif, format="GIF")
     with pytest.raises(UserError, match="not a PNG, JPEG or WebP"):
         open_image(gif.getvalue(), "mask")
+
+
+def test_from_refuses_parameters_of_the_wrong_type_and_sample_takes_from_too(capsys, trained_run, tmp_path):
+    Image.new("L", (8, 8)).save(tmp_path / "odd.png", pnginfo=png_info("x\nSteps: many, Sampler: ddim, Seed: 1"))
+    assert_user_error(cli(capsys, "sample", trained_run, "--from", tmp_path / "odd.png"), "records Steps: 'many', which is not a whole number")
+    cli(capsys, "sample", trained_run, "--n", 3, "--steps", 2, "--seed", 8, "--out", tmp_path / "made")
+    code, _, err = cli(capsys, "sample", trained_run, "--from", tmp_path / "made" / "sample_00001.png", "--out", tmp_path / "again")
+    assert code == 0, err
+    assert np.abs(pixels(tmp_path / "again" / "sample_00001.png") - pixels(tmp_path / "made" / "sample_00001.png")).max() <= 1
+
+
+def png_info(text: str):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    return info

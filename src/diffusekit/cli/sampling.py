@@ -61,6 +61,9 @@ FROM_FIELDS = {"steps": "Steps", "sampler": "Sampler", "spacing": "Schedule type
                "jump_length": "Jump length", "jump_n_sample": "Jump samples"}
 
 
+FLOAT_OPTIONS = ("guidance", "guidance_rescale", "eta", "strength", "mask_blur")
+
+
 def read_from(args) -> dict | None:
     """With --from: fill every option the command line left unset from the image's parameters; else the defaults."""
     source, recorded = getattr(args, "source", None), None
@@ -72,8 +75,11 @@ def read_from(args) -> dict | None:
         if getattr(args, option, default) is None:
             setattr(args, option, default)
     if args.n is None:
-        args.n = 1 if args.command == "edit" or source is not None else 8
+        args.n = 1 if source is not None else DEFAULT_N[args.command]
     return recorded
+
+
+DEFAULT_N = {"sample": 64, "generate": 8, "edit": 1}
 
 
 # options whose defaults are None in `generate` and `edit`, so that --from can tell which ones the command line set
@@ -85,7 +91,7 @@ def read_recorded(args, source: Path) -> dict:
 
     recorded = read_parameters(Path(source))
     edited = "Denoising strength" in recorded
-    if edited and args.command == "generate":
+    if edited and args.command != "edit":
         raise UserError(f"'{source}' was made by `edit` from an init image; make it again with "
                         f"`diffusekit edit INIT.png --from {source}`{' --mask MASK.png' if 'Mask blur' in recorded else ''}")
     if args.command == "edit" and not edited:
@@ -94,7 +100,14 @@ def read_recorded(args, source: Path) -> dict:
     args.negative = args.negative if args.negative is not None else recorded["negative"] or None
     for option, field in FROM_FIELDS.items():
         if getattr(args, option, "not an option here") is None and field in recorded:
-            setattr(args, option, recorded[field])
+            kind = str if option in ("sampler", "spacing") else float if option in FLOAT_OPTIONS else int
+            value = recorded[field]
+            if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool):
+                what = {int: "whole number", float: "number", str: "name"}[kind]
+                raise UserError(f"'{source}' records {field}: {value!r}, which is not a {what}; fix it or give the option yourself")
+            setattr(args, option, value)
+    if args.label is None and isinstance(recorded.get("Label"), int):
+        args.label = [recorded["Label"]]
     if args.size is None and isinstance(recorded.get("Size"), str) and "x" in recorded["Size"]:
         args.size = int(recorded["Size"].split("x")[0])
     return recorded
@@ -144,6 +157,7 @@ def register(sub) -> None:
     add_sampling_args(p, n=64, out="samples.png")
     p.add_argument("--label", type=int, action="append", help="class label(s) for a class-conditional model (repeatable)")
     p.add_argument("--prompt", action="append", help="prompt(s) for a text-to-image model (repeatable; `generate` is the short way)")
+    add_from(p)
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("generate", help="text to image: images from a prompt")

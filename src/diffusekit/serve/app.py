@@ -40,7 +40,7 @@ from diffusekit.version import __version__
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 ID = re.compile(r"[0-9a-f]{16}")
 KEEPALIVE_S = 1.0  # an idle event stream sends a comment this often, which is how a closed client is noticed
-MAX_JOBS_KEPT = 1000
+MAX_JOBS_KEPT = 256  # finished jobs remembered (with their animations); the gallery keeps the images
 
 
 class Server:

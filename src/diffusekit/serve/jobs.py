@@ -133,6 +133,7 @@ class Job:
         self.cancel_requested.set()
 
     def finish(self, status: str, error: dict | None = None) -> None:
+        self.call = {k: v for k, v in self.call.items() if k not in ("image", "mask_image")}  # the uploads are not kept
         self.status, self.error, self.finished = status, error, time.time()
         self.done.set()
         self.publish({"event": status, "job": self.summary()})
