@@ -88,7 +88,8 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step))
     max_steps: int = 100_000
     budget: str = ""  # wall-clock limit such as "10m", "90s", "1h30m"; "" for none
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast where the CPU or GPU has native bf16, else fp32) | fp32 | bf16
+    compile: bool = False  # torch.compile the training step's network (inductor); falls back to eager with a warning
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads; 0 uses every core
     log_every: int = 25
@@ -186,6 +187,8 @@ RESUMABLE_KEYS = {
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.on_nan",
+    "train.precision",  # the weights stay float32 whatever the autocast dtype
+    "train.compile",
     "train.batch_size",  # the data position is counted in images, so the batch (and the number of processes) may change
     "train.grad_accumulation",
 }

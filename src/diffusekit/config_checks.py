@@ -111,7 +111,7 @@ def validate(config: Config) -> Config:
     _check(t.batch_size >= 1 and t.grad_accumulation >= 1, "train.batch_size and train.grad_accumulation must be at least 1")
     _check(t.lr > 0, "train.lr must be positive")
     _choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
-    _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))  # fp16 training would need loss scaling
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
     _check(t.max_steps >= 1, "train.max_steps must be at least 1")
     _check(0.0 <= t.label_dropout < 1.0, "train.label_dropout must be in [0, 1)")

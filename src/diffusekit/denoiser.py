@@ -51,11 +51,24 @@ def eps_from_x0(x0, x_t, alpha, s) -> torch.Tensor:
     return (x_t - _expand(alpha, x_t) * x0) / _expand(s, x_t)
 
 
+def network_dtype(net) -> torch.dtype:
+    """The dtype a network computes in: that of its (first) floating-point parameter, else (a plain function) float32."""
+    parameters = net.parameters() if isinstance(net, torch.nn.Module) else ()
+    return next((p.dtype for p in parameters if p.is_floating_point()), torch.float32)
+
+
+def cast_floats(cond: dict | None, dtype: torch.dtype) -> dict:
+    """Conditions with their floating-point tensors (text embeddings) in `dtype`; labels and masks unchanged."""
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in (cond or {}).items()}
+
+
 class Denoiser:
     """Wraps a discrete-time network net(x_t, t, **cond) as D(x, sigma, cond) -> x0_hat.
 
     sigma is mapped back to a (possibly fractional) timestep t, and x to the
-    DDPM scale x_t = x / sqrt(1 + sigma^2), before the network is called.
+    DDPM scale x_t = x / sqrt(1 + sigma^2), before the network is called. A network held in
+    bfloat16 gets its inputs in bfloat16 and gives x0_hat back in x's dtype (float32): the
+    samplers' arithmetic never sees the lower precision.
     """
 
     def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule, prediction: str):
@@ -76,5 +89,6 @@ class Denoiser:
         alpha, s = sigma_to_alpha_sigma(sigma)
         x_t = x * _expand(alpha, x)
         t = self.schedule.sigma_to_t(sigma).to(torch.float32)
-        output = self.net(x_t, t, **(cond or {})).to(x.dtype)
+        dtype = network_dtype(self.net)
+        output = self.net(x_t.to(dtype), t, **cast_floats(cond, dtype)).to(x.dtype)
         return x0_from_prediction(self.prediction, output, x_t, alpha, s)

@@ -47,7 +47,7 @@ def describe(pipe, n: int, prompts=None, negative: str | None = None, labels=Non
                   "Denoising strength": default_strength(strength, masked) if edit else None,
                   "Mask blur": mask_blur if masked else None, "Eta": options.get("eta"), "Variance": options.get("variance"),
                   "Jump length": jump_length if jump_n_sample > 1 else None, "Jump samples": jump_n_sample if jump_n_sample > 1 else None,
-                  "Guidance rescale": settings.guidance_rescale or None, "Version": f"diffusekit {__version__}"}
+                  "Guidance rescale": settings.guidance_rescale or None, "Precision": pipe.precision, "Version": f"diffusekit {__version__}"}
         texts.append(format_parameters(prompts[i % len(prompts)], negative or "", fields))
     return texts
 

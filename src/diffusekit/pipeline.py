@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffusekit.compiled import compile_network
 from diffusekit.config import Config, SampleConfig
 from diffusekit.config_checks import check_sample
-from diffusekit.denoiser import Denoiser
+from diffusekit.denoiser import Denoiser, network_dtype
 from diffusekit.errors import UserError
 from diffusekit.guidance import GuidedDenoiser
 from diffusekit.image_info import ImageOutput, describe, fingerprint, model_name
@@ -32,6 +33,7 @@ from diffusekit.inpaint import KnownRegionDenoiser, default_strength, noised_sta
 from diffusekit.io import diffusers
 from diffusekit.models import ModelParts, image_shape, load_parts, text_condition
 from diffusekit.nn.vae import AutoencoderKL
+from diffusekit.precision import dtype_name, resolve_dtype
 from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores
 from diffusekit.samplers import get_sampler
 from diffusekit.schedule import NoiseSchedule, sigma_to_alpha_sigma
@@ -43,11 +45,17 @@ class Pipeline:
     """Samples of a diffusion model; for a latent model `vae` decodes the sampled latents."""
 
     def __init__(self, config: Config, net: torch.nn.Module, device: torch.device | str = "cpu", checkpoint: Path | None = None,
-                 step: int | None = None, vae: AutoencoderKL | None = None, text_encoder=None):
-        self.config, self.net, self.device = config, net.eval(), torch.device(device)
+                 step: int | None = None, vae: AutoencoderKL | None = None, text_encoder=None, dtype="fp32", compile: bool = False):
+        """dtype: what the denoising network computes in, a torch dtype or auto / fp32 / bf16 / fp16 (precision.py;
+        the network is converted in place; the samplers, the text encoder and the VAE stay float32).
+        compile: torch.compile the network (compiled.py: a warning and eager mode where that fails)."""
+        self.config, self.device = config, torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.net = net.eval() if network_dtype(net) == self.dtype else net.eval().to(self.dtype)
+        self.sampling_net = compile_network(self.net) if compile else self.net
         self.text_encoder = text_encoder
         self.schedule = NoiseSchedule.from_config(config.diffusion)
-        self.denoiser = Denoiser(self.net, self.schedule, config.diffusion.prediction)
+        self.denoiser = Denoiser(self.sampling_net, self.schedule, config.diffusion.prediction)
         self.checkpoint, self.step = checkpoint, step
         self.vae = vae.eval() if vae is not None else None
         self.name = model_name(checkpoint)
@@ -58,26 +66,39 @@ class Pipeline:
         return fingerprint(self.net, self.vae)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, weights: str = "ema", device: str = "auto") -> "Pipeline":
-        """A diffusekit run or checkpoint folder (EMA weights unless weights="model"), or a diffusers folder."""
+    def from_pretrained(cls, path: str | Path, weights: str = "ema", device: str = "auto", dtype="fp32", torch_dtype=None,
+                        compile: bool = False) -> "Pipeline":
+        """A diffusekit run or checkpoint folder (EMA weights unless weights="model"), or a diffusers folder.
+        dtype (or diffusers' name torch_dtype): "auto" picks bf16 where the hardware has it natively."""
         use_all_cores()
         if diffusers.is_diffusers_folder(path):  # a Stable Diffusion / diffusers folder (model_index.json or a UNet config.json)
             if weights != "ema":
                 raise UserError(f"'{path}' is a diffusers folder: it has one set of weights, so --weights {weights} does not apply")
-            return cls.from_parts(diffusers.read_parts(path), device)
-        return cls.from_parts(load_parts(path, weights), device)
+            parts = diffusers.read_parts(path)
+        else:
+            parts = load_parts(path, weights)
+        return cls.from_parts(parts, device, dtype=torch_dtype if torch_dtype is not None else dtype, compile=compile)
 
     @classmethod
-    def from_parts(cls, parts: ModelParts, device: str = "auto") -> "Pipeline":
+    def from_parts(cls, parts: ModelParts, device: str = "auto", dtype="fp32", compile: bool = False) -> "Pipeline":
         dev = pick_device(device, option="--device ")
         vae = prepare_module(parts.vae, dev) if parts.vae is not None else None
         text_encoder = parts.text_encoder.to(dev) if parts.text_encoder is not None else None
-        return cls(parts.config, prepare_module(parts.net, dev), dev, checkpoint=parts.source, step=parts.step, vae=vae, text_encoder=text_encoder)
+        return cls(parts.config, prepare_module(parts.net, dev), dev, checkpoint=parts.source, step=parts.step, vae=vae,
+                   text_encoder=text_encoder, dtype=dtype, compile=compile)
+
+    @property
+    def precision(self) -> str:
+        """fp32 / bf16 / fp16: what the denoising network computes in."""
+        return dtype_name(self.dtype)
 
     def to(self, device: torch.device | str) -> "Pipeline":
         """Move the networks (U-Net, VAE, text encoder) to `device`, as pipe.to("cuda") in diffusers."""
         self.device = pick_device(str(device), option="--device ")
         self.net = prepare_module(self.net, self.device)
+        if self.sampling_net is not self.net:  # compiled for the old device: compile again
+            self.sampling_net = compile_network(self.net)
+        self.denoiser = Denoiser(self.sampling_net, self.schedule, self.config.diffusion.prediction)
         if self.vae is not None:
             self.vae = prepare_module(self.vae, self.device)
         if self.text_encoder is not None:

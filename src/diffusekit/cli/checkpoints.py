@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from diffusekit.errors import UserError
+
 
 def _image_info(args) -> None:
     """The parameters an image carries (the "parameters" text chunk, AUTOMATIC1111's layout)."""
@@ -18,13 +20,17 @@ def _image_info(args) -> None:
 
 
 def _info(args) -> None:
-    if Path(args.checkpoint).is_file():  # an image, not a checkpoint folder
+    if args.checkpoint is not None and Path(args.checkpoint).is_file():  # an image, not a checkpoint folder
         return _image_info(args)
     from diffusekit.config import config_to_dict
     from diffusekit.files import read_json
     from diffusekit.io.checkpoint import check_intact, load_config, resolve_checkpoint
     from diffusekit.models import build_unet, build_vae
 
+    if args.system:
+        return _system(args)
+    if args.checkpoint is None:
+        raise UserError("info needs a checkpoint (a run folder or checkpoints/step_* folder), or --system for this machine")
     ckpt = resolve_checkpoint(args.checkpoint)
     check_intact(ckpt)
     config = load_config(ckpt)
@@ -62,6 +68,28 @@ def _info(args) -> None:
     print(f"sampling     {config.sample.sampler}, {config.sample.steps} steps, {config.sample.spacing} spacing (defaults)")
 
 
+def _system(args) -> None:
+    from diffusekit.precision import system_summary
+    from diffusekit.runtime import use_all_cores
+
+    use_all_cores()
+    summary = system_summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    cpu, auto = summary["cpu"], summary["auto"]
+    print(f"cpu          {cpu['model']}; {cpu['physical_cores']} physical / {cpu['logical_cores']} logical cores usable; torch uses {summary['threads']} threads")
+    print(f"cpu flags    {', '.join(cpu['flags']) or 'none of interest'}; PyTorch kernels: {cpu['torch_capability']}")
+    print(f"native bf16  {'yes' if cpu['native_bf16'] else 'no'}")
+    print(f"auto on cpu  sampling in {auto['cpu']['inference']}, training in {auto['cpu']['training']} ({auto['cpu']['why']})")
+    for i, name in enumerate(summary["cuda"]):
+        print(f"cuda:{i}       {name}")
+    if "cuda" in auto:
+        print(f"auto on cuda sampling in {auto['cuda']['inference']}, training in {auto['cuda']['training']}")
+    print(f"compile      {'a C++ compiler for torch.compile: ' + summary['compiler'] if summary['compiler'] else 'no C++ compiler found: --compile falls back to eager'}")
+    print(f"torch        {summary['torch']}")
+
+
 def _export(args) -> None:
     from diffusekit.io.diffusers_export import export_diffusers
 
@@ -80,8 +108,9 @@ def _slim(args) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="describe a checkpoint, or print the parameters an image was made with")
-    p.add_argument("checkpoint", metavar="CKPT_OR_IMAGE")
+    p = sub.add_parser("info", help="describe a checkpoint, print the parameters an image was made with, or (--system) this machine")
+    p.add_argument("checkpoint", metavar="CKPT_OR_IMAGE", nargs="?")
+    p.add_argument("--system", action="store_true", help="the CPU (and GPU) found, their native number formats, what --precision auto picks")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
 

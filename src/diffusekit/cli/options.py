@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from diffusekit.precision import PRECISIONS
 from diffusekit.samplers import SAMPLERS
 from diffusekit.schedule import SPACINGS
 
@@ -56,4 +57,23 @@ def add_sampling_args(p: argparse.ArgumentParser, n: int, out: str) -> None:
     p.add_argument("--animate", metavar="GIF", help="also write the reverse process as an animated GIF")
     p.add_argument("--batch-size", type=positive_int, help="images sampled at once (default: the model's sample.batch_size, 64); the images do not depend on it")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
-    p.add_argument("--device", default="auto")
+    add_speed_args(p)
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    """--device, --precision and --compile: where and how fast the network runs (sample, generate, eval)."""
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the network's number format: auto (bf16 where the CPU or GPU has it natively, else fp32), fp32, bf16, fp16 (GPU only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (the first call compiles, for minutes on a big model)")
+
+
+def describe_speed(pipe, precision: str) -> str:
+    """One line: what the network ran in (and why, for --precision auto), and the compile time if it was compiled."""
+    from diffusekit.precision import auto_reason
+
+    line = f"ran the network in {pipe.precision} on {pipe.device}" + (f" (auto: {auto_reason(pipe.device)})" if precision == "auto" else "")
+    seconds = getattr(pipe.sampling_net, "compile_seconds", None)
+    if seconds is not None:
+        line += " eagerly: compilation failed" if pipe.sampling_net.failed else f", compiled in {seconds:.1f} s"
+    return line

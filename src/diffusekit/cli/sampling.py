@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusekit.cli.options import add_sampling_args, positive_int
+from diffusekit.cli.options import add_sampling_args, describe_speed, positive_int
 from diffusekit.errors import UserError
 
 
@@ -18,7 +18,8 @@ def _sample(args) -> None:
 
     recorded = read_from(args)
     check_image_outputs(Path(args.out), args.animate)
-    pipe = Pipeline.from_pretrained(getattr(args, "checkpoint", None) or args.model or default_model(), weights=args.weights, device=args.device)
+    pipe = Pipeline.from_pretrained(getattr(args, "checkpoint", None) or args.model or default_model(), weights=args.weights, device=args.device,
+                                    dtype=args.precision, compile=args.compile)
     if recorded is not None:
         check_recorded_model(recorded, pipe, args.source)
     edit = {}
@@ -47,6 +48,7 @@ def _sample(args) -> None:
     last = args.index + args.n - 1
     print(f"seed {pipe.settings(seed=args.seed).seed}, images {args.index}..{last}: any one of them again alone with "
           f"--seed S --index I --n 1, or with --from its PNG")
+    print(describe_speed(pipe, args.precision))
     if args.animate:
         try:
             save_gif(frames, args.animate)
@@ -58,7 +60,7 @@ def _sample(args) -> None:
 # what `--from IMAGE.png` takes from the image's parameters where the command line does not say: option -> field
 FROM_FIELDS = {"steps": "Steps", "sampler": "Sampler", "spacing": "Schedule type", "guidance": "CFG scale", "guidance_rescale": "Guidance rescale",
                "eta": "Eta", "seed": "Seed", "index": "Image index", "strength": "Denoising strength", "mask_blur": "Mask blur",
-               "jump_length": "Jump length", "jump_n_sample": "Jump samples"}
+               "jump_length": "Jump length", "jump_n_sample": "Jump samples", "precision": "Precision"}
 
 
 FLOAT_OPTIONS = ("guidance", "guidance_rescale", "eta", "strength", "mask_blur")
@@ -83,7 +85,7 @@ DEFAULT_N = {"sample": 64, "generate": 8, "edit": 1}
 
 
 # options whose defaults are None in `generate` and `edit`, so that --from can tell which ones the command line set
-UNSET_DEFAULTS = {"seed": 0, "index": 0, "mask_blur": 0.0, "jump_length": 10, "jump_n_sample": 1}
+UNSET_DEFAULTS = {"seed": 0, "index": 0, "mask_blur": 0.0, "jump_length": 10, "jump_n_sample": 1, "precision": "auto"}
 
 
 def read_recorded(args, source: Path) -> dict:
@@ -100,7 +102,7 @@ def read_recorded(args, source: Path) -> dict:
     args.negative = args.negative if args.negative is not None else recorded["negative"] or None
     for option, field in FROM_FIELDS.items():
         if getattr(args, option, "not an option here") is None and field in recorded:
-            kind = str if option in ("sampler", "spacing") else float if option in FLOAT_OPTIONS else int
+            kind = str if option in ("sampler", "spacing", "precision") else float if option in FLOAT_OPTIONS else int
             value = recorded[field]
             if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool):
                 what = {int: "whole number", float: "number", str: "name"}[kind]
@@ -187,4 +189,4 @@ def register(sub) -> None:
 def add_from(p) -> None:
     p.add_argument("--from", dest="source", metavar="IMAGE.png", help="make an image again from the parameters its PNG carries "
                    "(prompt, seed, index, sampler, steps, ...); options given here override them")
-    p.set_defaults(seed=None, n=None, index=None)
+    p.set_defaults(seed=None, n=None, index=None, precision=None)

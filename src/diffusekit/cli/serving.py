@@ -6,6 +6,7 @@ from pathlib import Path
 
 from diffusekit.cli.options import positive_int
 from diffusekit.errors import UserError
+from diffusekit.precision import PRECISIONS
 
 
 def _serve(args) -> None:
@@ -22,7 +23,7 @@ def _serve(args) -> None:
         warn(f"serving on {args.host} without --api-key: anyone who can reach this machine can use the server")
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_steps=args.max_steps, max_size=args.max_size,
                     max_upload_bytes=args.max_upload_mb * 2**20)
-    pipes = load_pipes(args.model or [], device=args.device)
+    pipes = load_pipes(args.model or [], device=args.device, dtype=args.precision)
     server = Server(pipes, limits, queue_size=args.queue, gallery=Gallery(args.gallery, Path(args.save) if args.save else None), api_key=args.api_key)
     app = create_app(server, allowed_hosts=LOOPBACK_HOSTS + [args.host] if loopback else None)
     shown = f"[{args.host}]" if ":" in args.host else args.host
@@ -46,5 +47,6 @@ def register(sub) -> None:
     p.add_argument("--gallery", type=positive_int, default=256, help="images the gallery keeps (in memory)")
     p.add_argument("--save", metavar="DIR", help="also write every image (a PNG with its parameters) into this folder")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="the networks' number format (auto: bf16 where the CPU or GPU has it natively)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=_serve)

@@ -16,7 +16,7 @@ __all__ = ["Limits", "Server", "create_app", "load_pipes", "LOOPBACK_HOSTS"]
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1"]
 
 
-def load_pipes(paths: list[str], device: str = "auto") -> dict:
+def load_pipes(paths: list[str], device: str = "auto", dtype: str = "fp32") -> dict:
     """{name: Pipeline} for model folders (the shipped demo model when `paths` is empty); names are the folders'
     names, made unique with -2, -3, ... Requests name models by these names only, never by a path."""
     from diffusekit.models import default_model
@@ -24,7 +24,7 @@ def load_pipes(paths: list[str], device: str = "auto") -> dict:
 
     pipes: dict = {}
     for path in paths or [default_model()]:
-        pipe = Pipeline.from_pretrained(path, device=device)
+        pipe = Pipeline.from_pretrained(path, device=device, dtype=dtype)
         name, k = pipe.name, 2
         while name in pipes:
             name, k = f"{pipe.name}-{k}", k + 1
