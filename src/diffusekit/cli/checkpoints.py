@@ -30,7 +30,7 @@ def _info(args) -> None:
     if args.system:
         return _system(args)
     if args.checkpoint is None:
-        raise UserError("info needs a checkpoint (a run folder or checkpoints/step_* folder), or --system for this machine")
+        raise UserError("info needs a checkpoint (a run folder or checkpoints/step_* folder), an image diffusekit made (IMAGE.png), or --system for this machine")
     ckpt = resolve_checkpoint(args.checkpoint)
     check_intact(ckpt)
     config = load_config(ckpt)
