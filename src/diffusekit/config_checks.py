@@ -53,6 +53,8 @@ def validate(config: Config) -> Config:
     m, d, data, t, s = config.model, config.diffusion, config.data, config.train, config.sample
     _check(len(m.channels) >= 1 and all(c > 0 for c in m.channels), "model.channels needs at least one positive width, e.g. 32,64,64")
     _check(m.layers_per_block >= 1, "model.layers_per_block must be at least 1")
+    _check(m.norm_groups >= 1 and (m.attention_heads > 0 or m.attention_head_dim >= 1),
+           "model.norm_groups and model.attention_head_dim (or model.attention_heads) must be at least 1, e.g. 8 and 32")
     for level in m.attention_levels:
         _check(0 <= level < len(m.channels), f"model.attention_levels has level {level}, but there are only levels 0..{len(m.channels) - 1}")
     for c in m.channels:

@@ -35,6 +35,13 @@ def image_shape(config: Config, size: int | None = None) -> tuple[int, int, int]
     return (config.data.channels, size, size)
 
 
+def size_multiple(config: Config) -> int:
+    """Image sizes the model can make are multiples of this: the autoencoder's down-sampling factor (latent models)
+    times the 2^(levels - 1) by which the U-Net halves its input."""
+    factor = config.vae.downsample_factor if config.latent.vae else 1
+    return factor * 2 ** (len(config.model.channels) - 1)
+
+
 def build_unet(config: Config) -> UNet:
     return UNet.from_config(config.model, in_channels=image_shape(config)[0])
 

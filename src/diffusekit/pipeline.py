@@ -6,16 +6,20 @@
 
     pipe = Pipeline.from_pretrained("runs/emoji-ldm")      # text-to-image
     images = pipe("a red apple", n=4, steps=20, guidance=4, negative="blurry")
+    images = pipe("a green apple", image=init, strength=0.6)                 # image-to-image (SDEdit)
+    images = pipe("a green apple", image=init, mask_image=mask, mask_blur=1)  # inpainting (white: repaint)
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffusekit.compiled import compile_network
@@ -24,13 +28,15 @@ from diffusekit.config_checks import check_sample
 from diffusekit.denoiser import Denoiser, network_dtype
 from diffusekit.errors import UserError
 from diffusekit.guidance import GuidedDenoiser
+from diffusekit.image_info import ImageOutput, describe, fingerprint, model_name
+from diffusekit.inpaint import KnownRegionDenoiser, default_strength, noised_start, sample_resampled, strength_start
 from diffusekit.io import diffusers
 from diffusekit.models import ModelParts, image_shape, load_parts, text_condition
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.precision import dtype_name, resolve_dtype
 from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores
 from diffusekit.samplers import get_sampler
-from diffusekit.schedule import NoiseSchedule
+from diffusekit.schedule import NoiseSchedule, sigma_to_alpha_sigma
 
 LARGE_IMAGE_PIXELS = 256 * 256  # from this size on, the VAE decodes one image at a time
 
@@ -52,6 +58,12 @@ class Pipeline:
         self.denoiser = Denoiser(self.sampling_net, self.schedule, config.diffusion.prediction)
         self.checkpoint, self.step = checkpoint, step
         self.vae = vae.eval() if vae is not None else None
+        self.name = model_name(checkpoint)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the weights, the "Model hash" images record (image_info.fingerprint)."""
+        return fingerprint(self.net, self.vae)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, weights: str = "ema", device: str = "auto", dtype="fp32", torch_dtype=None,
@@ -102,6 +114,20 @@ class Pipeline:
         slice_size = 1 if pixels >= LARGE_IMAGE_PIXELS else 0
         parts = [vae.decode(vae.unscale_latents(part.to(self.device)), slice_size).clamp(-1, 1).cpu() for part in latents.split(batch_size)]
         return torch.cat(parts)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the scaled latents the U-Net denoises (the posterior mean: no sampling noise)."""
+        return self.vae.scale_latents(self.vae.encode(images.to(self.device)).mode())
+
+    def preview(self, info: dict, count: int | None = None, noisy: bool = False) -> torch.Tensor:
+        """A sampler callback's step as images [count, C, H, W] in [-1, 1] on the CPU: x0_hat (decoded for a latent
+        model), or with noisy=True for a pixel model the current x on the DDPM scale (the reverse process itself)."""
+        if noisy and self.vae is None:
+            alpha, _ = sigma_to_alpha_sigma(info["sigma_next"].to(torch.float64))
+            return (info["x"][:count] * alpha.float().to(info["x"].device)).clamp(-1, 1).cpu()
+        x0 = info["denoised"][:count]
+        return self.decode(x0) if self.vae is not None else x0.clamp(-1, 1).cpu()
 
     def settings(self, **given) -> SampleConfig:
         """The model's sample config with the values given here (None: the model's own), checked."""
@@ -186,6 +212,12 @@ class Pipeline:
         noise: torch.Tensor | None = None,
         callback=None,
         progress: bool = False,
+        image: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        strength: float | None = None,
+        jump_length: int = 10,
+        jump_n_sample: int = 1,
+        first_index: int = 0,
     ) -> torch.Tensor:
         """n images as a tensor in [-1, 1] (a latent model's samples decoded). Image i depends only on (seed, i), not on batch_size.
 
@@ -196,11 +228,18 @@ class Pipeline:
         noise [n, *shape] (standard normal, as diffusers' `latents`) instead of the seeded draw.
         callback(info) sees each batch after every step: the sampler's info (samplers.py) plus "start",
         the index of the batch's first image.
+
+        image-to-image (SDEdit) and inpainting (inpaint.py): image [1 or n, C, H, W] in [-1, 1] at the output size,
+        mask [1 or n, 1, H, W] in [0, 1] (1: repaint), strength in (0, 1] (default 0.8, or 1 with a mask: how much
+        of the schedule is walked); jump_n_sample > 1 resamples every jump_length steps (RePaint).
+        first_index: the index of the first image in the seed's stream, so that image i of a seed can be made alone.
         """
         settings = self.settings(n=n, steps=steps, sampler=sampler, spacing=spacing, seed=seed, guidance=guidance,
                                  guidance_rescale=guidance_rescale, eta=eta, variance=variance, batch_size=batch_size)
         sample_fn, options = get_sampler(settings.sampler), self.sampler_options(settings, eta, variance)
         sigmas = self.sigmas(settings.steps, settings.spacing).to(self.device)
+        if not isinstance(first_index, int) or first_index < 0:
+            raise UserError(f"the first image index must be a whole number >= 0, got {first_index!r}")
         cond, uncond = self.conditions(n, labels, prompts, negative)
         if uncond is None and guidance not in (None, 1.0):  # unconditional samples: nothing to guide towards
             raise UserError("classifier-free guidance needs a condition: give a --label or a prompt")
@@ -208,31 +247,62 @@ class Pipeline:
         shape = image_shape(self.config, size)
         if noise is not None and tuple(noise.shape) != (n, *shape):
             raise UserError(f"noise has shape {list(noise.shape)}, but {n} samples need {[n, *shape]}")
-        out, batch = [], settings.batch_size
-        bar = tqdm(total=n * settings.steps, desc=f"sampling ({settings.sampler}, {settings.steps} steps)", unit="step", disable=not progress, leave=False)
+        if image is None and (strength is not None or mask is not None):
+            raise UserError("strength and a mask need an init image (image=...)")
+        known, mask = self.edit_inputs(image, mask, n, shape)
+        strength = default_strength(strength, mask is not None)
+        sigmas = sigmas[strength_start(settings.steps, strength):] if image is not None else sigmas
+        out, batch, walks = [], settings.batch_size, (len(sigmas) - 1) * jump_n_sample
+        bar = tqdm(total=n * walks, desc=f"sampling ({settings.sampler}, {walks} steps)", unit="step", disable=not progress, leave=False)
         for start in range(0, n, batch):
             count = min(batch, n - start)
             part = slice(start, start + count)
-            gens = sample_generators(settings.seed, count, start)
+            gens = sample_generators(settings.seed, count, first_index + start)
             start_noise = randn((count, *shape), generator=gens, device=self.device) if noise is None else noise[part].to(self.device)
-            x = start_noise * (1 + sigmas[0] ** 2).sqrt().float()
+            batch_known = None if known is None else known[part] if len(known) > 1 else known
+            if batch_known is None:
+                x = start_noise * (1 + sigmas[0] ** 2).sqrt().float()
+            else:
+                x = noised_start(batch_known, start_noise, sigmas, strength)
             batch_cond = {k: v[part] for k, v in cond.items()} if cond else None
             denoiser = self.denoiser
             if scale != 1.0:
                 denoiser = GuidedDenoiser(self.denoiser, {k: v[part] for k, v in uncond.items()}, scale, settings.guidance_rescale)
+            if mask is not None:
+                denoiser = KnownRegionDenoiser(denoiser, batch_known, mask[part] if len(mask) > 1 else mask)
 
             def on_step(info, start=start, count=count):
                 bar.update(count)
                 if callback is not None:
                     callback({**info, "start": start})
 
-            x = sample_fn(denoiser, x, sigmas, cond=batch_cond, generator=gens, callback=on_step, **options)
+            x = sample_resampled(sample_fn, denoiser, x, sigmas, cond=batch_cond, generator=gens, callback=on_step,
+                                 jump_length=jump_length, jump_n_sample=jump_n_sample, **options)
             out.append(self.decode(x) if self.vae is not None else x.clamp(-1, 1).cpu())
         bar.close()
         return torch.cat(out)
 
-    def __call__(self, prompt=None, n: int | None = None, *, num_images_per_prompt: int | None = None,
-                 height: int | None = None, width: int | None = None, generator: torch.Generator | None = None, **kwargs):
+    def edit_inputs(self, image, mask, n: int, shape) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(x0 of the init image [1 or n, *shape], the mask at the U-Net's resolution [1 or n, 1, h, w]) of an edit.
+        A latent cell is repainted as much as the most repainted pixel it covers (max-pooling the mask)."""
+        if image is None:
+            return None, None
+        size, channels = shape[-1] * (self.vae.downsample_factor if self.vae is not None else 1), self.config.data.channels
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[0] not in (1, n) or tuple(image.shape[1:]) != (channels, size, size):
+            got = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise UserError(f"the init image is {got}, but this call makes images of [1 or {n}, {channels}, {size}, {size}] in [-1, 1]")
+        known = self.encode(image) if self.vae is not None else image.to(self.device).float()
+        if mask is None:
+            return known, None
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or mask.shape[0] not in (1, n) or tuple(mask.shape[1:]) != (1, size, size):
+            got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise UserError(f"the mask is {got}, but it must be [1 or {n}, 1, {size}, {size}] in [0, 1] (1: repaint), the init image's size")
+        mask = mask.to(self.device).float().clamp(0, 1)
+        return known, F.adaptive_max_pool2d(mask, shape[-2:]) if self.vae is not None else mask
+
+    def __call__(self, prompt=None, n: int | None = None, *, num_images_per_prompt: int | None = None, height: int | None = None,
+                 width: int | None = None, generator: torch.Generator | None = None, image=None, mask_image=None, mask_blur: float = 0.0,
+                 **kwargs) -> "ImageOutput":
         """PIL images: pipe("a red apple", n=4, steps=20, guidance=4) for a text-to-image model,
         pipe(n=16) for an unconditional one (labels=... for a class-conditional one).
 
@@ -240,8 +310,10 @@ class Pipeline:
         num_inference_steps, guidance_scale, negative_prompt, latents, num_images_per_prompt
         (each prompt's images next to each other), height and width (equal: the images are square),
         and generator, which draws the initial noise (the per-step noise of stochastic samplers
-        still comes from `seed`)."""
-        from diffusekit.images import make_grid, to_pil
+        still comes from `seed`). image (a PIL image, cropped and resized to the output size) and
+        mask_image (white: repaint; blurred by mask_blur pixels) edit an image (sample()'s strength, ...).
+        Returns an ImageOutput: a list of PIL images with `.images` and each image's `.parameters`."""
+        from diffusekit.images import image_tensor, make_grid, mask_tensor, to_pil
 
         kwargs = rename_diffusers_arguments(kwargs)
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -259,8 +331,21 @@ class Pipeline:
         if generator is not None and kwargs.get("noise") is None:
             shape = (n, *image_shape(self.config, kwargs.get("size")))
             kwargs["noise"] = torch.randn(shape, generator=generator, device=generator.device)
+        size, channels = kwargs.get("size") or self.config.data.image_size, self.config.data.channels
+        if mask_image is not None and not isinstance(mask_image, torch.Tensor):
+            if image is None or isinstance(image, torch.Tensor):
+                raise UserError("mask_image as a picture needs image= as a picture too (the mask is cropped and resized as the image is)")
+            kwargs["mask"] = mask_tensor(mask_image, image, size, mask_blur)
+        elif mask_image is not None:
+            kwargs["mask"] = mask_image
+        if image is not None:
+            kwargs["image"] = image if isinstance(image, torch.Tensor) else image_tensor(image, size, channels)
         images = self.sample(n, prompts=prompts, **kwargs)
-        return [to_pil(make_grid(img[None], ncols=1, padding=0)) for img in images]
+        texts = describe(self, n, prompts=prompts, edit=image is not None, masked=mask_image is not None, mask_blur=mask_blur, **kwargs)
+        pictures = [to_pil(make_grid(img[None], ncols=1, padding=0)) for img in images]
+        for picture, text in zip(pictures, texts):
+            picture.info["parameters"] = text
+        return ImageOutput(pictures, texts)
 
 
 # diffusers' StableDiffusionPipeline names for arguments Pipeline.sample takes under its own names

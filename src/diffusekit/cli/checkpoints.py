@@ -1,13 +1,27 @@
-"""`diffusekit info`, `export` and `slim`: what a checkpoint is, and copies of it in other forms."""
+"""`diffusekit info`, `export` and `slim`: what a checkpoint (or an image) is, and copies of it in other forms."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from diffusekit.errors import UserError
 
 
+def _image_info(args) -> None:
+    """The parameters an image carries (the "parameters" text chunk, AUTOMATIC1111's layout)."""
+    from diffusekit.images import read_parameters
+
+    recorded = read_parameters(Path(args.checkpoint))
+    if args.json:
+        print(json.dumps(recorded, indent=2, ensure_ascii=False))
+        return
+    print(recorded["text"])
+
+
 def _info(args) -> None:
+    if args.checkpoint is not None and Path(args.checkpoint).is_file():  # an image, not a checkpoint folder
+        return _image_info(args)
     from diffusekit.config import config_to_dict
     from diffusekit.files import read_json
     from diffusekit.io.checkpoint import check_intact, load_config, resolve_checkpoint
@@ -16,7 +30,7 @@ def _info(args) -> None:
     if args.system:
         return _system(args)
     if args.checkpoint is None:
-        raise UserError("info needs a checkpoint (a run folder or checkpoints/step_* folder), or --system for this machine")
+        raise UserError("info needs a checkpoint (a run folder or checkpoints/step_* folder), an image diffusekit made (IMAGE.png), or --system for this machine")
     ckpt = resolve_checkpoint(args.checkpoint)
     check_intact(ckpt)
     config = load_config(ckpt)
@@ -94,8 +108,8 @@ def _slim(args) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="describe a checkpoint (or, with --system, this machine)")
-    p.add_argument("checkpoint", metavar="CKPT", nargs="?")
+    p = sub.add_parser("info", help="describe a checkpoint, print the parameters an image was made with, or (--system) this machine")
+    p.add_argument("checkpoint", metavar="CKPT_OR_IMAGE", nargs="?")
     p.add_argument("--system", action="store_true", help="the CPU (and GPU) found, their native number formats, what --precision auto picks")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)

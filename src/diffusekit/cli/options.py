@@ -16,6 +16,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def seed_value(text: str) -> int:
     """--seed: a whole number torch can seed with (config_checks.check_seed)."""
     from diffusekit.config_checks import check_seed
@@ -43,6 +50,8 @@ def add_sampling_args(p: argparse.ArgumentParser, n: int, out: str) -> None:
     p.add_argument("--guidance-rescale", type=float, help="guidance rescale phi in [0, 1] (Lin et al. 2023)")
     p.add_argument("--negative", help="a negative prompt: what guidance steers away from (text-to-image models)")
     p.add_argument("--seed", type=seed_value, default=0)
+    p.add_argument("--index", type=non_negative_int, default=0, help="the index of the first image in the seed's sequence: "
+                   "--seed 5 --index 3 --n 1 makes image 3 of seed 5 alone (each image of a seed is the same whatever --n)")
     p.add_argument("--size", type=positive_int, help="image size in pixels (default: the size the model was trained at)")
     p.add_argument("--out", default=out, help="a .png grid, or a folder for one PNG per image")
     p.add_argument("--animate", metavar="GIF", help="also write the reverse process as an animated GIF")
