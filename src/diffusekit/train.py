@@ -65,12 +65,15 @@ class DiffusionTrainer(Trainer):
         if not self.config.latent.vae:
             return images
         vae = build_vae(self.config)
-        if self.resume_from is not None:  # the autoencoder this run was trained with, kept in its checkpoint
-            load_state_dict_checked(vae, read_tensors(self.resume_from / "vae.safetensors"), str(self.resume_from))
-        else:
-            load_state_dict_checked(vae, load_weights(resolve_checkpoint(self.config.latent.vae), "ema"), self.config.latent.vae)
+        load_state_dict_checked(vae, *self.vae_weights())
         self.vae = prepare_module(vae, self.device).requires_grad_(False).eval()
         return latent_dataset(images, self.vae, latent_cache_name(self.config), self.device, self.progress)
+
+    def vae_weights(self) -> tuple[dict, str]:
+        """(the autoencoder's weights, where they are from): latent.vae's EMA weights for a new run, the run's own on resume."""
+        if self.resume_from is not None:  # the autoencoder this run was trained with, kept in its checkpoint
+            return read_tensors(self.resume_from / "vae.safetensors"), str(self.resume_from)
+        return load_weights(resolve_checkpoint(self.config.latent.vae), "ema"), self.config.latent.vae
 
     def build(self) -> torch.nn.Module:
         self.schedule = NoiseSchedule.from_config(self.config.diffusion)
@@ -157,12 +160,13 @@ class DiffusionTrainer(Trainer):
         return [unique[i] for i in torch.linspace(0, len(unique) - 1, min(n, len(unique))).round().long().tolist()]
 
     def sample_grid(self) -> Path:
-        sc = self.config.sample
+        pipe = self.pipeline()
+        sc = pipe.config.sample
         classes = self.config.model.num_classes
         labels = torch.arange(sc.n) % classes if classes else None  # one class per column
         prompts = self.grid_prompts(sc.n) if self.captions is not None else None
         count = sc.n - sc.n % len(prompts) if prompts else sc.n  # every prompt the same number of times
-        images = self.pipeline().sample(count, steps=sc.steps, sampler=sc.sampler, spacing=sc.spacing, seed=sc.seed, labels=labels, prompts=prompts)
+        images = pipe.sample(count, steps=sc.steps, sampler=sc.sampler, spacing=sc.spacing, seed=sc.seed, labels=labels, prompts=prompts)
         columns = classes or (len(prompts) if prompts and len(prompts) <= 16 else None)  # a column per class or prompt
         path = save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", ncols=columns)
         if prompts is not None:
