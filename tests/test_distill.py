@@ -308,3 +308,32 @@ def test_distill_trainer_needs_its_stage_steps(teacher, tmp_path):
     ckpt, config = teacher_checkpoint(teacher)
     with pytest.raises(UserError, match="stage_steps"):
         DistillTrainer(student_config(ckpt, config, "progressive", 2, 12), tmp_path / "x", progress=False)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_exported_students_sample_in_diffusers_as_in_diffusekit(teacher, tmp_path, capsys, method):
+    """DDPMPipeline with the exported scheduler (DDIM, or LCMScheduler for a consistency student) draws the same images
+    from the same seed: at 2 steps of T = 100 LCM's timesteps on the 10-point grid are diffusekit's trailing ones."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusekit.runtime import derive_seed
+
+    distill(teacher, tmp_path / "student", method=method, steps=2, train_steps=2, overrides=[*FAST, "distill.start_steps=4", "distill.solver_steps=10"],
+            progress=False)
+    code, stdout, _ = cli(capsys, "export", tmp_path / "student", tmp_path / "hf")
+    assert code == 0 and ("LCMScheduler takes its timesteps" in stdout if method == "consistency" else "num_inference_steps=2" in stdout)
+    theirs = diffusers.DDPMPipeline.from_pretrained(tmp_path / "hf")
+    assert type(theirs.scheduler).__name__ == ("LCMScheduler" if method == "consistency" else "DDIMScheduler")
+    expected = theirs(batch_size=1, generator=torch.Generator().manual_seed(derive_seed(7, 0)), num_inference_steps=2, output_type="np").images
+    assert theirs.scheduler.timesteps.tolist() == [99, 49]
+    ours = Pipeline.from_pretrained(tmp_path / "student").sample(1, seed=7)
+    assert ((ours + 1) / 2 - torch.from_numpy(expected).permute(0, 3, 1, 2)).abs().max() < 1e-4
+
+
+def test_a_guidance_distilled_pixel_student_cannot_be_exported(tmp_path, capsys):
+    train(tiny_config(data__dataset="mnist", data__limit=32, model__num_classes=10, train__max_steps=1), tmp_path / "teacher", progress=False)
+    distill(tmp_path / "teacher", tmp_path / "student", steps=2, train_steps=2, overrides=[*FAST, "distill.start_steps=4"], progress=False)
+    capsys.readouterr()
+    assert_user_error(cli(capsys, "export", tmp_path / "student", tmp_path / "hf"), "guidance scale as an input", "UNet2DModel")
