@@ -141,9 +141,16 @@ def test_progressive_stages_halve_to_the_asked_steps_and_record_them(teacher, tm
         assert saved["distill"]["trained_steps"] == saved["sample"]["steps"] == [4, 4, 2, 2, 1, 1][step - 1]
         assert saved["sample"]["sampler"] == "ddim" and saved["distill"]["teacher"] == str(latest_checkpoint(teacher))
     assert {p.name for p in result.checkpoint.iterdir()} >= {"teacher.safetensors", "ema.safetensors"}
+    assert sorted(p.name for p in (out / "students").iterdir()) == ["2-steps", "4-steps"]  # the earlier stages' students, ready to sample
+    for n, at_step in ((4, 2), (2, 4)):
+        kept = Pipeline.from_pretrained(out / "students" / f"{n}-steps")
+        saved = read_tensors(out / "checkpoints" / f"step_{at_step:08d}" / "ema.safetensors")
+        assert kept.config.sample.steps == n and all(torch.equal(v, saved[k]) for k, v in kept.net.state_dict().items())
     # the last stage's teacher is the second stage's student (its EMA at the switch), not the original teacher
     second_stage = read_tensors(out / "checkpoints" / "step_00000004" / "ema.safetensors")
     assert all(torch.equal(v, second_stage[k]) for k, v in read_tensors(result.checkpoint / "teacher.safetensors").items())
+    again = distill(teacher, out, method="progressive", steps=2, train_steps=2, overrides=[*FAST, "distill.start_steps=4"], overwrite=True, progress=False)
+    assert again.step == 2 and not (out / "students").exists()  # --overwrite replaces all of it, the students too
 
 
 def test_a_progressive_student_learns_its_teachers_two_steps(teacher, tmp_path):

@@ -28,13 +28,15 @@ uses the guided teacher in its ODE step. One call per step then replaces guidanc
 
 Every checkpoint keeps the current teacher's weights (teacher.safetensors; for consistency also
 the target network, target.safetensors): a resume needs nothing outside the run, at the cost of
-the teacher's size on disk per checkpoint (`diffusekit slim` drops both).
+the teacher's size on disk per checkpoint (`diffusekit slim` drops both). A progressive run keeps the
+students of its earlier stages in RUN/students/N-steps/.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,13 +50,13 @@ from diffusekit.distill_losses import ConsistencyDenoiser, consistency_loss, ddi
 from diffusekit.errors import UserError
 from diffusekit.files import read_json, read_tensors
 from diffusekit.guidance import GuidedDenoiser
-from diffusekit.io.checkpoint import latest_checkpoint, load_config, load_weights, resolve_checkpoint
+from diffusekit.io.checkpoint import latest_checkpoint, load_config, load_weights, resolve_checkpoint, write_sampling_checkpoint
 from diffusekit.losses import draw_t_and_noise
 from diffusekit.models import build_unet, image_shape
 from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.optim import ema_update
 from diffusekit.pipeline import Pipeline
-from diffusekit.runtime import parse_duration, pick_device, prepare_module, use_all_cores
+from diffusekit.runtime import parse_duration, pick_device, prepare_module, use_all_cores, warn
 from diffusekit.train import DiffusionTrainer
 from diffusekit.trainer import TrainResult, run_training
 
@@ -145,7 +147,12 @@ def distill(teacher: str | Path | None, out: str | Path, *, method: str | None =
     config = apply_overrides(config, changes)
     if not resume:
         config = with_stage_steps(config, train_steps)
-    return run_training(DistillTrainer, config, out, resume=resume, overwrite=overwrite, progress=progress)
+    result = run_training(DistillTrainer, config, out, resume=resume, overwrite=overwrite, progress=progress)
+    trained = load_config(result.checkpoint).distill.trained_steps
+    if trained != config.distill.steps and distributed.launched_rank() == 0:
+        warn(f"the {result.stopped_by} ran out before the last stage: this student samples with {trained} steps (its checkpoint says so); "
+             f"`diffusekit distill --resume --out {out} --budget ...` trains on to {config.distill.steps}")
+    return result
 
 
 def run_config(checkpoint_config: Config) -> Config:
@@ -302,7 +309,20 @@ class DistillTrainer(DiffusionTrainer):
         if stepped and stage.kind == "consistency":
             ema_update(self.target, self.net, self.config.distill.target_ema)
         self.finish_step(len(x0), stepped=stepped)
+        self.finish_stage()
         return {"loss": float(total) / tc.grad_accumulation, "student_steps": stage.student_steps}
+
+    def finish_stage(self) -> None:
+        """After a progressive stage but the last: a checkpoint, and its student kept in RUN/students/N-steps/ (what
+        `diffusekit slim` writes: it samples alone), so a run to 1 step leaves its 4- and 2-step students too."""
+        per_stage = self.config.distill.stage_steps
+        if self.config.distill.method != "progressive" or self.step % per_stage or self.step // per_stage >= len(self.stage_list):
+            return
+        ckpt = self.save()
+        if ckpt is not None and self.rank == 0:
+            out = self.run_dir / "students" / f"{self.trained_steps()}-steps"
+            shutil.rmtree(out, ignore_errors=True)  # a stage trained again after a resume from before its end
+            write_sampling_checkpoint(ckpt, out)
 
     def loss(self, stage: Stage, x0: torch.Tensor, cond: dict | None, draws: dict) -> torch.Tensor:
         prediction = self.config.diffusion.prediction
