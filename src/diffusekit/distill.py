@@ -137,6 +137,9 @@ def distill(teacher: str | Path | None, out: str | Path, *, method: str | None =
         ckpt, teacher_config = teacher_checkpoint(teacher)
         state = read_json(ckpt / "state.json", "training state")
         config = student_config(ckpt, teacher_config, method or "progressive", steps or 4, state.get("step"))
+        if config.diffusion.prediction == "eps":
+            warn("the teacher predicts eps, and so will its student: at few steps an eps student's x0 = (x - sigma eps) blows up its "
+                 "errors at high noise (Salimans & Ho 2022, sec. 4); a teacher trained with diffusion.prediction=v (the presets) distils better")
     changes = list(overrides)
     if resume and method is not None:
         changes.append(f"distill.method={method}")
@@ -293,24 +296,17 @@ class DistillTrainer(DiffusionTrainer):
 
     def train_step(self) -> dict[str, float]:
         self.begin_stage()
-        tc, stage = self.config.train, self.stage_list[self.stage_index(self.step)]
+        stage = self.stage_list[self.stage_index(self.step)]
         x0, cond = self.next_batch()
         draws = self.draws(x0, stage)
-        micro, total = tc.batch_size, 0.0
-        for i in range(tc.grad_accumulation):
-            part = slice(i * micro, (i + 1) * micro)
-            part_cond = {k: v[part] for k, v in cond.items()} if cond else None
-            with self.gradient_sync(last=i == tc.grad_accumulation - 1):
-                with self.autocast():
-                    loss = self.loss(stage, x0[part], part_cond, {k: v[part] for k, v in draws.items()})
-                (loss / tc.grad_accumulation).backward()
-            total += loss.detach()
+        loss = self.backward_over_micro_batches(x0, cond, lambda part, x0_part, part_cond: self.loss(
+            stage, x0_part, part_cond, {k: v[part] for k, v in draws.items()}))
         stepped = self.optimizer_step()
         if stepped and stage.kind == "consistency":
             ema_update(self.target, self.net, self.config.distill.target_ema)
         self.finish_step(len(x0), stepped=stepped)
         self.finish_stage()
-        return {"loss": float(total) / tc.grad_accumulation, "student_steps": stage.student_steps}
+        return {"loss": loss, "student_steps": stage.student_steps}
 
     def finish_stage(self) -> None:
         """After a progressive stage but the last: a checkpoint, and its student kept in RUN/students/N-steps/ (what

@@ -85,14 +85,6 @@ class ConsistencyDenoiser:
     def __init__(self, denoiser, schedule: NoiseSchedule):
         self.denoiser, self.schedule = denoiser, schedule
 
-    @property
-    def sigma_min(self) -> float:
-        return self.schedule.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.schedule.sigma_max
-
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         sigma = sigma.to(x.device, torch.float64).expand(x.shape[0])
         c_skip, c_out = boundary_scalings(self.schedule.sigma_to_t(sigma))

@@ -132,23 +132,29 @@ class DiffusionTrainer(Trainer):
         return x0, {"class_labels": labels}
 
     def train_step(self) -> dict[str, float]:
-        tc, dc = self.config.train, self.config.diffusion
+        dc = self.config.diffusion
         x0, cond = self.next_batch()
         t, noise = draw_t_and_noise(self.schedule, x0, self.generator, self.rank, self.world)  # for the whole batch, then split
+        loss = self.backward_over_micro_batches(x0, cond, lambda part, x0_part, part_cond: diffusion_loss(
+            self.train_net, self.schedule, x0_part, prediction=dc.prediction, weighting=dc.loss_weighting,
+            snr_gamma=dc.snr_gamma, cond=part_cond, t=t[part], noise=noise[part]))
+        self.finish_step(len(x0), stepped=self.optimizer_step())
+        return {"loss": loss}
+
+    def backward_over_micro_batches(self, x0: torch.Tensor, cond: dict | None, loss_of) -> float:
+        """Forward and backward the batch in train.grad_accumulation micro-batches of train.batch_size;
+        loss_of(part, x0[part], cond[part]) is one micro-batch's loss. Returns the mean loss."""
+        tc = self.config.train
         micro, total = tc.batch_size, 0.0
         for i in range(tc.grad_accumulation):
             part = slice(i * micro, (i + 1) * micro)
             part_cond = {k: v[part] for k, v in cond.items()} if cond else None
             with self.gradient_sync(last=i == tc.grad_accumulation - 1):
                 with self.autocast():
-                    loss = diffusion_loss(
-                        self.train_net, self.schedule, x0[part], prediction=dc.prediction, weighting=dc.loss_weighting,
-                        snr_gamma=dc.snr_gamma, cond=part_cond, t=t[part], noise=noise[part],
-                    )
+                    loss = loss_of(part, x0[part], part_cond)
                 (loss / tc.grad_accumulation).backward()
             total += loss.detach()
-        self.finish_step(len(x0), stepped=self.optimizer_step())
-        return {"loss": float(total) / tc.grad_accumulation}
+        return float(total) / tc.grad_accumulation
 
     def pipeline(self) -> Pipeline:
         """The EMA model as a pipeline (for sample grids and evaluation)."""
