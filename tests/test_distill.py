@@ -116,6 +116,32 @@ def test_guidance_embedding_is_lcms():
     torch.testing.assert_close(net.embed_guidance(w, torch.zeros(3, 1, 8, 8)), theirs, rtol=0, atol=1e-3)  # float32 sines of angles up to 7000
 
 
+def test_a_guidance_embedding_unet_matches_diffusers_time_cond_proj_dim(tmp_path):
+    """LCM's U-Net (UNet2DConditionModel with time_cond_proj_dim, called with the guidance embedding as timestep_cond)
+    is diffusekit's U-Net with model.guidance_embedding, key for key, with the scale as its `guidance` input; export writes the key."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusekit.io.diffusers import unet_config, unet_fields
+
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=2, time_cond_proj_dim=32)
+    for p in ref.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)
+    ref.save_pretrained(tmp_path / "unet")
+    assert unet_fields(json.loads((tmp_path / "unet" / "config.json").read_text()), "unet/config.json")["model.guidance_embedding"] == 32
+    ours = UNet(4, 4, channels=(16, 32), attention_levels=(0,), norm_groups=8, cross_attention_dim=24, attention_heads=2, guidance_embedding=32)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, t, ctx, w = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 24), torch.tensor([2.0, 8.0])
+    embedding = diffusers.LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w - 1, embedding_dim=32)
+    with torch.no_grad():
+        expected = ref(x, t, encoder_hidden_states=ctx, timestep_cond=embedding).sample
+        assert (ours.eval()(x, t, context=ctx, guidance=w) - expected).abs().max() < 1e-4
+    config = tiny_config(model__cross_attention_dim=384, text__encoder="minilm", model__guidance_embedding=32)
+    assert unet_config(config)["time_cond_proj_dim"] == 32
+
+
 # ----------------------------------------------------------------------------- runs
 
 

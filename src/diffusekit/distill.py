@@ -145,6 +145,8 @@ def distill(teacher: str | Path | None, out: str | Path, *, method: str | None =
         changes.append(f"distill.method={method}")
     if resume and steps is not None:
         changes.append(f"distill.steps={steps}")
+    if resume and train_steps:  # the new total (a progressive run trains its last stage on)
+        changes.append(f"train.max_steps={train_steps}")
     if budget or not (resume or train_steps or any(o.startswith(("distill.stage_steps", "train.max_steps")) for o in overrides)):
         changes.append(f"train.budget={json.dumps(budget or DEFAULT_BUDGET)}")
     config = apply_overrides(config, changes)

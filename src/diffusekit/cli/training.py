@@ -76,7 +76,7 @@ def register(sub) -> None:
     p.add_argument("--out", help="the student's run folder (default runs/TEACHER-METHOD)")
     p.add_argument("--steps", type=positive_int, help="network calls per image the student is made for (default 4; progressive: a power of two)")
     p.add_argument("--budget", help="wall-clock time to fill, e.g. 20m (the default without --train-steps)")
-    p.add_argument("--train-steps", type=positive_int, help="optimizer steps in all (progressive: split evenly over its stages)")
+    p.add_argument("--train-steps", type=positive_int, help="optimizer steps in all (progressive: split evenly over its stages; with --resume: the new total)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set distill.start_steps=32 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the distillation in --out exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
