@@ -245,8 +245,8 @@ class DistillTrainer(DiffusionTrainer):
         return self.step - self.stage_index(self.step) * self.config.distill.stage_steps
 
     def begin_stage(self) -> None:
-        """At a stage's first step the last stage's student (its EMA) becomes the teacher and the new student,
-        with fresh optimizer moments, as Salimans & Ho's Algorithm 2 restarts every stage."""
+        """At a stage's first step the last stage's student (its EMA) becomes the teacher, and the new student starts
+        as it (Salimans & Ho's Algorithm 2: theta <- eta), with fresh optimizer moments, so every stage trains as the first."""
         per_stage = self.config.distill.stage_steps
         if self.step == 0 or self.step % per_stage or self.step // per_stage >= len(self.stage_list):
             return

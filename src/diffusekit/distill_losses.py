@@ -18,9 +18,9 @@ through LCM's scalings (Luo et al. 2023): c_skip = s^2 / ((10 t)^2 + s^2), c_out
 + s^2), with t the timestep of sigma and s = sigma_data = 0.5 (diffusers' LCMScheduler uses the same),
 so that f equals the teacher's own x0_hat everywhere but at the first timesteps and a student
 initialised from the teacher starts as a one-step DDIM sampler. The distance is the pseudo-Huber
-metric of Song & Dhariwal 2023 (iCT, sec. 3.3): sqrt(|a - b|^2 + c^2) - c, c = 0.00054 sqrt(d).
+metric of Song & Dhariwal 2023 (iCT): sqrt(|a - b|^2 + c^2) - c, c = 0.00054 sqrt(d).
 
-Guidance distillation (Meng et al. 2023, eq. 6): a student that takes the guidance scale w as an
+Guidance distillation (Meng et al. 2023, their stage one): a student that takes the guidance scale w as an
 input learns the teacher's guided x0_hat, D_u + w (D_c - D_u), for w drawn from a range.
 """
 

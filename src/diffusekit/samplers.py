@@ -186,8 +186,8 @@ def sample_dpmpp_3m(denoiser, x, sigmas, cond=None, generator=None, callback=Non
 
 
 def _unipc_coefficients(h: torch.Tensor, rks: torch.Tensor, order: int, variant: str):
-    """(h phi_1, B(h), R, b) of UniPC's B(h) update in data prediction (Zhao et al. 2023, Algorithm 2 with
-    the phi_k of their eq. (9)), computed as diffusers' UniPCMultistepScheduler does: hh = -h,
+    """(h phi_1, B(h), R, b) of UniPC's B(h) update in data prediction (Zhao et al. 2023, the bh1 / bh2
+    choices of B(h)), computed as diffusers' UniPCMultistepScheduler does: hh = -h,
     h phi_1 = e^{hh} - 1, B(h) = hh (bh1) or e^{hh} - 1 (bh2), R[i] = rks^i, b[i] = h phi_{i+1} i! / B(h)."""
     hh = -h
     h_phi_1 = torch.expm1(hh)
