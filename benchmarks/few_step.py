@@ -1,7 +1,7 @@
 """Few-step students: quality against network calls for a teacher and its distilled students, and their speed.
 
     python benchmarks/few_step.py --part mnist --teacher runs/bench_mnist --budget 10m   # about 30 minutes on 2 cores
-    python benchmarks/few_step.py --part emoji --budget 20m                              # about 35 minutes on 2 cores
+    python benchmarks/few_step.py --part emoji --emoji-budget 20m                        # about 35 minutes on 2 cores
     python benchmarks/few_step.py --part mnist --smoke                                   # a minute or two (tiny runs: proves the script works)
 
 mnist: the teacher is the `mnist` preset model of benchmarks/train_mnist.py (--teacher; trained here for --teacher-budget
