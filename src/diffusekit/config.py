@@ -43,6 +43,7 @@ class ModelConfig:
     freq_shift: float = 0.0  # time embedding frequencies 10000^(-i / (half - freq_shift))
     downsample_padding: int = 1  # 1: pad all sides before a stride-2 conv; 0: one row/column right and bottom
     norm_eps: float = 1e-5  # epsilon of the GroupNorms in the ResNet and self-attention blocks
+    guidance_embedding: int = 0  # a guidance-distilled student's embedding width of the guidance scale (diffusers' time_cond_proj_dim); 0: none
 
 
 @dataclass
@@ -158,6 +159,24 @@ class EvalConfig:
 
 
 @dataclass
+class DistillConfig:
+    """A few-step student (`diffusekit distill`): how it is made from its teacher, and the record a checkpoint keeps."""
+
+    method: str = ""  # "" (not distilled) | progressive (Salimans & Ho 2022) | consistency (Song et al. 2023)
+    teacher: str = ""  # the run or checkpoint distilled (a record: its weights are kept in every checkpoint)
+    teacher_step: int = 0  # the teacher's training steps
+    steps: int = 4  # network calls per image the student is distilled for (progressive: the last stage's)
+    trained_steps: int = 0  # what a checkpoint's student is trained for so far (progressive: its stage's steps); 0 in a run's config
+    start_steps: int = 64  # progressive: the teacher's DDIM steps that the first stage halves (a power of two)
+    stage_steps: int = 0  # progressive: optimizer steps per stage; 0: from --train-steps, or measured to fit the budget
+    solver_steps: int = 50  # consistency: the teacher ODE's discretisation N (LCM's 50 DDIM steps)
+    target_ema: float = 0.95  # consistency: EMA decay of the target network theta^-
+    loss: str = "pseudo_huber"  # consistency: pseudo_huber (iCT) | l2
+    guidance_min: float = 1.0  # conditional teachers: the guidance scales w ~ U[min, max] the student learns
+    guidance_max: float = 5.0
+
+
+@dataclass
 class Config:
     description: str = ""
     task: str = "diffusion"  # diffusion | autoencoder (`diffusekit train-vae`)
@@ -171,6 +190,7 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # Keys that may differ between a run and its resumption; everything else must match.
@@ -191,6 +211,7 @@ RESUMABLE_KEYS = {
     "train.compile",
     "train.batch_size",  # the data position is counted in images, so the batch (and the number of processes) may change
     "train.grad_accumulation",
+    "distill.trained_steps",  # each checkpoint records its own
 }
 RESUMABLE_SECTIONS = {"sample", "eval"}
 

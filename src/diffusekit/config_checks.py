@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from diffusekit.denoiser import PREDICTIONS
+from diffusekit.distill_losses import CONSISTENCY_LOSSES
 from diffusekit.errors import ConfigError
 from diffusekit.losses import WEIGHTINGS
 from diffusekit.nn.vae import check_vae_config
@@ -46,6 +47,31 @@ def check_sample(s: SampleConfig, timesteps: int) -> SampleConfig:
     _check(s.eta >= 0, f"eta (sample.eta, --eta) must be >= 0 (0: deterministic), got {s.eta}")
     check_seed("sample.seed", s.seed)
     return s
+
+
+def check_distill(config: Config) -> None:
+    """The distill section: a method, and a student step count the method can reach from the teacher's schedule."""
+    d, timesteps = config.distill, config.diffusion.timesteps
+    _choice("distill.method", d.method, ("", "progressive", "consistency"))
+    _choice("distill.loss", d.loss, CONSISTENCY_LOSSES)
+    _check(min(d.stage_steps, d.trained_steps, d.teacher_step) >= 0, "distill.stage_steps, trained_steps and teacher_step must not be negative")
+    _check(0.0 <= d.target_ema < 1.0, f"distill.target_ema must be in [0, 1) (0.95 as Song et al.), got {d.target_ema}")
+    _check(0 <= d.guidance_min <= d.guidance_max, f"distill.guidance_min and guidance_max need 0 <= min <= max, got {d.guidance_min} and {d.guidance_max}")
+    _check(d.steps >= 1, f"the student's steps (--steps, distill.steps) must be at least 1, got {d.steps}")
+    if d.method == "progressive":
+        start = d.start_steps
+        _check(start >= 2 and start & (start - 1) == 0 and start <= timesteps,
+               f"distill.start_steps = {start} must be a power of two from 2 to the teacher's {timesteps} timesteps, e.g. 64")
+        _check(d.steps & (d.steps - 1) == 0 and d.steps < start,
+               f"--steps {d.steps}: progressive distillation halves the teacher's {start} DDIM steps (distill.start_steps) stage by stage, "
+               f"so the student takes a power of two below {start}: use one of {', '.join(str(2**k) for k in range(start.bit_length() - 1))} "
+               "(or --method consistency, which samples with any number of steps)")
+    if d.method == "consistency":
+        _check(2 <= d.solver_steps <= timesteps,
+               f"distill.solver_steps = {d.solver_steps} must be between 2 and the teacher's {timesteps} timesteps (its ODE's discretisation, e.g. 50)")
+        _check(d.steps <= d.solver_steps,
+               f"--steps {d.steps} is more than the {d.solver_steps} points of the teacher's ODE the student learns (distill.solver_steps); "
+               f"use 1 to {d.solver_steps}, or raise distill.solver_steps (at most the teacher's {timesteps} timesteps)")
 
 
 def validate(config: Config) -> Config:
@@ -135,6 +161,9 @@ def validate(config: Config) -> Config:
     v = config.vae_loss
     _check(min(v.l1, v.l2, v.kl, v.disc_weight) >= 0 and v.l1 + v.l2 > 0, "vae_loss weights must be >= 0, with l1 + l2 > 0")
     _check(v.disc_start >= 0 and v.disc_channels >= 1 and v.disc_layers >= 1, "vae_loss.disc_start must be >= 0, disc_channels and disc_layers >= 1")
+
+    check_distill(config)
+    _check(m.guidance_embedding >= 0 and m.guidance_embedding % 2 == 0, "model.guidance_embedding must be 0 (none) or an even width, e.g. 256")
 
     e = config.eval
     _check(e.every >= 0 and e.n >= 10 and e.steps >= 1, "eval.every must be >= 0, eval.n >= 10 and eval.steps >= 1")

@@ -26,6 +26,7 @@ from diffusekit.compiled import compile_network
 from diffusekit.config import Config, SampleConfig
 from diffusekit.config_checks import check_sample
 from diffusekit.denoiser import Denoiser, network_dtype
+from diffusekit.distill_losses import ConsistencyDenoiser
 from diffusekit.errors import UserError
 from diffusekit.guidance import GuidedDenoiser
 from diffusekit.image_info import ImageOutput, describe, fingerprint, model_name
@@ -34,7 +35,7 @@ from diffusekit.io import diffusers
 from diffusekit.models import ModelParts, image_shape, load_parts, text_condition
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.precision import dtype_name, resolve_dtype
-from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores
+from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores, warn
 from diffusekit.samplers import get_sampler
 from diffusekit.schedule import NoiseSchedule, sigma_to_alpha_sigma
 
@@ -55,10 +56,15 @@ class Pipeline:
         self.sampling_net = compile_network(self.net) if compile else self.net
         self.text_encoder = text_encoder
         self.schedule = NoiseSchedule.from_config(config.diffusion)
-        self.denoiser = Denoiser(self.sampling_net, self.schedule, config.diffusion.prediction)
+        self.denoiser = self.make_denoiser()
         self.checkpoint, self.step = checkpoint, step
         self.vae = vae.eval() if vae is not None else None
         self.name = model_name(checkpoint)
+
+    def make_denoiser(self):
+        """D(x, sigma, cond) over the (compiled) network; a consistency student's x0_hat is its consistency function."""
+        denoiser = Denoiser(self.sampling_net, self.schedule, self.config.diffusion.prediction)
+        return ConsistencyDenoiser(denoiser, self.schedule) if self.config.distill.method == "consistency" else denoiser
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -98,7 +104,7 @@ class Pipeline:
         self.net = prepare_module(self.net, self.device)
         if self.sampling_net is not self.net:  # compiled for the old device: compile again
             self.sampling_net = compile_network(self.net)
-        self.denoiser = Denoiser(self.sampling_net, self.schedule, self.config.diffusion.prediction)
+        self.denoiser = self.make_denoiser()
         if self.vae is not None:
             self.vae = prepare_module(self.vae, self.device)
         if self.text_encoder is not None:
@@ -192,6 +198,28 @@ class Pipeline:
         options = {"eta": settings.eta} if eta is not None or settings.sampler == "ddim" else {}
         return {**options, "variance": settings.variance} if "variance" in accepted else options
 
+    def check_student(self, settings: SampleConfig, scale: float, negative: str | None) -> bool:
+        """For a distilled student: warn (once per call) when the sampling ignores the schedule it was distilled for,
+        refuse what a guidance-distilled student cannot do; whether it takes the guidance scale as an input."""
+        d, guided = self.config.distill, bool(self.config.model.guidance_embedding)
+        if guided and (negative or settings.guidance_rescale > 0):
+            raise UserError(f"this student learned guidance against the {'null class' if self.config.model.num_classes else 'empty prompt'} "
+                            "(guidance distillation), so it takes no negative prompt or guidance rescale; sample its teacher "
+                            f"('{d.teacher}') for those")
+        if guided and not d.guidance_min <= scale <= d.guidance_max and scale != 1.0:
+            warn(f"guidance {scale:g} is outside the scales {d.guidance_min:g} to {d.guidance_max:g} this student learned; expect worse images")
+        if d.method == "progressive":
+            n = d.trained_steps or d.steps
+            trained = self.schedule.sampling_sigmas(n, "trailing")
+            used = self.schedule.sampling_sigmas(settings.steps, settings.spacing, steps_offset=settings.steps_offset)
+            if settings.sampler not in ("ddim", "euler") or settings.eta != 0 or not torch.equal(trained, used):
+                warn(f"this progressive student was distilled for DDIM at its {n} trailing timesteps (--sampler ddim --steps {n}); "
+                     f"{settings.sampler} with {settings.steps} {settings.spacing} steps ignores that schedule, expect worse images")
+        elif d.method == "consistency" and settings.sampler != "consistency":
+            warn(f"this consistency student samples with --sampler consistency (1 to {d.solver_steps} steps); {settings.sampler} ignores "
+                 "how it was distilled, expect worse images")
+        return guided
+
     @torch.no_grad()
     def sample(
         self,
@@ -244,6 +272,7 @@ class Pipeline:
         if uncond is None and guidance not in (None, 1.0):  # unconditional samples: nothing to guide towards
             raise UserError("classifier-free guidance needs a condition: give a --label or a prompt")
         scale = settings.guidance if uncond is not None else 1.0
+        guided_student = self.check_student(settings, scale, negative)
         shape = image_shape(self.config, size)
         if noise is not None and tuple(noise.shape) != (n, *shape):
             raise UserError(f"noise has shape {list(noise.shape)}, but {n} samples need {[n, *shape]}")
@@ -266,7 +295,9 @@ class Pipeline:
                 x = noised_start(batch_known, start_noise, sigmas, strength)
             batch_cond = {k: v[part] for k, v in cond.items()} if cond else None
             denoiser = self.denoiser
-            if scale != 1.0:
+            if guided_student and batch_cond is not None:  # the guidance scale is an input: one call per step
+                batch_cond["guidance"] = torch.full((count,), float(scale), device=self.device)
+            elif scale != 1.0:
                 denoiser = GuidedDenoiser(self.denoiser, {k: v[part] for k, v in uncond.items()}, scale, settings.guidance_rescale)
             if mask is not None:
                 denoiser = KnownRegionDenoiser(denoiser, batch_known, mask[part] if len(mask) > 1 else mask)

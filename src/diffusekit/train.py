@@ -65,12 +65,15 @@ class DiffusionTrainer(Trainer):
         if not self.config.latent.vae:
             return images
         vae = build_vae(self.config)
-        if self.resume_from is not None:  # the autoencoder this run was trained with, kept in its checkpoint
-            load_state_dict_checked(vae, read_tensors(self.resume_from / "vae.safetensors"), str(self.resume_from))
-        else:
-            load_state_dict_checked(vae, load_weights(resolve_checkpoint(self.config.latent.vae), "ema"), self.config.latent.vae)
+        load_state_dict_checked(vae, *self.vae_weights())
         self.vae = prepare_module(vae, self.device).requires_grad_(False).eval()
         return latent_dataset(images, self.vae, latent_cache_name(self.config), self.device, self.progress)
+
+    def vae_weights(self) -> tuple[dict, str]:
+        """(the autoencoder's weights, where they are from): latent.vae's EMA weights for a new run, the run's own on resume."""
+        if self.resume_from is not None:  # the autoencoder this run was trained with, kept in its checkpoint
+            return read_tensors(self.resume_from / "vae.safetensors"), str(self.resume_from)
+        return load_weights(resolve_checkpoint(self.config.latent.vae), "ema"), self.config.latent.vae
 
     def build(self) -> torch.nn.Module:
         self.schedule = NoiseSchedule.from_config(self.config.diffusion)
@@ -129,23 +132,29 @@ class DiffusionTrainer(Trainer):
         return x0, {"class_labels": labels}
 
     def train_step(self) -> dict[str, float]:
-        tc, dc = self.config.train, self.config.diffusion
+        dc = self.config.diffusion
         x0, cond = self.next_batch()
         t, noise = draw_t_and_noise(self.schedule, x0, self.generator, self.rank, self.world)  # for the whole batch, then split
+        loss = self.backward_over_micro_batches(x0, cond, lambda part, x0_part, part_cond: diffusion_loss(
+            self.train_net, self.schedule, x0_part, prediction=dc.prediction, weighting=dc.loss_weighting,
+            snr_gamma=dc.snr_gamma, cond=part_cond, t=t[part], noise=noise[part]))
+        self.finish_step(len(x0), stepped=self.optimizer_step())
+        return {"loss": loss}
+
+    def backward_over_micro_batches(self, x0: torch.Tensor, cond: dict | None, loss_of) -> float:
+        """Forward and backward the batch in train.grad_accumulation micro-batches of train.batch_size;
+        loss_of(part, x0[part], cond[part]) is one micro-batch's loss. Returns the mean loss."""
+        tc = self.config.train
         micro, total = tc.batch_size, 0.0
         for i in range(tc.grad_accumulation):
             part = slice(i * micro, (i + 1) * micro)
             part_cond = {k: v[part] for k, v in cond.items()} if cond else None
             with self.gradient_sync(last=i == tc.grad_accumulation - 1):
                 with self.autocast():
-                    loss = diffusion_loss(
-                        self.train_net, self.schedule, x0[part], prediction=dc.prediction, weighting=dc.loss_weighting,
-                        snr_gamma=dc.snr_gamma, cond=part_cond, t=t[part], noise=noise[part],
-                    )
+                    loss = loss_of(part, x0[part], part_cond)
                 (loss / tc.grad_accumulation).backward()
             total += loss.detach()
-        self.finish_step(len(x0), stepped=self.optimizer_step())
-        return {"loss": float(total) / tc.grad_accumulation}
+        return float(total) / tc.grad_accumulation
 
     def pipeline(self) -> Pipeline:
         """The EMA model as a pipeline (for sample grids and evaluation)."""
@@ -157,12 +166,13 @@ class DiffusionTrainer(Trainer):
         return [unique[i] for i in torch.linspace(0, len(unique) - 1, min(n, len(unique))).round().long().tolist()]
 
     def sample_grid(self) -> Path:
-        sc = self.config.sample
+        pipe = self.pipeline()
+        sc = pipe.config.sample
         classes = self.config.model.num_classes
         labels = torch.arange(sc.n) % classes if classes else None  # one class per column
         prompts = self.grid_prompts(sc.n) if self.captions is not None else None
         count = sc.n - sc.n % len(prompts) if prompts else sc.n  # every prompt the same number of times
-        images = self.pipeline().sample(count, steps=sc.steps, sampler=sc.sampler, spacing=sc.spacing, seed=sc.seed, labels=labels, prompts=prompts)
+        images = pipe.sample(count, steps=sc.steps, sampler=sc.sampler, spacing=sc.spacing, seed=sc.seed, labels=labels, prompts=prompts)
         columns = classes or (len(prompts) if prompts and len(prompts) <= 16 else None)  # a column per class or prompt
         path = save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", ncols=columns)
         if prompts is not None:

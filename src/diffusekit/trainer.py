@@ -200,9 +200,13 @@ class Trainer:
         if not stepped:
             self.skipped_steps += 1
         else:
-            ema_update(self.ema, self.net, ema_decay_at(self.step, tc.ema_decay, tc.ema_warmup))
+            ema_update(self.ema, self.net, ema_decay_at(self.ema_age(), tc.ema_decay, tc.ema_warmup))
         self.step += 1
         self.images_seen += batch_size * self.world
+
+    def ema_age(self) -> int:
+        """The steps the EMA's warm-up counts (the run's; a distillation stage starts its own)."""
+        return self.step
 
     # ------------------------------------------------------------------ state
 

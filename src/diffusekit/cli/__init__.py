@@ -1,4 +1,4 @@
-"""`diffusekit` commands: train, train-vae, sample, generate, edit, eval, info, export, slim, presets, noise, serve.
+"""`diffusekit` commands: train, train-vae, distill, sample, generate, edit, eval, info, export, slim, presets, noise, serve.
 
 Each module here holds a few commands: their parsers (`register`) and the thin functions that
 run them over layer 4. Mistakes a user can make (UserError) are printed as one line and exit

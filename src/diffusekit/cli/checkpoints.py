@@ -66,6 +66,12 @@ def _info(args) -> None:
           + (", zero terminal SNR" if d.zero_terminal_snr else ""))
     print(f"data         {data.dataset}{' ' + data.path if data.path else ''}, {data.channels} x {data.image_size} x {data.image_size}")
     print(f"sampling     {config.sample.sampler}, {config.sample.steps} steps, {config.sample.spacing} spacing (defaults)")
+    dc = config.distill
+    if dc.method:
+        trained = dc.trained_steps or dc.steps
+        so_far = "" if trained == dc.steps else f", trained for {trained} so far"
+        guided = f"; guidance scale {dc.guidance_min:g} to {dc.guidance_max:g} is an input (one call per step)" if m.guidance_embedding else ""
+        print(f"distilled    {dc.method} distillation of {dc.teacher} (trained {dc.teacher_step} steps) to {dc.steps} step(s){so_far}{guided}")
 
 
 def _system(args) -> None:

@@ -21,7 +21,8 @@ from diffusekit.io.diffusers import FORMAT_VERSION, SKIPPED_COMPONENTS, WEIGHT_F
 from diffusekit.models import build_unet, build_vae
 from diffusekit.nn.state import load_state_dict_checked
 
-PIPELINE_PARTS = {"DDPMPipeline": ["unet", "scheduler"], "StableDiffusionPipeline": ["unet", "vae", "text_encoder", "scheduler"]}
+PIPELINE_PARTS = {"DDPMPipeline": ["unet", "scheduler"], "StableDiffusionPipeline": ["unet", "vae", "text_encoder", "scheduler"],
+                  "LatentConsistencyModelPipeline": ["unet", "vae", "text_encoder", "scheduler"]}
 
 
 def text_model_type(encoder: str) -> str:
@@ -46,6 +47,11 @@ def pipeline_class(config: Config) -> tuple[str | None, str]:
     if config.text.mask_padding:
         return None, ("the model was trained with text.mask_padding = true (its cross-attention skips padding tokens), "
                       "but StableDiffusionPipeline attends to them, so it would draw other images")
+    if config.distill.method == "consistency":
+        return "LatentConsistencyModelPipeline", ""
+    if config.model.guidance_embedding:
+        return None, ("StableDiffusionPipeline does not pass the guidance scale to a guidance-distilled student "
+                      "(LatentConsistencyModelPipeline does, for consistency students)")
     return "StableDiffusionPipeline", ""
 
 
@@ -100,7 +106,7 @@ def export_diffusers(run: str | Path, out: str | Path, components: list[str] | N
             (tmp / "scheduler").mkdir(parents=True)
             write_json_atomic(tmp / "scheduler" / "scheduler_config.json", scheduler)
             index["scheduler"] = ["diffusers", scheduler["_class_name"]]
-        if pipeline == "StableDiffusionPipeline":
+        if pipeline in ("StableDiffusionPipeline", "LatentConsistencyModelPipeline"):
             index.update({name: [None, None] for name in SKIPPED_COMPONENTS}, requires_safety_checker=False)
         if pipeline is not None:
             write_json_atomic(tmp / "model_index.json", index)
@@ -146,6 +152,12 @@ def export_notes(config: Config, pipeline: str | None) -> list[str]:
         notes.append(f"diffusers' DPMSolverMultistepScheduler spaces {s.spacing} steps differently from diffusekit (n + 1 points); trailing spacing gives the same timesteps")
     if s.spacing == "logsnr":
         notes.append("diffusers has no log-SNR spacing; the scheduler config says trailing")
+    d = config.distill
+    if d.method == "progressive":
+        notes.append(f"a progressive student: sample it with num_inference_steps={d.trained_steps or d.steps}, the steps it was distilled for")
+    if d.method == "consistency":
+        notes.append(f"LCMScheduler takes its timesteps from the student's {d.solver_steps}-point training grid (999, 759, 499, 259 for 4 of 1000); "
+                     "diffusekit's consistency sampler uses the trailing ones (999, 749, 499, 249)")
     if pipeline == "StableDiffusionPipeline" and s.spacing == "leading" and s.steps_offset != 1:
         notes.append("StableDiffusionPipeline resets steps_offset to 1, so its leading timesteps are one above diffusekit's")
     return notes

@@ -64,6 +64,7 @@ RUN_FILE_PATTERNS = (
     "samples/step_*.png", "samples/step_*.json", "samples/.step_*",
     "eval/*eval-*.json", "eval/.*eval-*",
     "checkpoints/latest", "checkpoints/.latest.*", "checkpoints/step_*/*", "checkpoints/.tmp-*/*",
+    "students/*-steps/*", "students/.tmp-*/*",  # a progressive distillation's students of its earlier stages
 )
 
 
@@ -76,7 +77,7 @@ def run_contents(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.rglob("*") if p.is_symlink() or not p.is_dir())
 
 
-RUN_FOLDER_PATTERNS = ("samples", "eval", "checkpoints", "checkpoints/step_*", "checkpoints/.tmp-*")
+RUN_FOLDER_PATTERNS = ("samples", "eval", "checkpoints", "checkpoints/step_*", "checkpoints/.tmp-*", "students", "students/*-steps", "students/.tmp-*")
 
 
 def clear_run_dir(run_dir: Path) -> None:
