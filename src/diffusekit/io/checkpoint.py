@@ -184,14 +184,15 @@ def make_temp_folder(final: Path) -> Path:
     return tmp
 
 
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """safetensors written to a unique temporary file beside `path`, flushed, then renamed into place."""
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """safetensors (with an optional string-to-string header `metadata`) written to a unique temporary
+    file beside `path`, flushed, then renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         fsync_path(Path(tmp))
         os.replace(tmp, path)
     finally:
