@@ -72,7 +72,10 @@ def test_merge_then_unmerge_gives_back_the_weights_and_merged_equals_unmerged():
     with pytest.raises(UserError, match="unmerge"):
         lora.set_scales(net, {"a": 0.5})
     lora.unmerge(net)
-    assert max(max_diff(net.state_dict()[k], before[k]) for k in before) <= 1e-6  # ... and unmerging undid it
+    assert all(torch.equal(net.state_dict()[k], before[k]) for k in before)  # ... and unmerging undid it exactly (merge kept W0)
+    lora.merge(net, keep_original=False)
+    lora.unmerge(net)  # without the copy: W - delta
+    assert max(max_diff(net.state_dict()[k], before[k]) for k in before) <= 1e-6
 
 
 def test_several_loras_on_one_layer_add_their_own_scaled_deltas():

@@ -17,7 +17,7 @@ LAYERS = {
     1: ["errors", "files", "runtime", "schedule", "denoiser", "losses", "samplers", "guidance", "distributed", "optim"],
     2: ["nn"],
     3: ["config", "config_checks", "models", "io", "data", "images"],
-    4: ["trainer", "training_state", "train", "train_vae", "pipeline", "evaluate", "metrics"],
+    4: ["trainer", "training_state", "train", "train_vae", "finetune", "pipeline", "evaluate", "metrics"],
     5: ["cli", "__main__", "__init__", "serve"],
 }
 

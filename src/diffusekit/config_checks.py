@@ -81,7 +81,7 @@ def validate(config: Config) -> Config:
         "nothing about x0 (Lin et al. 2023, sec. 3.2)",
     )
 
-    _choice("task", config.task, ("diffusion", "autoencoder"))
+    _choice("task", config.task, ("diffusion", "autoencoder", "finetune"))
     _choice("data.dataset", data.dataset, ("mnist", "folder", "emoji", "none"))
     _choice("data.bad_images", data.bad_images, ("skip", "abort"))
     _check(data.channels in (1, 3), "data.channels must be 1 (grayscale) or 3 (RGB)")
@@ -133,6 +133,15 @@ def validate(config: Config) -> Config:
     v = config.vae_loss
     _check(min(v.l1, v.l2, v.kl, v.disc_weight) >= 0 and v.l1 + v.l2 > 0, "vae_loss weights must be >= 0, with l1 + l2 > 0")
     _check(v.disc_start >= 0 and v.disc_channels >= 1 and v.disc_layers >= 1, "vae_loss.disc_start must be >= 0, disc_channels and disc_layers >= 1")
+
+    f = config.finetune
+    _check(f.rank >= 1 and f.alpha >= 0 and 0.0 <= f.dropout < 1.0, "finetune.rank must be >= 1 (--lora-rank), finetune.alpha >= 0 (0: = rank) and finetune.dropout in [0, 1)")
+    _check(bool(f.targets) and all(f.targets), "finetune.targets needs at least one layer name or preset (attention, ff, proj, conv), e.g. --lora-targets attention")
+    _check(f.prior_images >= 0 and f.prior_weight >= 0, "finetune.prior_images and finetune.prior_weight must not be negative")
+    _check(not (f.prior_images and f.prior_path), "prior preservation takes generated class images (--prior-images N) or a folder of them (--prior-data DIR), not both")
+    _check(not f.prior_images or bool(f.prior_prompts) or not tx.encoder, "--prior-images needs the class prompt(s) the base model draws them for: --prior-prompt TEXT")
+    _check(not f.text_encoder or t.grad_accumulation == 1, "finetune.text_encoder (--text-encoder) trains with train.grad_accumulation = 1")
+    check_seed("finetune.prior_seed", f.prior_seed)
 
     e = config.eval
     _check(e.every >= 0 and e.n >= 10 and e.steps >= 1, "eval.every must be >= 0, eval.n >= 10 and eval.steps >= 1")

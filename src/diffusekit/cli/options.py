@@ -48,3 +48,34 @@ def add_sampling_args(p: argparse.ArgumentParser, n: int, out: str) -> None:
     p.add_argument("--batch-size", type=positive_int, help="images sampled at once (default: the model's sample.batch_size, 64); the images do not depend on it")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--device", default="auto")
+
+
+# ----------------------------------------------------------------------------- LoRAs (sample, generate, and any command that samples)
+
+
+def lora_spec(text: str):
+    """--lora FILE[:SCALE] -> (path, scale); a scale that is not a number is a one-line usage error."""
+    from diffusekit.errors import UserError
+    from diffusekit.io.lora import parse_lora_spec
+
+    try:
+        return parse_lora_spec(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_lora_option(p: argparse.ArgumentParser) -> None:
+    """--lora FILE[:SCALE], repeatable; apply_loras(pipe, args.lora) loads them."""
+    p.add_argument("--lora", action="append", type=lora_spec, metavar="FILE[:SCALE]",
+                   help="a LoRA file (diffusers / peft or kohya / A1111 layout; a `diffusekit finetune` run folder means its "
+                        "lora.safetensors) at a scale (default 1), e.g. style.safetensors:0.8; repeatable")
+
+
+def apply_loras(pipe, specs) -> None:
+    """Load each (path, scale) of --lora into the pipeline, then fuse them into its weights in memory (sampling
+    runs as fast as without; the model's files are never changed)."""
+    for path, scale in specs or []:
+        name = pipe.load_lora(path, scale=scale)
+        print(f"LoRA {name} from {path} at scale {scale:g}")
+    if specs:
+        pipe.fuse_lora(keep_original=False)  # never unfused here: no copy of the weights needed

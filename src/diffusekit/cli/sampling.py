@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusekit.cli.options import add_sampling_args
+from diffusekit.cli.options import add_lora_option, add_sampling_args, apply_loras
 from diffusekit.errors import UserError
 
 
@@ -19,6 +19,7 @@ def _sample(args) -> None:
 
     check_image_outputs(Path(args.out), args.animate)
     pipe = Pipeline.from_pretrained(getattr(args, "checkpoint", None) or args.model or default_model(), weights=args.weights, device=args.device)
+    apply_loras(pipe, args.lora)
     frames, shown = [], min(args.n, 64)
 
     def record(info) -> None:
@@ -78,6 +79,7 @@ def register(sub) -> None:
     p = sub.add_parser("sample", help="sample images from a run or checkpoint")
     p.add_argument("checkpoint", metavar="RUN_OR_CKPT")
     add_sampling_args(p, n=64, out="samples.png")
+    add_lora_option(p)
     p.add_argument("--label", type=int, action="append", help="class label(s) for a class-conditional model (repeatable)")
     p.add_argument("--prompt", action="append", help="prompt(s) for a text-to-image model (repeatable; `generate` is the short way)")
     p.set_defaults(func=_sample)
@@ -87,4 +89,5 @@ def register(sub) -> None:
                    'several prompts take turns over the --n images')
     p.add_argument("--model", help="a text-to-image run, checkpoint or diffusers folder (default: the shipped emoji demo model)")
     add_sampling_args(p, n=8, out="generated.png")
+    add_lora_option(p)
     p.set_defaults(func=_sample, label=None)

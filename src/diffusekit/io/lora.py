@@ -42,6 +42,8 @@ from diffusekit.nn.text import TextEncoder
 from diffusekit.runtime import warn
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+BASE_FINGERPRINT, BASE_NAME = "diffusekit.base_fingerprint", "diffusekit.base"  # header entries of the LoRAs finetune writes
+RUN_FILE = "lora.safetensors"  # the LoRA in a `diffusekit finetune` run folder
 
 
 @dataclass
@@ -60,6 +62,26 @@ def text_model(text_encoder: nn.Module | None) -> nn.Module | None:
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def lora_file(path: str | Path) -> Path:
+    """A LoRA file; a `diffusekit finetune` run folder stands for its lora.safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / RUN_FILE).is_file():
+            return path / RUN_FILE
+        raise UserError(f"'{path}' is a folder without {RUN_FILE}; give a LoRA .safetensors file or a `diffusekit finetune` run folder")
+    return path
+
+
+def recorded_base(path: str | Path) -> tuple[str, str]:
+    """(fingerprint, name) of the base model a LoRA file was trained on, as finetune records it ("", "" where unknown)."""
+    try:
+        with safe_open(str(lora_file(path)), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return "", ""
+    return metadata.get(BASE_FINGERPRINT, ""), metadata.get(BASE_NAME, "")
 
 
 def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -159,7 +181,7 @@ def free_name(stem: str, taken: set[str]) -> str:
 def load_lora(path: str | Path, net: nn.Module, name: str | None = None, scale: float = 1.0, text_encoder: nn.Module | None = None) -> str:
     """Inject the LoRA in `path` (either layout) into `net` (the U-Net) and, if given, `text_encoder`, at `scale`;
     returns its name (by default the file's stem, made unique). Base weights are not touched."""
-    path, scale = Path(path), check_number(scale, "the LoRA scale")
+    path, scale = lora_file(path), check_number(scale, "the LoRA scale")
     nets = {"unet": net} | ({"text_encoder": text_model(text_encoder)} if text_encoder is not None else {})
     taken = {n for part in nets.values() for n in adapter_names(part)}
     name = free_name(path.stem, taken) if name is None else check_name(name, taken)

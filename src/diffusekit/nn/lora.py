@@ -19,8 +19,8 @@ Several LoRAs can sit on one layer, each with its own name and scale (diffusers'
 
     h = W0 x + sum_i scale_i (alpha_i / r_i) B_i A_i x
 
-merge() folds scale (alpha / r) B A into W0 (no extra work per call); unmerge() subtracts the same
-product again. Targets are module-name suffixes matched at a '.' boundary (peft's rule), or the
+merge() folds scale (alpha / r) B A into W0 (no extra work per call); unmerge() gives W0 back exactly
+(merge keeps a copy of it) or, without that copy, subtracts the same product again. Targets are module-name suffixes matched at a '.' boundary (peft's rule), or the
 presets below; the same LoRA works on any nn.Linear, e.g. a CLIP text encoder's q_proj.
 """
 
@@ -36,7 +36,8 @@ from torch import nn
 from diffusekit.errors import UserError
 
 PRESETS = {
-    "attention": ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj"),  # U-Net attention, CLIP self-attention
+    # U-Net attention, CLIP self-attention, BERT self-attention (all-MiniLM-L6-v2)
+    "attention": ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj", "query", "key", "value", "attention.output.dense"),
     "ff": ("ff.net.0.proj", "ff.net.2", "mlp.fc1", "mlp.fc2"),  # transformer feed-forward, CLIP MLP
     "proj": ("proj_in", "proj_out"),  # Transformer2D's projections to and from tokens
     "conv": ("conv1", "conv2"),  # the ResBlocks' 3x3 convolutions (LoCon)
@@ -215,21 +216,31 @@ def set_scales(net: nn.Module, scales: dict[str, float]) -> None:
 
 
 @torch.no_grad()
-def merge(net: nn.Module, name: str | None = None) -> None:
-    """Fold scale (alpha / r) B A of one LoRA (or all) into the base weights: W = W0 + delta."""
+def merge(net: nn.Module, name: str | None = None, keep_original: bool = True) -> None:
+    """Fold scale (alpha / r) B A of one LoRA (or all) into the base weights: W = W0 + delta.
+
+    keep_original keeps a copy of W0 beside each layer (not in its state dict) until its last merged
+    LoRA is unmerged, so that unmerge() gives W0 back exactly; without it, unmerging subtracts delta."""
     for layer, _, lora in selected(net, name):
         if not lora.merged:
+            if keep_original and not any(x.merged for x in layer.lora.values()):
+                layer.lora_original = layer.weight.detach().clone()
             layer.weight += lora.delta().to(layer.weight.dtype)
             lora.merged = True
 
 
 @torch.no_grad()
 def unmerge(net: nn.Module, name: str | None = None) -> None:
-    """Take merged LoRAs out of the base weights again: W0 = W - delta (float32 rounding apart)."""
+    """Take merged LoRAs out of the base weights again: W0 exactly once a layer's last merged LoRA is out
+    (if merge kept it), else W - delta (float32 rounding apart)."""
     for layer, _, lora in selected(net, name):
         if lora.merged:
-            layer.weight -= lora.delta().to(layer.weight.dtype)
             lora.merged = False
+            if hasattr(layer, "lora_original") and not any(x.merged for x in layer.lora.values()):
+                layer.weight.copy_(layer.lora_original)
+                del layer.lora_original
+            else:
+                layer.weight -= lora.delta().to(layer.weight.dtype)
 
 
 def remove_lora(net: nn.Module, name: str | None = None) -> None:
@@ -240,3 +251,36 @@ def remove_lora(net: nn.Module, name: str | None = None) -> None:
         if not len(layer.lora):
             layer.lora_hook.remove()
             del layer.lora, layer.lora_hook
+
+
+class LoRAWeights(nn.Module):
+    """The LoRA called `name` of several networks as one module of its own, for training: its parameters
+    are exactly the LoRA's A and B tensors, its state dict their diffusers / peft names
+
+        {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": A, ...lora_B.weight: B, ...}
+
+    The networks are not its children, so an optimizer, an EMA (a deepcopy: LoRAs that sit on no layer)
+    and a checkpoint of this module hold the LoRA and nothing of the base weights."""
+
+    def __init__(self, nets: dict[str, nn.Module], name: str):
+        super().__init__()
+        self.name, self.keys, self.loras = name, [], nn.ModuleList()
+        for part, net in nets.items():
+            for path, lora in lora_modules(net, name).items():
+                self.keys.append(f"{part}.{path}")
+                self.loras.append(lora)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, lora in zip(self.keys, self.loras):
+            out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = lora.down.detach(), lora.up.detach()
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        own = self.state_dict()
+        wrong = sorted(set(own) ^ set(state)) or [k for k in own if own[k].shape != state[k].shape]
+        if wrong:
+            raise RuntimeError(f"LoRA weights do not fit: {wrong[:3]}")
+        for key, tensor in own.items():
+            tensor.copy_(state[key])
