@@ -44,7 +44,7 @@ from diffusekit.data.latents import latent_dataset
 from diffusekit.errors import UserError
 from diffusekit.files import read_cached_tensors, save_tensors_atomic
 from diffusekit.io import diffusers
-from diffusekit.io.checkpoint import load_config, resolve_checkpoint
+from diffusekit.io.checkpoint import latest_checkpoint, load_config, resolve_checkpoint
 from diffusekit.io.lora import BASE_FINGERPRINT, BASE_NAME, RUN_FILE, save_lora, text_model
 from diffusekit.models import default_model, text_condition
 from diffusekit.nn.lora import LoRAWeights, inject_lora
@@ -98,6 +98,12 @@ def finetune(config: Config, run_dir: str | Path, *, resume: bool = False, overw
     """Fine-tune into `run_dir` (a new run, or --resume the run there) with a config from finetune_config."""
     if config.task != "finetune":
         raise UserError("this is not a fine-tuning config: make one with finetune_config(BASE, DATA)")
+    saved = latest_checkpoint(Path(run_dir)) if resume else None
+    if saved is not None:  # another BASE than the run's would clash in its model: say so first
+        was = load_config(saved)
+        if was.finetune.base != config.finetune.base and (was.model, was.diffusion, was.text) != (config.model, config.diffusion, config.text):
+            raise UserError(f"'{base_path(config.finetune.base)}' is not the model '{run_dir}' was fine-tuned from "
+                            f"({was.finetune.base or DEMO}): resume with that BASE")
     return run_training(FinetuneTrainer, config, run_dir, resume=resume, overwrite=overwrite, progress=progress)
 
 
