@@ -8,14 +8,15 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 DEMO_BUDGET ?= 3m
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+SYMBOL_FONT := /usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf
 
-.PHONY: demo demo-text demo-mnist test emoji-font clean
+.PHONY: demo demo-text demo-mnist test emoji-font symbol-font clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
-	@$(MAKE) --no-print-directory emoji-font
+	@$(MAKE) --no-print-directory emoji-font symbol-font
 	touch $(STAMP)
 
 # The emoji dataset renders the Noto Color Emoji font (Debian package fonts-noto-color-emoji).
@@ -23,6 +24,11 @@ $(STAMP): pyproject.toml
 emoji-font:
 	@test -f $(EMOJI_FONT) || (command -v apt-get >/dev/null && apt-get install -y -q fonts-noto-color-emoji >/dev/null 2>&1) \
 		|| echo "note: fonts-noto-color-emoji is not installed (apt-get install fonts-noto-color-emoji); the emoji dataset needs it"
+
+# benchmarks/finetune.py teaches the emoji model symbols of the Symbola font (Debian package fonts-symbola). Best effort.
+symbol-font:
+	@test -f $(SYMBOL_FONT) || (command -v apt-get >/dev/null && apt-get install -y -q fonts-symbola >/dev/null 2>&1) \
+		|| echo "note: fonts-symbola is not installed (apt-get install fonts-symbola); benchmarks/finetune.py needs it"
 
 # Text to image with the shipped emoji model (seconds), then MNIST trained from scratch for DEMO_BUDGET.
 demo: demo-text demo-mnist

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffusekit.cli.options import positive_int
+from diffusekit.cli.options import add_run_options, positive_int
 from diffusekit.errors import UserError
 
 
@@ -62,10 +62,5 @@ def register(sub) -> None:
     p.add_argument("--prior-images", type=positive_int, help="how many class images the base model generates before training")
     p.add_argument("--prior-data", metavar="DIR", help="or a folder of class images (with captions, or one --prior-prompt for all)")
     p.add_argument("--prior-weight", type=float, default=1.0, help="weight lambda of the class images' loss (default 1)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set train.lr=5e-4 (repeatable)")
-    p.add_argument("--budget", help="stop after this much wall-clock time, e.g. 10m, 90s")
-    p.add_argument("--steps", type=positive_int, help="stop after this many optimizer steps (train.max_steps, default 1000)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped (give the same BASE)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(p)  # --resume continues with the same BASE (it is checked)
     p.set_defaults(func=_finetune)

@@ -30,6 +30,16 @@ def seed_value(text: str) -> int:
     return value
 
 
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that train into a run folder (train, train-vae, finetune)."""
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
+    p.add_argument("--budget", help="stop after this much wall-clock time, e.g. 10m, 90s, 1h30m")
+    p.add_argument("--steps", type=positive_int, help="stop after this many optimizer steps (train.max_steps)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def add_sampling_args(p: argparse.ArgumentParser, n: int, out: str) -> None:
     """The options `sample` and `generate` share."""
     p.add_argument("--n", type=positive_int, default=n, help="number of images")

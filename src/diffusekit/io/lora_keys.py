@@ -47,27 +47,20 @@ def ldm_blocks(net: nn.Module) -> dict[str, str]:
     if not hasattr(net, "down_blocks"):
         return {}
     table = dict(TOP_LAYERS)
-    i = 1
-    for b, block in enumerate(net.down_blocks):
-        for j in range(len(block.resnets)):
-            table[f"down_blocks.{b}.resnets.{j}"] = f"input_blocks.{i}.0"
-            if hasattr(block, "attentions"):
-                table[f"down_blocks.{b}.attentions.{j}"] = f"input_blocks.{i}.1"
-            i += 1
-        if getattr(block, "downsamplers", None) is not None:
-            table[f"down_blocks.{b}.downsamplers.0.conv"] = f"input_blocks.{i}.0.op"
-            i += 1
+    for side, ldm, i in (("down_blocks", "input_blocks", 1), ("up_blocks", "output_blocks", 0)):
+        for b, block in enumerate(getattr(net, side)):
+            for j in range(len(block.resnets)):
+                table[f"{side}.{b}.resnets.{j}"] = f"{ldm}.{i}.0"
+                if hasattr(block, "attentions"):
+                    table[f"{side}.{b}.attentions.{j}"] = f"{ldm}.{i}.1"
+                i += 1
+            if getattr(block, "downsamplers", None) is not None:  # a block of its own in LDM's sequence
+                table[f"{side}.{b}.downsamplers.0.conv"] = f"{ldm}.{i}.0.op"
+                i += 1
+            if getattr(block, "upsamplers", None) is not None:  # the last sub-block of the level's last block
+                table[f"{side}.{b}.upsamplers.0.conv"] = f"{ldm}.{i - 1}.{2 if hasattr(block, 'attentions') else 1}.conv"
     mid = ["mid_block.resnets.0"] + (["mid_block.attentions.0"] if hasattr(net.mid_block, "attentions") else []) + ["mid_block.resnets.1"]
     table.update({path: f"middle_block.{k}" for k, path in enumerate(mid)})
-    i = 0
-    for b, block in enumerate(net.up_blocks):
-        for j in range(len(block.resnets)):
-            table[f"up_blocks.{b}.resnets.{j}"] = f"output_blocks.{i}.0"
-            if hasattr(block, "attentions"):
-                table[f"up_blocks.{b}.attentions.{j}"] = f"output_blocks.{i}.1"
-            i += 1
-        if getattr(block, "upsamplers", None) is not None:
-            table[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{i - 1}.{2 if hasattr(block, 'attentions') else 1}.conv"
     return table
 
 
