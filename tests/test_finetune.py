@@ -204,3 +204,14 @@ def test_a_lora_fine_tuned_from_a_diffusers_folder_loads_in_diffusers_with_the_s
         ours.load_lora(result.run_dir)
         mine, reference = ours.net(x, t, context=context), theirs.unet(x, t, encoder_hidden_states=context).sample
     assert max_diff(mine, reference) <= 1e-4 and max_diff(mine, base_ours) > 1e-4  # the same outputs, and it learnt something
+
+
+def test_a_failed_save_keeps_the_last_checkpoint_and_its_lora_file(trained_run, new_images, tmp_path, monkeypatch):
+    from test_crash import disk_full_at
+
+    disk_full_at(monkeypatch, 4)
+    with pytest.warns(DiffusekitWarning, match="could not write a checkpoint: step 4"):
+        result = tuned(trained_run, new_images, tmp_path / "run", "train.max_steps=6", "train.checkpoint_every=2")
+    assert sorted(p.name for p in (result.run_dir / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000006"]
+    with safe_open(str(result.run_dir / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["diffusekit.step"] == "6"

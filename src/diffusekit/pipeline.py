@@ -107,29 +107,33 @@ class Pipeline:
 
     def set_lora_scales(self, scales: dict[str, float]) -> None:
         """Each loaded LoRA's scale by name, e.g. {"style": 0.8, "face": 0.5}; 0 switches one off."""
-        for key in scales:
-            if key not in self.lora_names:
-                lora.lora_modules(self.net, key)  # the error naming the loaded ones
+        for key in scales:  # every name is loaded, before any change
+            self._check_loaded(key)
         for net in self.lora_networks():
             lora.set_scales(net, {k: v for k, v in scales.items() if k in lora.adapter_names(net)})
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove one LoRA (or all): the networks are as they were before loading it."""
-        for net in self.lora_networks():
-            if name is None or name in lora.adapter_names(net):
-                lora.remove_lora(net, name)
+        self._each_network(name, lambda net: lora.remove_lora(net, name))
 
     def fuse_lora(self, name: str | None = None, keep_original: bool = True) -> None:
         """Fold LoRAs into the weights in memory (faster sampling); unfuse_lora() or unload_lora() takes them out
         again, exactly (keep_original: a copy of each adapted weight is kept meanwhile) or up to float32 rounding."""
-        for net in self.lora_networks():
-            if name is None or name in lora.adapter_names(net):
-                lora.merge(net, name, keep_original)
+        self._each_network(name, lambda net: lora.merge(net, name, keep_original))
 
     def unfuse_lora(self, name: str | None = None) -> None:
+        self._each_network(name, lambda net: lora.unmerge(net, name))
+
+    def _check_loaded(self, name: str | None) -> None:
+        if name is not None and name not in self.lora_names:
+            lora.lora_modules(self.net, name)  # the UserError naming the loaded ones
+
+    def _each_network(self, name: str | None, action) -> None:
+        """action(net) for the U-Net and the text encoder, where they carry the LoRA `name` (None: any)."""
+        self._check_loaded(name)
         for net in self.lora_networks():
             if name is None or name in lora.adapter_names(net):
-                lora.unmerge(net, name)
+                action(net)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

@@ -41,9 +41,10 @@ def _finetune(args) -> None:
     config = finetune_config(args.base, data, [*overrides, *(args.set or [])])
     result = finetune(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     model = f" --model {args.base}" if args.base else ""
+    use = f'generate "PROMPT"{model}' if config.text.encoder else f"sample {args.base}"
     print(f"run: {result.run_dir}  step {result.step}  checkpoint: {result.checkpoint}")
     print(f"LoRA: {result.run_dir / RUN_FILE}  samples: {result.run_dir / 'samples'}")
-    print(f'use it: diffusekit generate "PROMPT"{model} --lora {result.run_dir}')
+    print(f"use it: diffusekit {use} --lora {result.run_dir}")
 
 
 def register(sub) -> None:
