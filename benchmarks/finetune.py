@@ -7,7 +7,9 @@ The concept: 24 alchemical symbols (Unicode's Alchemical Symbols block, U+1F700,
 draws) from the Symbola font of the Debian package fonts-symbola, each rendered like the emoji data
 (data/emoji.py: the glyph centred in a 136 px cell on white, shrunk to 32 px with a Lanczos filter)
 and captioned with its Unicode name ("alchemical symbol for fire"). `diffusekit finetune` trains a
-rank-8 LoRA on the U-Net's attention (the default) for the budget; then, before and after:
+rank-8 LoRA on the U-Net's attention (the default) for the budget, with prior preservation (48 class
+images the base model draws first from emoji captions that are not measured; --prior-images 0: none);
+then, before and after:
 
 - retrieval of the new concept: for each caption, images from the model; is the nearest of the 24
   glyphs (fixed random conv features, as benchmarks/text_alignment.py; and raw pixels) the caption's
@@ -117,11 +119,13 @@ def main() -> None:
     parser.add_argument("--glyphs", type=int, default=len(GLYPHS), help=f"how many of the {len(GLYPHS)} symbols")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more finetune config overrides, e.g. train.lr=5e-4")
-    parser.add_argument("--prior-images", type=int, default=0, help="prior preservation: class images the base draws from emoji captions (0: none)")
+    parser.add_argument("--prior-images", type=int, default=48,
+                        help="prior preservation: class images the base draws from emoji captions other than the measured ones (0: none)")
     parser.add_argument("--per-prompt", type=int, default=4, help="images per concept caption when measuring")
     parser.add_argument("--base-prompts", type=int, default=300, help="emoji captions (spread over the set) for the base model's retrieval")
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: every core)")
     parser.add_argument("--font", help=f"the Symbola font file (default {FONT})")
     parser.add_argument("--work", default="runs/bench-finetune", help="where the glyph folder and the fine-tuning run go")
     parser.add_argument("--json", default="benchmarks/results/finetune.json")
@@ -131,11 +135,12 @@ def main() -> None:
     if args.smoke:
         tmp = Path(tempfile.mkdtemp(prefix="finetune-smoke-"))
         args.glyphs, args.per_prompt, args.base_prompts, args.sample_steps = 6, 1, 8, 4  # top-5 retrieval needs 5 glyphs
+        args.threads = 1  # on a machine others use too, two threads that wait for each other crawl
         args.work, args.json, args.grids, args.budget = str(tmp / "work"), str(tmp / "finetune.json"), str(tmp), ""
         args.set = [*args.set, "train.max_steps=3", "sample.steps=4", "sample.n=4"]
         args.prior_images = args.prior_images and 4
 
-    threads = use_all_cores()
+    threads = use_all_cores(args.threads)
     font, work = find_font(args.font), Path(args.work)
     glyphs, captions = write_concept(font, args.glyphs, work / "data")
     emoji = load_dataset(base_config(None).data, progress=False)
@@ -144,11 +149,14 @@ def main() -> None:
     features = {"glyphs": embed(extractor, glyphs)[0], "emoji": embed(extractor, to_float(emoji.images))[0]}
 
     pipe = Pipeline.from_pretrained(default_model())
+    use_all_cores(args.threads)  # from_pretrained takes every core
     before, concept_before, base_before = measure(pipe, glyphs, captions, emoji, emoji_targets, args, extractor, features)
 
-    overrides = [f"finetune.rank={args.rank}", "train.max_steps=1000000", *([f'train.budget="{args.budget}"'] if args.budget else [])]
+    overrides = [f"finetune.rank={args.rank}", "train.max_steps=1000000", f"train.threads={args.threads}",
+                 *([f'train.budget="{args.budget}"'] if args.budget else [])]
     if args.prior_images:
-        prior_prompts = [emoji.captions[i] for i in torch.linspace(0, len(emoji) - 1, args.prior_images).round().long().tolist()]
+        others = sorted(set(range(len(emoji))) - set(emoji_targets.tolist()))  # not the measured prompts
+        prior_prompts = [emoji.captions[others[i]] for i in torch.linspace(0, len(others) - 1, args.prior_images).round().long().tolist()]
         overrides += [f"finetune.prior_images={args.prior_images}", f"finetune.prior_prompts={json.dumps(prior_prompts)}"]
     config = finetune_config(None, work / "data", [*overrides, *args.set])
     cpu_start, wall_start = time.process_time(), time.perf_counter()

@@ -16,6 +16,9 @@ kohya / A1111 (read): lora_unet_<path>.lora_down.weight (A), .lora_up.weight (B)
   missing: alpha = r), lora_te_<path> for the text encoder, <path> in diffusers' or the original
   LDM U-Net's names with '.' flattened to '_' (io/lora_keys.py holds the one table).
 
+The LoRAs `diffusekit finetune` writes (RUN/lora.safetensors; a run folder stands for that file) also
+carry the base model's weights fingerprint and name in their header (recorded_base).
+
 Loading injects LoRA layers (nn/lora.py) and never changes a base weight; merging is nn.lora.merge().
 The whole file is checked before anything is injected: a key that fits no layer, or a shape that
 fits another base model, is one UserError and leaves the networks as they were.
