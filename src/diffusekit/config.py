@@ -177,9 +177,28 @@ class DistillConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """LoRA fine-tuning of a trained model (`diffusekit finetune`): only low-rank updates of its layers train
+    (Hu et al. 2021), optionally with DreamBooth's prior preservation (Ruiz et al. 2023, eq. 2)."""
+
+    base: str = ""  # the base model as given: a run, checkpoint or diffusers folder ("": the shipped demo model)
+    base_fingerprint: str = ""  # sha256 of the base U-Net's weights (nn/state.py), checked on resume
+    rank: int = 8
+    alpha: float = 0.0  # the update is (alpha / rank) B A; 0: alpha = rank
+    dropout: float = 0.0  # dropout on the LoRA's input
+    targets: tuple[str, ...] = ("attention",)  # presets attention | ff | proj | conv (nn/lora.py) or module-name suffixes
+    text_encoder: bool = False  # also a LoRA on the text encoder's attention (captions are then encoded every step)
+    prior_prompts: tuple[str, ...] = ()  # prior preservation: class prompts the base model draws prior_images for
+    prior_images: int = 0  # how many class images to generate (prompts taking turns); 0: none
+    prior_path: str = ""  # or a folder of class images (captions as for data.path, or one prior prompt for all)
+    prior_weight: float = 1.0  # lambda: weight of the prior images' loss against the new images'
+    prior_seed: int = 0  # seed of the generated class images
+
+
+@dataclass
 class Config:
     description: str = ""
-    task: str = "diffusion"  # diffusion | autoencoder (`diffusekit train-vae`)
+    task: str = "diffusion"  # diffusion | autoencoder (`diffusekit train-vae`) | finetune (`diffusekit finetune`)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -191,6 +210,7 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # Keys that may differ between a run and its resumption; everything else must match.
@@ -212,6 +232,8 @@ RESUMABLE_KEYS = {
     "train.batch_size",  # the data position is counted in images, so the batch (and the number of processes) may change
     "train.grad_accumulation",
     "distill.trained_steps",  # each checkpoint records its own
+    "finetune.base",  # the same base may be given by another path: its fingerprint must match (finetune.py checks it)
+    "finetune.base_fingerprint",
 }
 RESUMABLE_SECTIONS = {"sample", "eval"}
 

@@ -109,7 +109,7 @@ def validate(config: Config) -> Config:
         "nothing about x0 (Lin et al. 2023, sec. 3.2)",
     )
 
-    _choice("task", config.task, ("diffusion", "autoencoder"))
+    _choice("task", config.task, ("diffusion", "autoencoder", "finetune"))
     _choice("data.dataset", data.dataset, ("mnist", "folder", "emoji", "none"))
     _choice("data.bad_images", data.bad_images, ("skip", "abort"))
     _check(data.channels in (1, 3), "data.channels must be 1 (grayscale) or 3 (RGB)")
@@ -164,6 +164,14 @@ def validate(config: Config) -> Config:
 
     check_distill(config)
     _check(m.guidance_embedding >= 0 and m.guidance_embedding % 2 == 0, "model.guidance_embedding must be 0 (none) or an even width, e.g. 256")
+    f = config.finetune
+    _check(f.rank >= 1 and f.alpha >= 0 and 0.0 <= f.dropout < 1.0, "finetune.rank must be >= 1 (--lora-rank), finetune.alpha >= 0 (0: = rank) and finetune.dropout in [0, 1)")
+    _check(bool(f.targets) and all(f.targets), "finetune.targets needs at least one layer name or preset (attention, ff, proj, conv), e.g. --lora-targets attention")
+    _check(f.prior_images >= 0 and f.prior_weight >= 0, "finetune.prior_images and finetune.prior_weight must not be negative")
+    _check(not (f.prior_images and f.prior_path), "prior preservation takes generated class images (--prior-images N) or a folder of them (--prior-data DIR), not both")
+    _check(not f.prior_images or bool(f.prior_prompts) or not tx.encoder, "--prior-images needs the class prompt(s) the base model draws them for: --prior-prompt TEXT")
+    _check(not f.text_encoder or t.grad_accumulation == 1, "finetune.text_encoder (--text-encoder) trains with train.grad_accumulation = 1")
+    check_seed("finetune.prior_seed", f.prior_seed)
 
     e = config.eval
     _check(e.every >= 0 and e.n >= 10 and e.steps >= 1, "eval.every must be >= 0, eval.n >= 10 and eval.steps >= 1")

@@ -299,7 +299,7 @@ class DistillTrainer(DiffusionTrainer):
     def train_step(self) -> dict[str, float]:
         self.begin_stage()
         stage = self.stage_list[self.stage_index(self.step)]
-        x0, cond = self.next_batch()
+        x0, cond, _ = self.next_batch()  # distillation weighs every item alike
         draws = self.draws(x0, stage)
         loss = self.backward_over_micro_batches(x0, cond, lambda part, x0_part, part_cond: self.loss(
             stage, x0_part, part_cond, {k: v[part] for k, v in draws.items()}))

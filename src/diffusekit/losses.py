@@ -61,11 +61,13 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One Monte-Carlo estimate of the loss: t ~ U{0..T-1}, eps ~ N(0, I), MSE on the target.
 
     t and noise are drawn here unless given (gradient accumulation draws them for the
     whole batch first, so that splitting a batch does not change what it trains on).
+    sample_weights [B] multiply each image's term (e.g. DreamBooth's prior weight on class images).
     """
     if t is None or noise is None:
         t, noise = draw_t_and_noise(schedule, x0, generator)
@@ -75,4 +77,6 @@ def diffusion_loss(
     output = net(x_t, t.to(torch.float32), **(cond or {}))
     per_sample = (output.float() - target.float()).pow(2).flatten(1).mean(1)
     weights = loss_weights(weighting, prediction, schedule.snr(t), snr_gamma).to(per_sample.dtype)
+    if sample_weights is not None:
+        weights = weights * sample_weights.to(weights)
     return (weights * per_sample).mean()

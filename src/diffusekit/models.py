@@ -99,6 +99,10 @@ def load_parts(path: str | Path, weights: str = "ema") -> ModelParts:
     """A diffusekit run or checkpoint folder: its config, and its EMA (or raw, weights="model") weights."""
     ckpt = resolve_checkpoint(path)
     config = load_config(ckpt)
+    if config.task == "finetune":
+        model = f" --model {config.finetune.base}" if config.finetune.base else ""  # "": the shipped demo model
+        raise UserError(f"'{path}' is a LoRA fine-tuning run, not a whole model: sample its base model with the LoRA, "
+                        f"e.g. diffusekit generate PROMPT{model} --lora {path}")
     if config.task != "diffusion":
         raise UserError(f"'{path}' holds an {config.task} (from train-vae), not a diffusion model: sample from a diffusion run")
     vae_weights = read_tensors(ckpt / "vae.safetensors") if config.latent.vae else None

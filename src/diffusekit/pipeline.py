@@ -8,6 +8,9 @@
     images = pipe("a red apple", n=4, steps=20, guidance=4, negative="blurry")
     images = pipe("a green apple", image=init, strength=0.6)                 # image-to-image (SDEdit)
     images = pipe("a green apple", image=init, mask_image=mask, mask_blur=1)  # inpainting (white: repaint)
+
+    name = pipe.load_lora("style.safetensors", scale=0.8)  # a LoRA (diffusers / peft or kohya layout)
+    pipe.set_lora_scales({name: 0.5}); pipe.unload_lora()  # the base model's weights are never changed
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ from diffusekit.guidance import GuidedDenoiser
 from diffusekit.image_info import ImageOutput, describe, fingerprint, model_name
 from diffusekit.inpaint import KnownRegionDenoiser, default_strength, noised_start, sample_resampled, strength_start
 from diffusekit.io import diffusers
+from diffusekit.io.lora import load_lora, recorded_base, text_model
 from diffusekit.models import ModelParts, image_shape, load_parts, text_condition
+from diffusekit.nn import lora
+from diffusekit.nn.state import weights_fingerprint
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.precision import dtype_name, resolve_dtype
 from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores, warn
@@ -40,6 +46,15 @@ from diffusekit.samplers import get_sampler
 from diffusekit.schedule import NoiseSchedule, sigma_to_alpha_sigma
 
 LARGE_IMAGE_PIXELS = 256 * 256  # from this size on, the VAE decodes one image at a time
+
+
+def load_model(path: str | Path, weights: str = "ema") -> ModelParts:
+    """The networks of a diffusekit run or checkpoint folder (EMA weights unless weights="model") or of a diffusers folder, on the CPU."""
+    if diffusers.is_diffusers_folder(path):  # a Stable Diffusion / diffusers folder (model_index.json or a UNet config.json)
+        if weights != "ema":
+            raise UserError(f"'{path}' is a diffusers folder: it has one set of weights, so --weights {weights} does not apply")
+        return diffusers.read_parts(path)
+    return load_parts(path, weights)
 
 
 class Pipeline:
@@ -77,13 +92,7 @@ class Pipeline:
         """A diffusekit run or checkpoint folder (EMA weights unless weights="model"), or a diffusers folder.
         dtype (or diffusers' name torch_dtype): "auto" picks bf16 where the hardware has it natively."""
         use_all_cores()
-        if diffusers.is_diffusers_folder(path):  # a Stable Diffusion / diffusers folder (model_index.json or a UNet config.json)
-            if weights != "ema":
-                raise UserError(f"'{path}' is a diffusers folder: it has one set of weights, so --weights {weights} does not apply")
-            parts = diffusers.read_parts(path)
-        else:
-            parts = load_parts(path, weights)
-        return cls.from_parts(parts, device, dtype=torch_dtype if torch_dtype is not None else dtype, compile=compile)
+        return cls.from_parts(load_model(path, weights), device, dtype=torch_dtype if torch_dtype is not None else dtype, compile=compile)
 
     @classmethod
     def from_parts(cls, parts: ModelParts, device: str = "auto", dtype="fp32", compile: bool = False) -> "Pipeline":
@@ -110,6 +119,58 @@ class Pipeline:
         if self.text_encoder is not None:
             self.text_encoder = self.text_encoder.to(self.device)
         return self
+
+    # ------------------------------------------------------------------ LoRAs (nn/lora.py, io/lora.py)
+
+    def lora_networks(self) -> list[torch.nn.Module]:
+        return [self.net] + ([text_model(self.text_encoder)] if self.text_encoder is not None else [])
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Add the LoRA file `path` (diffusers / peft or kohya / A1111 layout; a `diffusekit finetune` run folder
+        means its lora.safetensors) to the U-Net and the text encoder at `scale`; returns its name (by default
+        the file's stem). The base weights are not changed; a file that does not fit changes nothing."""
+        name = load_lora(path, self.net, name=name, scale=scale, text_encoder=self.text_encoder)
+        recorded, base = recorded_base(path)
+        fused = any(x.merged for _, _, x in lora.selected(self.net, None))  # then the weights are not the base's alone
+        own = weights_fingerprint(self.net) if recorded and not fused else recorded
+        if own != recorded:
+            warn(f"{path} was fine-tuned from another base model ({base or 'unnamed'}, U-Net fingerprint {recorded[:12]}; this one's is "
+                 f"{own[:12]}): its layers fit, but it may not draw what it learnt")
+        return name
+
+    @property
+    def lora_names(self) -> list[str]:
+        return sorted({n for net in self.lora_networks() for n in lora.adapter_names(net)})
+
+    def set_lora_scales(self, scales: dict[str, float]) -> None:
+        """Each loaded LoRA's scale by name, e.g. {"style": 0.8, "face": 0.5}; 0 switches one off."""
+        for key in scales:  # every name is loaded, before any change
+            self._check_loaded(key)
+        for net in self.lora_networks():
+            lora.set_scales(net, {k: v for k, v in scales.items() if k in lora.adapter_names(net)})
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (or all): the networks are as they were before loading it."""
+        self._each_network(name, lambda net: lora.remove_lora(net, name))
+
+    def fuse_lora(self, name: str | None = None, keep_original: bool = True) -> None:
+        """Fold LoRAs into the weights in memory (faster sampling); unfuse_lora() or unload_lora() takes them out
+        again, exactly (keep_original: a copy of each adapted weight is kept meanwhile) or up to float32 rounding."""
+        self._each_network(name, lambda net: lora.merge(net, name, keep_original))
+
+    def unfuse_lora(self, name: str | None = None) -> None:
+        self._each_network(name, lambda net: lora.unmerge(net, name))
+
+    def _check_loaded(self, name: str | None) -> None:
+        if name is not None and name not in self.lora_names:
+            lora.lora_modules(self.net, name)  # the UserError naming the loaded ones
+
+    def _each_network(self, name: str | None, action) -> None:
+        """action(net) for the U-Net and the text encoder, where they carry the LoRA `name` (None: any)."""
+        self._check_loaded(name)
+        for net in self.lora_networks():
+            if name is None or name in lora.adapter_names(net):
+                action(net)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

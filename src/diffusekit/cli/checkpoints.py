@@ -46,6 +46,10 @@ def _info(args) -> None:
         "has_ema": (ckpt / "ema.safetensors").is_file(),
         "config": config_to_dict(config),
     }
+    if config.task == "finetune":  # the checkpoint holds a LoRA of the base model
+        from diffusekit.files import read_tensors
+
+        info["lora_parameters"] = sum(v.numel() for v in read_tensors(ckpt / "ema.safetensors").values())
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -58,6 +62,10 @@ def _info(args) -> None:
         print(f"model        {vae_line}; {params / 1e6:.2f}M parameters")
         print(f"data         {data.dataset}{' ' + data.path if data.path else ''}, {data.channels} x {data.image_size} x {data.image_size}")
         return
+    if config.task == "finetune":
+        f = config.finetune
+        print(f"lora         rank {f.rank}, alpha {f.alpha or f.rank:g} on {', '.join(f.targets)}{' and the text encoder' if f.text_encoder else ''}: "
+              f"{info['lora_parameters']} parameters; base {f.base or 'the shipped demo model'} (fingerprint {f.base_fingerprint[:12]}), not in the run")
     if config.latent.vae:
         print(f"latent       {vae_line} (from {config.latent.vae})")
     print(f"model        U-Net {params / 1e6:.2f}M parameters; widths {list(m.channels)}, {m.layers_per_block} resnet(s)/level, "

@@ -38,6 +38,16 @@ def seed_value(text: str) -> int:
     return value
 
 
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that train into a run folder (train, train-vae, finetune)."""
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
+    p.add_argument("--budget", help="stop after this much wall-clock time, e.g. 10m, 90s, 1h30m")
+    p.add_argument("--steps", type=positive_int, help="stop after this many optimizer steps (train.max_steps)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def add_sampling_args(p: argparse.ArgumentParser, n: int, out: str) -> None:
     """The options `sample` and `generate` share."""
     p.add_argument("--n", type=positive_int, default=n, help="number of images")
@@ -77,3 +87,34 @@ def describe_speed(pipe, precision: str) -> str:
     if seconds is not None:
         line += " eagerly: compilation failed" if pipe.sampling_net.failed else f", compiled in {seconds:.1f} s"
     return line
+
+
+# ----------------------------------------------------------------------------- LoRAs (sample, generate, and any command that samples)
+
+
+def lora_spec(text: str):
+    """--lora FILE[:SCALE] -> (path, scale); a scale that is not a number is a one-line usage error."""
+    from diffusekit.errors import UserError
+    from diffusekit.io.lora import parse_lora_spec
+
+    try:
+        return parse_lora_spec(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_lora_option(p: argparse.ArgumentParser) -> None:
+    """--lora FILE[:SCALE], repeatable; apply_loras(pipe, args.lora) loads them."""
+    p.add_argument("--lora", action="append", type=lora_spec, metavar="FILE[:SCALE]",
+                   help="a LoRA file (diffusers / peft or kohya / A1111 layout; a `diffusekit finetune` run folder means its "
+                        "lora.safetensors) at a scale (default 1), e.g. style.safetensors:0.8; repeatable")
+
+
+def apply_loras(pipe, specs) -> None:
+    """Load each (path, scale) of --lora into the pipeline, then fuse them into its weights in memory (sampling
+    runs as fast as without; the model's files are never changed)."""
+    for path, scale in specs or []:
+        name = pipe.load_lora(path, scale=scale)
+        print(f"LoRA {name} from {path} at scale {scale:g}")
+    if specs:
+        pipe.fuse_lora(keep_original=False)  # never unfused here: no copy of the weights needed

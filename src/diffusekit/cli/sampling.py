@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusekit.cli.options import add_sampling_args, describe_speed, positive_int
+from diffusekit.cli.options import add_lora_option, add_sampling_args, apply_loras, describe_speed, positive_int
 from diffusekit.errors import UserError
 
 
@@ -20,6 +20,7 @@ def _sample(args) -> None:
     check_image_outputs(Path(args.out), args.animate)
     pipe = Pipeline.from_pretrained(getattr(args, "checkpoint", None) or args.model or default_model(), weights=args.weights, device=args.device,
                                     dtype=args.precision, compile=args.compile)
+    apply_loras(pipe, args.lora)
     if recorded is not None:
         check_recorded_model(recorded, pipe, args.source)
     edit = {}
@@ -157,6 +158,7 @@ def register(sub) -> None:
     p = sub.add_parser("sample", help="sample images from a run or checkpoint")
     p.add_argument("checkpoint", metavar="RUN_OR_CKPT")
     add_sampling_args(p, n=64, out="samples.png")
+    add_lora_option(p)
     p.add_argument("--label", type=int, action="append", help="class label(s) for a class-conditional model (repeatable)")
     p.add_argument("--prompt", action="append", help="prompt(s) for a text-to-image model (repeatable; `generate` is the short way)")
     add_from(p)
@@ -168,6 +170,7 @@ def register(sub) -> None:
     p.add_argument("--model", help="a text-to-image run, checkpoint or diffusers folder (default: the shipped emoji demo model)")
     add_sampling_args(p, n=8, out="generated.png")
     add_from(p)
+    add_lora_option(p)
     p.set_defaults(func=_sample, label=None)
 
     p = sub.add_parser("edit", help="image to image (SDEdit) and inpainting: an image changed by a prompt, or only where a mask is white")
@@ -183,6 +186,7 @@ def register(sub) -> None:
     p.add_argument("--label", type=int, action="append", help="class label(s) for a class-conditional model (repeatable)")
     add_sampling_args(p, n=1, out="edited.png")
     add_from(p)
+    add_lora_option(p)
     p.set_defaults(func=_sample)
 
 

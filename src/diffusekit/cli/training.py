@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffusekit.cli.options import positive_int
+from diffusekit.cli.options import add_run_options, positive_int
 from diffusekit.errors import UserError
 
 
@@ -60,13 +60,8 @@ def register(sub) -> None:
     for name, what in (("train", "a diffusion model"), ("train-vae", "the autoencoder of a latent diffusion model")):
         p = sub.add_parser(name, help=f"train {what} from a preset")
         p.add_argument("--preset", help="a built-in preset (see `diffusekit presets`) or a .toml file")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
         p.add_argument("--out", help="run folder (default runs/PRESET)")
-        p.add_argument("--budget", help="stop after this much wall-clock time, e.g. 10m, 90s, 1h30m")
-        p.add_argument("--steps", type=positive_int, help="stop after this many optimizer steps (train.max_steps)")
-        p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        add_run_options(p)
         p.set_defaults(func=_train)
 
     p = sub.add_parser("distill", help="distill a trained model into a 1-4 step student (progressive or consistency distillation)")

@@ -57,7 +57,7 @@ def checkpoint_to_resume(run_dir: Path, config: Config) -> Path:
 
 
 # What diffusekit writes into a run folder, by name: RUN/config.json, RUN/metrics.jsonl, sample grids
-# (and their prompts), evaluation reports, checkpoint folders, the `latest` pointer and what a killed
+# (and their prompts), evaluation reports, checkpoint folders, the `latest` pointer, a fine-tuning run's LoRA and what a killed
 # write leaves behind (.NAME.*.tmp files, .tmp-* folders). --overwrite deletes these and nothing else.
 RUN_FILE_PATTERNS = (
     "config.json", "metrics.jsonl", ".config.json.*", ".metrics.jsonl.*",
@@ -65,6 +65,7 @@ RUN_FILE_PATTERNS = (
     "eval/*eval-*.json", "eval/.*eval-*",
     "checkpoints/latest", "checkpoints/.latest.*", "checkpoints/step_*/*", "checkpoints/.tmp-*/*",
     "students/*-steps/*", "students/.tmp-*/*",  # a progressive distillation's students of its earlier stages
+    "lora.safetensors", ".lora.safetensors.*",  # a `diffusekit finetune` run's LoRA
 )
 
 
