@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from diffusekit.config_checks import validate
+from diffusekit.config_checks import coerce_value, parse_cli_value, validate
 from diffusekit.errors import ConfigError, UserError
 from diffusekit.nn.vae import VAEConfig
 
@@ -245,54 +245,6 @@ def _field_types(cls) -> dict[str, typing.Any]:
     return typing.get_type_hints(cls)
 
 
-def _type_name(hint) -> str:
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        inner = args[0].__name__
-        return f"a list of {inner}s" if args[-1] is Ellipsis else f"{len(args)} {inner}s"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
-
-
-def _coerce(value, hint, key: str):
-    """Check and convert one value (from TOML, JSON or --set) to the field's type."""
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} expects {_type_name(hint)}, got {value!r}; e.g. --set {key}=64,128")
-        inner = args[0]
-        if args[-1] is not Ellipsis and len(value) != len(args):
-            raise ConfigError(f"{key} expects {_type_name(hint)}, got {len(value)} values: {value!r}")
-        return tuple(_coerce(v, inner, key) for v in value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key} expects {_type_name(hint)}, got {value!r}")
-
-
-def _parse_cli_value(text: str):
-    """`--set` values: TOML literals (2e-4, true, [1, 2], "x"), a bare comma list, or a bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        pass
-    if "," in text:
-        return [_parse_cli_value(part.strip()) for part in text.split(",") if part.strip()]
-    return text
-
-
 # ----------------------------------------------------------------------------- dict <-> config
 
 
@@ -322,7 +274,7 @@ def update_config(config: Config, values: dict, where: str) -> Config:
     changes = {}
     for name, value in values.items():
         if name in TOP_LEVEL_KEYS:
-            changes[name] = _coerce(value, str, name)
+            changes[name] = coerce_value(value, str, name)
             continue
         if name not in sections:
             raise _unknown_key(name, [*TOP_LEVEL_KEYS, *sections], where)
@@ -334,7 +286,7 @@ def update_config(config: Config, values: dict, where: str) -> Config:
         for key, item in value.items():
             if key not in hints:
                 raise _unknown_key(f"{name}.{key}", all_keys(), where)
-            fixed[key] = _coerce(item, hints[key], f"{name}.{key}")
+            fixed[key] = coerce_value(item, hints[key], f"{name}.{key}")
         changes[name] = dataclasses.replace(getattr(config, name), **fixed)
     return dataclasses.replace(config, **changes)
 
@@ -355,7 +307,7 @@ def apply_overrides(config: Config, assignments: list[str]) -> Config:
         key, raw = (part.strip() for part in text.split("=", 1))
         if key not in all_keys():
             raise _unknown_key(key, all_keys(), "--set")
-        value = _parse_cli_value(raw)
+        value = parse_cli_value(raw)
         if key in TOP_LEVEL_KEYS:
             config = update_config(config, {key: str(value)}, "--set")
             continue

@@ -1,7 +1,9 @@
-"""Range and consistency checks of a Config: one ConfigError naming the key, the problem and the fix."""
+"""Checks of a Config: the types of values read from TOML, JSON and --set, ranges and consistency; one ConfigError naming the key, the problem and the fix."""
 
 from __future__ import annotations
 
+import tomllib
+import typing
 from typing import TYPE_CHECKING
 
 from diffusekit.denoiser import PREDICTIONS
@@ -25,6 +27,60 @@ def _choice(key: str, value: str, choices) -> None:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------- types (TOML, JSON and --set values)
+
+
+def type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        inner = args[0].__name__
+        return f"a list of {inner}s" if args[-1] is Ellipsis else f"{len(args)} {inner}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
+
+
+def coerce_value(value, hint, key: str):
+    """Check and convert one value (from TOML, JSON or --set) to the field's type."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} expects {type_name(hint)}, got {value!r}; e.g. --set {key}=64,128")
+        inner = args[0]
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            raise ConfigError(f"{key} expects {type_name(hint)}, got {len(value)} values: {value!r}")
+        return tuple(coerce_value(v, inner, key) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} expects {type_name(hint)}, got {value!r}")
+
+
+def parse_cli_value(text: str):
+    """`--set` values: TOML literals (2e-4, true, [1, 2], "x"), a bare comma list, or a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    if "," in text:
+        return [parse_cli_value(part.strip()) for part in text.split(",") if part.strip()]
+    return text
+
+
+# ----------------------------------------------------------------------------- ranges and consistency
 
 
 MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes (as a signed 64-bit integer)
