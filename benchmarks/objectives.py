@@ -2,9 +2,9 @@
 and the U-Net against the DiT (mnist, and text-to-image on the emoji latents).
 
     python benchmarks/objectives.py --pairs objective,backbone          # mnist: 3 runs of 10 min + evaluation, ~45 min idle
-    python benchmarks/objectives.py --pairs objective                   # DDPM (preset mnist) vs flow (mnist-flow): ~27 min
-    python benchmarks/objectives.py --pairs backbone                    # U-Net (mnist-flow) vs DiT (mnist-dit): ~27 min
-    python benchmarks/objectives.py --pairs emoji --vae runs/emoji-vae  # U-Net vs DiT on emoji latents: ~30 min
+    python benchmarks/objectives.py --pairs objective                   # DDPM (preset mnist) vs flow (mnist-flow): ~30 min
+    python benchmarks/objectives.py --pairs backbone                    # U-Net (mnist-flow) vs DiT (mnist-dit): ~30 min
+    python benchmarks/objectives.py --pairs emoji --vae runs/emoji-vae  # U-Net vs DiT on emoji latents: ~35 min
     python benchmarks/objectives.py --smoke                             # every part with tiny budgets (not numbers to quote)
 
 Each run trains from scratch for --budget of wall-clock time (train.budget, the same for every run)
@@ -66,7 +66,8 @@ PAIRS = {  # (baseline, challenger, the issue's target for the challenger's FD)
     "backbone": ("mnist-flow", "mnist-dit", "within 1.5x of the U-Net's FD"),
     "emoji": ("emoji-unet", "emoji-dit", "within 1.5x of the U-Net's FD"),
 }
-SAMPLERS = {"ddpm": ("ddim", "heun", "dpmpp_2m", "dpmpp_2m_sde"), "flow": ("flow_euler", "flow_heun", "dpmpp_2m", "dpmpp_2m_sde")}
+# each process's candidates, the likeliest best first (--samplers N takes the first N)
+SAMPLERS = {"ddpm": ("dpmpp_2m_sde", "dpmpp_2m", "unipc", "ddim", "heun"), "flow": ("flow_euler", "dpmpp_2m_sde", "dpmpp_2m", "unipc", "flow_heun")}
 
 
 def machine() -> dict:
@@ -196,7 +197,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=500, help="emoji prompts (one image each) per measurement")
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--nfe", default="10,20")
-    parser.add_argument("--samplers", type=int, default=4, help="the first N samplers of each process (SAMPLERS)")
+    parser.add_argument("--samplers", type=int, default=5, help="the first N samplers of each process (SAMPLERS)")
     parser.add_argument("--vae", default="", help="the emoji autoencoder run (preset emoji-vae), for --pairs emoji")
     parser.add_argument("--set", action="append", default=[], help="an override for every run, e.g. train.lr=5e-4")
     parser.add_argument("--fresh", action="store_true", help="retrain runs already in --json")

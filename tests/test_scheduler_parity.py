@@ -142,3 +142,58 @@ def test_ddim_uses_the_listed_timesteps_under_linspace_spacing_unlike_diffusers(
     assert torch.allclose(euler.sigmas.double(), sigmas, rtol=1e-4)  # diffusers keeps sigmas in float32
     assert (ours - theirs_euler).abs().max() < 1e-4
     assert (ours - theirs_ddim).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- UniPC and consistency sampling
+
+
+@pytest.mark.parametrize("steps", [5, 10, 20])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_unipc_bh2_matches_diffusers(order, steps):
+    scheduler = make(diffusers.UniPCMultistepScheduler, timestep_spacing="trailing", solver_type="bh2", solver_order=order)
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.double()
+    theirs = run_diffusers(scheduler, steps, NOISE, seed=0)
+    ours, _ = run_diffusekit("unipc", sigmas, NOISE * (1 + sigmas[0] ** 2).sqrt().float(), seed=0, order=order)
+    assert theirs.abs().max() > 0.5
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("lower_order_final", [True, False])
+@pytest.mark.parametrize("order", [2, 3])
+def test_unipc_bh1_matches_diffusers_down_to_sigma_min(order, lower_order_final):
+    """bh1 is compared on a schedule that ends at sigma_min (final_sigmas_type="sigma_min"): with diffusers'
+    default final sigma 0, its bh1 update multiplies B(h) = -inf by a zero residual and returns NaN; diffusekit
+    skips that zero term, so its bh1 lands on x0_hat there as bh2 does (checked below)."""
+    steps = 8
+    scheduler = make(diffusers.UniPCMultistepScheduler, timestep_spacing="trailing", solver_type="bh1", solver_order=order,
+                     final_sigmas_type="sigma_min", lower_order_final=lower_order_final)
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.double()
+    theirs = run_diffusers(scheduler, steps, NOISE, seed=0)
+    ours, _ = run_diffusekit("unipc", sigmas, NOISE * (1 + sigmas[0] ** 2).sqrt().float(), seed=0, order=order, variant="bh1",
+                             lower_order_final=lower_order_final)
+    alpha_last = 1 / (1 + sigmas[-1] ** 2).sqrt()  # diffusers' x is on the DDPM scale
+    assert (ours * alpha_last.float() - theirs).abs().max() < 1e-4
+    to_zero = sigmas_of(scheduler.timesteps)
+    finite, _ = run_diffusekit("unipc_bh1", to_zero, NOISE * (1 + to_zero[0] ** 2).sqrt().float(), seed=0)
+    assert torch.isfinite(finite).all()
+
+
+def test_consistency_sampling_matches_diffusers_lcm_scheduler():
+    """Multistep consistency sampling over the consistency function f = c_skip x_t + c_out x0_hat (LCM's
+    boundary scaling, distill_losses.ConsistencyDenoiser) against diffusers' LCMScheduler: same network,
+    timesteps and noise."""
+    from diffusekit.distill_losses import ConsistencyDenoiser
+
+    scheduler = make(diffusers.LCMScheduler, timestep_spacing="trailing", original_inference_steps=50)
+    scheduler.set_timesteps(4)
+    timesteps = scheduler.timesteps.tolist()
+    theirs = run_diffusers(scheduler, 4, NOISE, seed=5)
+    schedule = NoiseSchedule(linear_betas(T))
+    denoiser = ConsistencyDenoiser(Denoiser(eps_model, schedule, "eps"), schedule)
+    sigmas = sigmas_of(timesteps)
+    ours = SAMPLERS["consistency"](denoiser, NOISE * (1 + sigmas[0] ** 2).sqrt().float(), sigmas, generator=torch.Generator().manual_seed(5))
+    assert timesteps == [999, 759, 499, 259]
+    assert theirs.abs().max() > 0.5
+    assert (ours - theirs).abs().max() < 1e-4

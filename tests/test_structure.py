@@ -14,10 +14,11 @@ PACKAGE = ROOT / "src" / "diffusekit"
 
 # DESIGN.md's layers, bottom to top; a module may import its own layer and the ones below.
 LAYERS = {
-    1: ["errors", "files", "runtime", "flow", "schedule", "denoiser", "losses", "samplers", "guidance", "distributed", "optim"],
+    1: ["errors", "files", "runtime", "precision", "compiled", "flow", "schedule", "denoiser", "losses", "samplers", "guidance", "inpaint", "distributed",
+        "optim", "version", "distill_losses"],
     2: ["nn"],
     3: ["config", "config_checks", "models", "io", "data", "images"],
-    4: ["trainer", "training_state", "train", "train_vae", "pipeline", "evaluate", "metrics"],
+    4: ["trainer", "training_state", "train", "train_vae", "distill", "finetune", "pipeline", "image_info", "evaluate", "metrics"],
     5: ["cli", "__main__", "__init__", "serve"],
 }
 

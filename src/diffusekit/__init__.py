@@ -8,12 +8,7 @@ The package imports nothing heavy until a name is used (so `diffusekit --help` s
 
 from __future__ import annotations
 
-from importlib import metadata
-
-try:
-    __version__ = metadata.version("diffusekit")
-except metadata.PackageNotFoundError:  # a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+from diffusekit.version import __version__
 
 __all__ = ["Pipeline", "__version__"]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from diffusekit.config_checks import validate
+from diffusekit.config_checks import coerce_value, parse_cli_value, validate
 from diffusekit.errors import ConfigError, UserError
 from diffusekit.nn.vae import VAEConfig
 
@@ -44,6 +44,7 @@ class ModelConfig:
     freq_shift: float = 0.0  # time embedding frequencies 10000^(-i / (half - freq_shift))
     downsample_padding: int = 1  # 1: pad all sides before a stride-2 conv; 0: one row/column right and bottom
     norm_eps: float = 1e-5  # epsilon of the GroupNorms in the ResNet and self-attention blocks
+    guidance_embedding: int = 0  # a guidance-distilled student's embedding width of the guidance scale (diffusers' time_cond_proj_dim); 0: none
     # The DiT (model.type = "dit"; Peebles & Xie 2023; DiT-S/2 is patch 2, width 384, depth 12, 6 heads). dropout,
     # num_classes and cross_attention_dim above apply to it too; the other U-Net fields do not.
     patch_size: int = 2  # p x p pixels (or latent positions) per token; must divide the image or latent size
@@ -104,7 +105,8 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step))
     max_steps: int = 100_000
     budget: str = ""  # wall-clock limit such as "10m", "90s", "1h30m"; "" for none
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast where the CPU or GPU has native bf16, else fp32) | fp32 | bf16
+    compile: bool = False  # torch.compile the training step's network (inductor); falls back to eager with a warning
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads; 0 uses every core
     log_every: int = 25
@@ -173,9 +175,46 @@ class EvalConfig:
 
 
 @dataclass
+class DistillConfig:
+    """A few-step student (`diffusekit distill`): how it is made from its teacher, and the record a checkpoint keeps."""
+
+    method: str = ""  # "" (not distilled) | progressive (Salimans & Ho 2022) | consistency (Song et al. 2023)
+    teacher: str = ""  # the run or checkpoint distilled (a record: its weights are kept in every checkpoint)
+    teacher_step: int = 0  # the teacher's training steps
+    steps: int = 4  # network calls per image the student is distilled for (progressive: the last stage's)
+    trained_steps: int = 0  # what a checkpoint's student is trained for so far (progressive: its stage's steps); 0 in a run's config
+    start_steps: int = 64  # progressive: the teacher's DDIM steps that the first stage halves (a power of two)
+    stage_steps: int = 0  # progressive: optimizer steps per stage; 0: from --train-steps, or measured to fit the budget
+    solver_steps: int = 50  # consistency: the teacher ODE's discretisation N (LCM's 50 DDIM steps)
+    target_ema: float = 0.95  # consistency: EMA decay of the target network theta^-
+    loss: str = "pseudo_huber"  # consistency: pseudo_huber (iCT) | l2
+    guidance_min: float = 1.0  # conditional teachers: the guidance scales w ~ U[min, max] the student learns
+    guidance_max: float = 5.0
+
+
+@dataclass
+class FinetuneConfig:
+    """LoRA fine-tuning of a trained model (`diffusekit finetune`): only low-rank updates of its layers train
+    (Hu et al. 2021), optionally with DreamBooth's prior preservation (Ruiz et al. 2023, eq. 2)."""
+
+    base: str = ""  # the base model as given: a run, checkpoint or diffusers folder ("": the shipped demo model)
+    base_fingerprint: str = ""  # sha256 of the base U-Net's weights (nn/state.py), checked on resume
+    rank: int = 8
+    alpha: float = 0.0  # the update is (alpha / rank) B A; 0: alpha = rank
+    dropout: float = 0.0  # dropout on the LoRA's input
+    targets: tuple[str, ...] = ("attention",)  # presets attention | ff | proj | conv (nn/lora.py) or module-name suffixes
+    text_encoder: bool = False  # also a LoRA on the text encoder's attention (captions are then encoded every step)
+    prior_prompts: tuple[str, ...] = ()  # prior preservation: class prompts the base model draws prior_images for
+    prior_images: int = 0  # how many class images to generate (prompts taking turns); 0: none
+    prior_path: str = ""  # or a folder of class images (captions as for data.path, or one prior prompt for all)
+    prior_weight: float = 1.0  # lambda: weight of the prior images' loss against the new images'
+    prior_seed: int = 0  # seed of the generated class images
+
+
+@dataclass
 class Config:
     description: str = ""
-    task: str = "diffusion"  # diffusion | autoencoder (`diffusekit train-vae`)
+    task: str = "diffusion"  # diffusion | autoencoder (`diffusekit train-vae`) | finetune (`diffusekit finetune`)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -186,6 +225,8 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # Keys that may differ between a run and its resumption; everything else must match.
@@ -202,8 +243,13 @@ RESUMABLE_KEYS = {
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.on_nan",
+    "train.precision",  # the weights stay float32 whatever the autocast dtype
+    "train.compile",
     "train.batch_size",  # the data position is counted in images, so the batch (and the number of processes) may change
     "train.grad_accumulation",
+    "distill.trained_steps",  # each checkpoint records its own
+    "finetune.base",  # the same base may be given by another path: its fingerprint must match (finetune.py checks it)
+    "finetune.base_fingerprint",
 }
 RESUMABLE_SECTIONS = {"sample", "eval"}
 
@@ -213,54 +259,6 @@ RESUMABLE_SECTIONS = {"sample", "eval"}
 
 def _field_types(cls) -> dict[str, typing.Any]:
     return typing.get_type_hints(cls)
-
-
-def _type_name(hint) -> str:
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        inner = args[0].__name__
-        return f"a list of {inner}s" if args[-1] is Ellipsis else f"{len(args)} {inner}s"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
-
-
-def _coerce(value, hint, key: str):
-    """Check and convert one value (from TOML, JSON or --set) to the field's type."""
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} expects {_type_name(hint)}, got {value!r}; e.g. --set {key}=64,128")
-        inner = args[0]
-        if args[-1] is not Ellipsis and len(value) != len(args):
-            raise ConfigError(f"{key} expects {_type_name(hint)}, got {len(value)} values: {value!r}")
-        return tuple(_coerce(v, inner, key) for v in value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key} expects {_type_name(hint)}, got {value!r}")
-
-
-def _parse_cli_value(text: str):
-    """`--set` values: TOML literals (2e-4, true, [1, 2], "x"), a bare comma list, or a bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        pass
-    if "," in text:
-        return [_parse_cli_value(part.strip()) for part in text.split(",") if part.strip()]
-    return text
 
 
 # ----------------------------------------------------------------------------- dict <-> config
@@ -292,7 +290,7 @@ def update_config(config: Config, values: dict, where: str) -> Config:
     changes = {}
     for name, value in values.items():
         if name in TOP_LEVEL_KEYS:
-            changes[name] = _coerce(value, str, name)
+            changes[name] = coerce_value(value, str, name)
             continue
         if name not in sections:
             raise _unknown_key(name, [*TOP_LEVEL_KEYS, *sections], where)
@@ -304,7 +302,7 @@ def update_config(config: Config, values: dict, where: str) -> Config:
         for key, item in value.items():
             if key not in hints:
                 raise _unknown_key(f"{name}.{key}", all_keys(), where)
-            fixed[key] = _coerce(item, hints[key], f"{name}.{key}")
+            fixed[key] = coerce_value(item, hints[key], f"{name}.{key}")
         changes[name] = dataclasses.replace(getattr(config, name), **fixed)
     return dataclasses.replace(config, **changes)
 
@@ -325,7 +323,7 @@ def apply_overrides(config: Config, assignments: list[str]) -> Config:
         key, raw = (part.strip() for part in text.split("=", 1))
         if key not in all_keys():
             raise _unknown_key(key, all_keys(), "--set")
-        value = _parse_cli_value(raw)
+        value = parse_cli_value(raw)
         if key in TOP_LEVEL_KEYS:
             config = update_config(config, {key: str(value)}, "--set")
             continue

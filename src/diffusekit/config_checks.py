@@ -1,11 +1,14 @@
-"""Range and consistency checks of a Config: one ConfigError naming the key, the problem and the fix."""
+"""Checks of a Config: the types of values read from TOML, JSON and --set, ranges and consistency; one ConfigError naming the key, the problem and the fix."""
 
 from __future__ import annotations
 
 import math
+import tomllib
+import typing
 from typing import TYPE_CHECKING
 
 from diffusekit.denoiser import PREDICTIONS
+from diffusekit.distill_losses import CONSISTENCY_LOSSES
 from diffusekit.errors import ConfigError
 from diffusekit.flow import FLOW_SPACINGS, TIMESTEP_SAMPLINGS
 from diffusekit.losses import WEIGHTINGS
@@ -26,6 +29,60 @@ def _choice(key: str, value: str, choices) -> None:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------- types (TOML, JSON and --set values)
+
+
+def type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        inner = args[0].__name__
+        return f"a list of {inner}s" if args[-1] is Ellipsis else f"{len(args)} {inner}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
+
+
+def coerce_value(value, hint, key: str):
+    """Check and convert one value (from TOML, JSON or --set) to the field's type."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} expects {type_name(hint)}, got {value!r}; e.g. --set {key}=64,128")
+        inner = args[0]
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            raise ConfigError(f"{key} expects {type_name(hint)}, got {len(value)} values: {value!r}")
+        return tuple(coerce_value(v, inner, key) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} expects {type_name(hint)}, got {value!r}")
+
+
+def parse_cli_value(text: str):
+    """`--set` values: TOML literals (2e-4, true, [1, 2], "x"), a bare comma list, or a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    if "," in text:
+        return [parse_cli_value(part.strip()) for part in text.split(",") if part.strip()]
+    return text
+
+
+# ----------------------------------------------------------------------------- ranges and consistency
 
 
 PROCESSES = ("ddpm", "flow")
@@ -54,10 +111,37 @@ def check_sample(s: SampleConfig, timesteps: int) -> SampleConfig:
 NETWORKS = ("unet", "dit")
 
 
+def check_distill(config: Config) -> None:
+    """The distill section: a method, and a student step count the method can reach from the teacher's schedule."""
+    d, timesteps = config.distill, config.diffusion.timesteps
+    _choice("distill.method", d.method, ("", "progressive", "consistency"))
+    _choice("distill.loss", d.loss, CONSISTENCY_LOSSES)
+    _check(min(d.stage_steps, d.trained_steps, d.teacher_step) >= 0, "distill.stage_steps, trained_steps and teacher_step must not be negative")
+    _check(0.0 <= d.target_ema < 1.0, f"distill.target_ema must be in [0, 1) (0.95 as Song et al.), got {d.target_ema}")
+    _check(0 <= d.guidance_min <= d.guidance_max, f"distill.guidance_min and guidance_max need 0 <= min <= max, got {d.guidance_min} and {d.guidance_max}")
+    _check(d.steps >= 1, f"the student's steps (--steps, distill.steps) must be at least 1, got {d.steps}")
+    if d.method == "progressive":
+        start = d.start_steps
+        _check(start >= 2 and start & (start - 1) == 0 and start <= timesteps,
+               f"distill.start_steps = {start} must be a power of two from 2 to the teacher's {timesteps} timesteps, e.g. 64")
+        _check(d.steps & (d.steps - 1) == 0 and d.steps < start,
+               f"--steps {d.steps}: progressive distillation halves the teacher's {start} DDIM steps (distill.start_steps) stage by stage, "
+               f"so the student takes a power of two below {start}: use one of {', '.join(str(2**k) for k in range(start.bit_length() - 1))} "
+               "(or --method consistency, which samples with any number of steps)")
+    if d.method == "consistency":
+        _check(2 <= d.solver_steps <= timesteps,
+               f"distill.solver_steps = {d.solver_steps} must be between 2 and the teacher's {timesteps} timesteps (its ODE's discretisation, e.g. 50)")
+        _check(d.steps <= d.solver_steps,
+               f"--steps {d.steps} is more than the {d.solver_steps} points of the teacher's ODE the student learns (distill.solver_steps); "
+               f"use 1 to {d.solver_steps}, or raise distill.solver_steps (at most the teacher's {timesteps} timesteps)")
+
+
 def check_unet(m) -> None:
     """The U-Net's fields (model.*), when model.type = "unet"."""
     _check(len(m.channels) >= 1 and all(c > 0 for c in m.channels), "model.channels needs at least one positive width, e.g. 32,64,64")
     _check(m.layers_per_block >= 1, "model.layers_per_block must be at least 1")
+    _check(m.norm_groups >= 1 and (m.attention_heads > 0 or m.attention_head_dim >= 1),
+           "model.norm_groups and model.attention_head_dim (or model.attention_heads) must be at least 1, e.g. 8 and 32")
     for level in m.attention_levels:
         _check(0 <= level < len(m.channels), f"model.attention_levels has level {level}, but there are only levels 0..{len(m.channels) - 1}")
     for c in m.channels:
@@ -125,6 +209,8 @@ def check_process(config) -> None:
            "about x0; set diffusion.prediction = \"v\" (the velocity eps - x0, as SD3) or \"x0\"")
     _check(d.loss_weighting == "uniform", f"diffusion.loss_weighting = {d.loss_weighting!r} is a DDPM option; {flow} weights t through "
            "diffusion.timestep_sampling (e.g. \"logit_normal\", SD3's): set diffusion.loss_weighting = \"uniform\"")
+    _check(not config.distill.method, f"distill.method = {config.distill.method!r}: distillation takes DDPM teachers only (its targets are "
+           f"DDIM steps and LCM scalings on the beta schedule), and {flow} is not one; distil a DDPM model")
     spacing = config.sample.spacing
     _check(spacing in FLOW_SPACINGS, f"sample.spacing = {spacing!r} does not apply to {flow} (leading never starts at pure noise); "
            f"use one of: {', '.join(FLOW_SPACINGS)} (linspace is diffusers' FlowMatchEulerDiscreteScheduler)")
@@ -152,7 +238,7 @@ def validate(config: Config) -> Config:
         "nothing about x0 (Lin et al. 2023, sec. 3.2)",
     )
 
-    _choice("task", config.task, ("diffusion", "autoencoder"))
+    _choice("task", config.task, ("diffusion", "autoencoder", "finetune"))
     _choice("data.dataset", data.dataset, ("mnist", "folder", "emoji", "none"))
     _choice("data.bad_images", data.bad_images, ("skip", "abort"))
     _check(data.channels in (1, 3), "data.channels must be 1 (grayscale) or 3 (RGB)")
@@ -177,7 +263,7 @@ def validate(config: Config) -> Config:
     _check(t.batch_size >= 1 and t.grad_accumulation >= 1, "train.batch_size and train.grad_accumulation must be at least 1")
     _check(t.lr > 0, "train.lr must be positive")
     _choice("train.lr_schedule", t.lr_schedule, ("constant", "cosine"))
-    _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))  # fp16 training would need loss scaling
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
     _check(t.max_steps >= 1, "train.max_steps must be at least 1")
     _check(0.0 <= t.label_dropout < 1.0, "train.label_dropout must be in [0, 1)")
@@ -199,6 +285,18 @@ def validate(config: Config) -> Config:
     v = config.vae_loss
     _check(min(v.l1, v.l2, v.kl, v.disc_weight) >= 0 and v.l1 + v.l2 > 0, "vae_loss weights must be >= 0, with l1 + l2 > 0")
     _check(v.disc_start >= 0 and v.disc_channels >= 1 and v.disc_layers >= 1, "vae_loss.disc_start must be >= 0, disc_channels and disc_layers >= 1")
+
+    check_distill(config)
+    _check(m.guidance_embedding >= 0 and m.guidance_embedding % 2 == 0, "model.guidance_embedding must be 0 (none) or an even width, e.g. 256")
+    _check(not m.guidance_embedding or m.type == "unet", "model.guidance_embedding (a guidance-distilled student's) is the U-Net's; a DiT has none: set it to 0")
+    f = config.finetune
+    _check(f.rank >= 1 and f.alpha >= 0 and 0.0 <= f.dropout < 1.0, "finetune.rank must be >= 1 (--lora-rank), finetune.alpha >= 0 (0: = rank) and finetune.dropout in [0, 1)")
+    _check(bool(f.targets) and all(f.targets), "finetune.targets needs at least one layer name or preset (attention, ff, proj, conv), e.g. --lora-targets attention")
+    _check(f.prior_images >= 0 and f.prior_weight >= 0, "finetune.prior_images and finetune.prior_weight must not be negative")
+    _check(not (f.prior_images and f.prior_path), "prior preservation takes generated class images (--prior-images N) or a folder of them (--prior-data DIR), not both")
+    _check(not f.prior_images or bool(f.prior_prompts) or not tx.encoder, "--prior-images needs the class prompt(s) the base model draws them for: --prior-prompt TEXT")
+    _check(not f.text_encoder or t.grad_accumulation == 1, "finetune.text_encoder (--text-encoder) trains with train.grad_accumulation = 1")
+    check_seed("finetune.prior_seed", f.prior_seed)
 
     e = config.eval
     _check(e.every >= 0 and e.n >= 10 and e.steps >= 1, "eval.every must be >= 0, eval.n >= 10 and eval.steps >= 1")

@@ -59,12 +59,25 @@ def eps_from_x0(x0, x_t, alpha, s) -> torch.Tensor:
     return (x_t - _expand(alpha, x_t) * x0) / _expand(s, x_t)
 
 
+def network_dtype(net) -> torch.dtype:
+    """The dtype a network computes in: that of its (first) floating-point parameter, else (a plain function) float32."""
+    parameters = net.parameters() if isinstance(net, torch.nn.Module) else ()
+    return next((p.dtype for p in parameters if p.is_floating_point()), torch.float32)
+
+
+def cast_floats(cond: dict | None, dtype: torch.dtype) -> dict:
+    """Conditions with their floating-point tensors (text embeddings) in `dtype`; labels and masks unchanged."""
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in (cond or {}).items()}
+
+
 class Denoiser:
     """Wraps a network net(x_t, t, **cond) as D(x, sigma, cond) -> x0_hat.
 
     sigma is mapped back to the network's time (a DDPM model's possibly fractional timestep, a
     flow model's t * timesteps), and x to the process's own scale x_t = x * alpha (DDPM:
-    x / sqrt(1 + sigma^2), flow: x / (1 + sigma)), before the network is called.
+    x / sqrt(1 + sigma^2), flow: x / (1 + sigma)), before the network is called. A network held in
+    bfloat16 gets its inputs in bfloat16 and gives x0_hat back in x's dtype (float32): the
+    samplers' arithmetic never sees the lower precision.
     """
 
     def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule | FlowSchedule, prediction: str):
@@ -85,5 +98,6 @@ class Denoiser:
         alpha, s = self.schedule.coefficients(sigma)
         x_t = x * _expand(alpha, x)
         t = self.schedule.net_time(self.schedule.sigma_to_t(sigma))
-        output = self.net(x_t, t, **(cond or {})).to(x.dtype)
+        dtype = network_dtype(self.net)
+        output = self.net(x_t.to(dtype), t, **cast_floats(cond, dtype)).to(x.dtype)
         return x0_from_prediction(self.prediction, output, x_t, alpha, s, self.schedule.process)

@@ -18,7 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from diffusekit.runtime import available_cores, pick_device
+from diffusekit.runtime import physical_cores, pick_device
 
 # How long a rank waits for the others in a collective before giving up. Rank 0 alone
 # writes checkpoints, sample grids and evaluations while the others wait, so be generous.
@@ -96,7 +96,7 @@ def thread_share(threads: int) -> int:
     """CPU threads for this process: as asked, else (0) the node's cores shared among its processes."""
     if threads > 0 or world() <= 1:
         return threads
-    return max(1, available_cores() // processes_per_node())
+    return max(1, physical_cores() // processes_per_node())
 
 
 def draw_for_global_batch(draw, per_rank: int, rank_: int, world_: int):

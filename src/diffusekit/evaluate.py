@@ -130,13 +130,15 @@ def evaluate_checkpoint(
     weights=None,
     pipeline=None,
     device: str = "auto",
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> dict:
     """Sample n images from a run or checkpoint and evaluate them (sampler and steps default to the
     run's eval.* settings). Digit models conditioned on classes or on captions ("a handwritten digit
     seven") are asked for digit i % 10, and their label accuracy is measured."""
     from diffusekit.pipeline import Pipeline
 
-    pipe = pipeline or Pipeline.from_pretrained(path, device=device)
+    pipe = pipeline or Pipeline.from_pretrained(path, device=device, dtype=precision, compile=compile)
     sampler = sampler or pipe.config.eval.sampler
     steps = pipe.config.eval.steps if steps is None else steps
     data = pipe.config.data
@@ -160,6 +162,7 @@ def evaluate_checkpoint(
         "sampler": sampler,
         "steps": steps,
         "seconds_per_image": seconds / n,
+        "dtype": pipe.precision,  # what the network ran in (fp32 / bf16 / fp16)
     })
     return report
 

@@ -31,16 +31,18 @@ def rescale_guidance(guided: torch.Tensor, conditional: torch.Tensor, phi: float
 
 
 class GuidedDenoiser:
-    """D(x, sigma, cond) with classifier-free guidance; `uncond` is the null condition for this batch."""
+    """D(x, sigma, cond) with classifier-free guidance; `uncond` is the null condition for this batch.
+    `scale` is one number, or a tensor [B] of one scale per sample (guidance distillation draws them)."""
 
-    def __init__(self, denoiser, uncond: dict, scale: float, rescale: float = 0.0):
+    def __init__(self, denoiser, uncond: dict, scale: float | torch.Tensor, rescale: float = 0.0):
         self.denoiser, self.uncond, self.scale, self.rescale = denoiser, uncond, scale, rescale
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        if cond is None or self.scale == 1.0:
+        if cond is None or (not torch.is_tensor(self.scale) and self.scale == 1.0):
             return self.denoiser(x, sigma, cond)
         sigma2 = sigma.repeat(2) if sigma.ndim == 1 else sigma  # a per-sample sigma [B] covers both halves
         both = self.denoiser(torch.cat([x, x]), sigma2, concat_cond(cond, self.uncond))
         conditional, unconditional = both.chunk(2)
-        guided = unconditional + self.scale * (conditional - unconditional)
+        scale = self.scale.to(x).view(-1, *[1] * (x.ndim - 1)) if torch.is_tensor(self.scale) else self.scale
+        guided = unconditional + scale * (conditional - unconditional)
         return rescale_guidance(guided, conditional, self.rescale) if self.rescale > 0 else guided

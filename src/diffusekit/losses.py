@@ -63,12 +63,14 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One Monte-Carlo estimate of the loss: t ~ p(t), eps ~ N(0, I), MSE on the target (for a flow
     model with v prediction, conditional flow matching: || (eps - x0) - v_theta(x_t, t) ||^2, SD3 eq. 3).
 
     t and noise are drawn here unless given (gradient accumulation draws them for the
     whole batch first, so that splitting a batch does not change what it trains on).
+    sample_weights [B] multiply each image's term (e.g. DreamBooth's prior weight on class images).
     """
     if t is None or noise is None:
         t, noise = draw_t_and_noise(schedule, x0, generator)
@@ -78,4 +80,6 @@ def diffusion_loss(
     output = net(x_t, schedule.net_time(t), **(cond or {}))
     per_sample = (output.float() - target.float()).pow(2).flatten(1).mean(1)
     weights = loss_weights(weighting, prediction, schedule.snr(t), snr_gamma).to(per_sample.dtype)
+    if sample_weights is not None:
+        weights = weights * sample_weights.to(weights)
     return (weights * per_sample).mean()

@@ -36,6 +36,13 @@ def image_shape(config: Config, size: int | None = None) -> tuple[int, int, int]
     return (config.data.channels, size, size)
 
 
+def size_multiple(config: Config) -> int:
+    """Image sizes the model can make are multiples of this: the autoencoder's down-sampling factor (latent models)
+    times the 2^(levels - 1) by which the U-Net halves its input, or the DiT's patch size."""
+    factor = config.vae.downsample_factor if config.latent.vae else 1
+    return factor * (config.model.patch_size if config.model.type == "dit" else 2 ** (len(config.model.channels) - 1))
+
+
 def build_net(config: Config) -> UNet | DiT:
     """The denoising network of model.type: the U-Net, or the DiT (sized for the training images or latents)."""
     channels, size, _ = image_shape(config)
@@ -118,6 +125,10 @@ def load_parts(path: str | Path, weights: str = "ema") -> ModelParts:
     """A diffusekit run or checkpoint folder: its config, and its EMA (or raw, weights="model") weights."""
     ckpt = resolve_checkpoint(path)
     config = load_config(ckpt)
+    if config.task == "finetune":
+        model = f" --model {config.finetune.base}" if config.finetune.base else ""  # "": the shipped demo model
+        raise UserError(f"'{path}' is a LoRA fine-tuning run, not a whole model: sample its base model with the LoRA, "
+                        f"e.g. diffusekit generate PROMPT{model} --lora {path}")
     if config.task != "diffusion":
         raise UserError(f"'{path}' holds an {config.task} (from train-vae), not a diffusion model: sample from a diffusion run")
     vae_weights = read_tensors(ckpt / "vae.safetensors") if config.latent.vae else None

@@ -6,71 +6,171 @@
 
     pipe = Pipeline.from_pretrained("runs/emoji-ldm")      # text-to-image
     images = pipe("a red apple", n=4, steps=20, guidance=4, negative="blurry")
+    images = pipe("a green apple", image=init, strength=0.6)                 # image-to-image (SDEdit)
+    images = pipe("a green apple", image=init, mask_image=mask, mask_blur=1)  # inpainting (white: repaint)
+
+    name = pipe.load_lora("style.safetensors", scale=0.8)  # a LoRA (diffusers / peft or kohya layout)
+    pipe.set_lora_scales({name: 0.5}); pipe.unload_lora()  # the base model's weights are never changed
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffusekit.compiled import compile_network
 from diffusekit.config import Config, SampleConfig
 from diffusekit.config_checks import check_sample
-from diffusekit.denoiser import Denoiser
+from diffusekit.denoiser import Denoiser, network_dtype
+from diffusekit.distill_losses import ConsistencyDenoiser
 from diffusekit.errors import UserError
 from diffusekit.guidance import GuidedDenoiser
+from diffusekit.image_info import ImageOutput, describe, fingerprint, model_name
+from diffusekit.inpaint import KnownRegionDenoiser, default_strength, noised_start, sample_resampled, strength_start
 from diffusekit.io import diffusers
+from diffusekit.io.lora import load_lora, recorded_base, text_model
 from diffusekit.models import ModelParts, image_shape, load_parts, text_condition
+from diffusekit.nn import lora
+from diffusekit.nn.state import weights_fingerprint
 from diffusekit.nn.vae import AutoencoderKL
-from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores
+from diffusekit.precision import dtype_name, resolve_dtype
+from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores, warn
 from diffusekit.samplers import get_sampler
 from diffusekit.schedule import make_schedule
 
 LARGE_IMAGE_PIXELS = 256 * 256  # from this size on, the VAE decodes one image at a time
 
 
+def load_model(path: str | Path, weights: str = "ema") -> ModelParts:
+    """The networks of a diffusekit run or checkpoint folder (EMA weights unless weights="model") or of a diffusers folder, on the CPU."""
+    if diffusers.is_diffusers_folder(path):  # a Stable Diffusion / diffusers folder (model_index.json or a UNet config.json)
+        if weights != "ema":
+            raise UserError(f"'{path}' is a diffusers folder: it has one set of weights, so --weights {weights} does not apply")
+        return diffusers.read_parts(path)
+    return load_parts(path, weights)
+
+
 class Pipeline:
     """Samples of a diffusion model; for a latent model `vae` decodes the sampled latents."""
 
     def __init__(self, config: Config, net: torch.nn.Module, device: torch.device | str = "cpu", checkpoint: Path | None = None,
-                 step: int | None = None, vae: AutoencoderKL | None = None, text_encoder=None):
-        self.config, self.net, self.device = config, net.eval(), torch.device(device)
+                 step: int | None = None, vae: AutoencoderKL | None = None, text_encoder=None, dtype="fp32", compile: bool = False):
+        """dtype: what the denoising network computes in, a torch dtype or auto / fp32 / bf16 / fp16 (precision.py;
+        the network is converted in place; the samplers, the text encoder and the VAE stay float32).
+        compile: torch.compile the network (compiled.py: a warning and eager mode where that fails)."""
+        self.config, self.device = config, torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.net = net.eval() if network_dtype(net) == self.dtype else net.eval().to(self.dtype)
+        self.sampling_net = compile_network(self.net) if compile else self.net
         self.text_encoder = text_encoder
         self.schedule = make_schedule(config.diffusion)
-        self.denoiser = Denoiser(self.net, self.schedule, config.diffusion.prediction)
+        self.denoiser = self.make_denoiser()
         self.checkpoint, self.step = checkpoint, step
         self.vae = vae.eval() if vae is not None else None
+        self.name = model_name(checkpoint)
+
+    def make_denoiser(self):
+        """D(x, sigma, cond) over the (compiled) network; a consistency student's x0_hat is its consistency function."""
+        denoiser = Denoiser(self.sampling_net, self.schedule, self.config.diffusion.prediction)
+        return ConsistencyDenoiser(denoiser, self.schedule) if self.config.distill.method == "consistency" else denoiser
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the weights, the "Model hash" images record (image_info.fingerprint)."""
+        return fingerprint(self.net, self.vae)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, weights: str = "ema", device: str = "auto") -> "Pipeline":
-        """A diffusekit run or checkpoint folder (EMA weights unless weights="model"), or a diffusers folder."""
+    def from_pretrained(cls, path: str | Path, weights: str = "ema", device: str = "auto", dtype="fp32", torch_dtype=None,
+                        compile: bool = False) -> "Pipeline":
+        """A diffusekit run or checkpoint folder (EMA weights unless weights="model"), or a diffusers folder.
+        dtype (or diffusers' name torch_dtype): "auto" picks bf16 where the hardware has it natively."""
         use_all_cores()
-        if diffusers.is_diffusers_folder(path):  # a Stable Diffusion / diffusers folder (model_index.json or a UNet config.json)
-            if weights != "ema":
-                raise UserError(f"'{path}' is a diffusers folder: it has one set of weights, so --weights {weights} does not apply")
-            return cls.from_parts(diffusers.read_parts(path), device)
-        return cls.from_parts(load_parts(path, weights), device)
+        return cls.from_parts(load_model(path, weights), device, dtype=torch_dtype if torch_dtype is not None else dtype, compile=compile)
 
     @classmethod
-    def from_parts(cls, parts: ModelParts, device: str = "auto") -> "Pipeline":
+    def from_parts(cls, parts: ModelParts, device: str = "auto", dtype="fp32", compile: bool = False) -> "Pipeline":
         dev = pick_device(device, option="--device ")
         vae = prepare_module(parts.vae, dev) if parts.vae is not None else None
         text_encoder = parts.text_encoder.to(dev) if parts.text_encoder is not None else None
-        return cls(parts.config, prepare_module(parts.net, dev), dev, checkpoint=parts.source, step=parts.step, vae=vae, text_encoder=text_encoder)
+        return cls(parts.config, prepare_module(parts.net, dev), dev, checkpoint=parts.source, step=parts.step, vae=vae,
+                   text_encoder=text_encoder, dtype=dtype, compile=compile)
+
+    @property
+    def precision(self) -> str:
+        """fp32 / bf16 / fp16: what the denoising network computes in."""
+        return dtype_name(self.dtype)
 
     def to(self, device: torch.device | str) -> "Pipeline":
         """Move the networks (U-Net, VAE, text encoder) to `device`, as pipe.to("cuda") in diffusers."""
         self.device = pick_device(str(device), option="--device ")
         self.net = prepare_module(self.net, self.device)
+        if self.sampling_net is not self.net:  # compiled for the old device: compile again
+            self.sampling_net = compile_network(self.net)
+        self.denoiser = self.make_denoiser()
         if self.vae is not None:
             self.vae = prepare_module(self.vae, self.device)
         if self.text_encoder is not None:
             self.text_encoder = self.text_encoder.to(self.device)
         return self
+
+    # ------------------------------------------------------------------ LoRAs (nn/lora.py, io/lora.py)
+
+    def lora_networks(self) -> list[torch.nn.Module]:
+        return [self.net] + ([text_model(self.text_encoder)] if self.text_encoder is not None else [])
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Add the LoRA file `path` (diffusers / peft or kohya / A1111 layout; a `diffusekit finetune` run folder
+        means its lora.safetensors) to the U-Net and the text encoder at `scale`; returns its name (by default
+        the file's stem). The base weights are not changed; a file that does not fit changes nothing."""
+        name = load_lora(path, self.net, name=name, scale=scale, text_encoder=self.text_encoder)
+        recorded, base = recorded_base(path)
+        fused = any(x.merged for _, _, x in lora.selected(self.net, None))  # then the weights are not the base's alone
+        own = weights_fingerprint(self.net) if recorded and not fused else recorded
+        if own != recorded:
+            warn(f"{path} was fine-tuned from another base model ({base or 'unnamed'}, U-Net fingerprint {recorded[:12]}; this one's is "
+                 f"{own[:12]}): its layers fit, but it may not draw what it learnt")
+        return name
+
+    @property
+    def lora_names(self) -> list[str]:
+        return sorted({n for net in self.lora_networks() for n in lora.adapter_names(net)})
+
+    def set_lora_scales(self, scales: dict[str, float]) -> None:
+        """Each loaded LoRA's scale by name, e.g. {"style": 0.8, "face": 0.5}; 0 switches one off."""
+        for key in scales:  # every name is loaded, before any change
+            self._check_loaded(key)
+        for net in self.lora_networks():
+            lora.set_scales(net, {k: v for k, v in scales.items() if k in lora.adapter_names(net)})
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (or all): the networks are as they were before loading it."""
+        self._each_network(name, lambda net: lora.remove_lora(net, name))
+
+    def fuse_lora(self, name: str | None = None, keep_original: bool = True) -> None:
+        """Fold LoRAs into the weights in memory (faster sampling); unfuse_lora() or unload_lora() takes them out
+        again, exactly (keep_original: a copy of each adapted weight is kept meanwhile) or up to float32 rounding."""
+        self._each_network(name, lambda net: lora.merge(net, name, keep_original))
+
+    def unfuse_lora(self, name: str | None = None) -> None:
+        self._each_network(name, lambda net: lora.unmerge(net, name))
+
+    def _check_loaded(self, name: str | None) -> None:
+        if name is not None and name not in self.lora_names:
+            lora.lora_modules(self.net, name)  # the UserError naming the loaded ones
+
+    def _each_network(self, name: str | None, action) -> None:
+        """action(net) for the U-Net and the text encoder, where they carry the LoRA `name` (None: any)."""
+        self._check_loaded(name)
+        for net in self.lora_networks():
+            if name is None or name in lora.adapter_names(net):
+                action(net)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -81,6 +181,20 @@ class Pipeline:
         slice_size = 1 if pixels >= LARGE_IMAGE_PIXELS else 0
         parts = [vae.decode(vae.unscale_latents(part.to(self.device)), slice_size).clamp(-1, 1).cpu() for part in latents.split(batch_size)]
         return torch.cat(parts)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the scaled latents the U-Net denoises (the posterior mean: no sampling noise)."""
+        return self.vae.scale_latents(self.vae.encode(images.to(self.device)).mode())
+
+    def preview(self, info: dict, count: int | None = None, noisy: bool = False) -> torch.Tensor:
+        """A sampler callback's step as images [count, C, H, W] in [-1, 1] on the CPU: x0_hat (decoded for a latent
+        model), or with noisy=True for a pixel model the current x on the DDPM scale (the reverse process itself)."""
+        if noisy and self.vae is None:
+            alpha, _ = self.schedule.coefficients(info["sigma_next"])
+            return (info["x"][:count] * alpha.float().to(info["x"].device)).clamp(-1, 1).cpu()
+        x0 = info["denoised"][:count]
+        return self.decode(x0) if self.vae is not None else x0.clamp(-1, 1).cpu()
 
     def settings(self, **given) -> SampleConfig:
         """The model's sample config with the values given here (None: the model's own), checked."""
@@ -147,6 +261,28 @@ class Pipeline:
         options = {"eta": settings.eta} if eta is not None or settings.sampler == "ddim" else {}
         return {**options, "variance": settings.variance} if "variance" in accepted else options
 
+    def check_student(self, settings: SampleConfig, scale: float, negative: str | None) -> bool:
+        """For a distilled student: warn (once per call) when the sampling ignores the schedule it was distilled for,
+        refuse what a guidance-distilled student cannot do; whether it takes the guidance scale as an input."""
+        d, guided = self.config.distill, bool(self.config.model.guidance_embedding)
+        if guided and (negative or settings.guidance_rescale > 0):
+            raise UserError(f"this student learned guidance against the {'null class' if self.config.model.num_classes else 'empty prompt'} "
+                            "(guidance distillation), so it takes no negative prompt or guidance rescale; sample its teacher "
+                            f"('{d.teacher}') for those")
+        if guided and not d.guidance_min <= scale <= d.guidance_max and scale != 1.0:
+            warn(f"guidance {scale:g} is outside the scales {d.guidance_min:g} to {d.guidance_max:g} this student learned; expect worse images")
+        if d.method == "progressive":
+            n = d.trained_steps or d.steps
+            trained = self.schedule.sampling_sigmas(n, "trailing")
+            used = self.schedule.sampling_sigmas(settings.steps, settings.spacing, steps_offset=settings.steps_offset)
+            if settings.sampler not in ("ddim", "euler") or settings.eta != 0 or not torch.equal(trained, used):
+                warn(f"this progressive student was distilled for DDIM at its {n} trailing timesteps (--sampler ddim --steps {n}); "
+                     f"{settings.sampler} with {settings.steps} {settings.spacing} steps ignores that schedule, expect worse images")
+        elif d.method == "consistency" and settings.sampler != "consistency":
+            warn(f"this consistency student samples with --sampler consistency (1 to {d.solver_steps} steps); {settings.sampler} ignores "
+                 "how it was distilled, expect worse images")
+        return guided
+
     @torch.no_grad()
     def sample(
         self,
@@ -167,6 +303,12 @@ class Pipeline:
         noise: torch.Tensor | None = None,
         callback=None,
         progress: bool = False,
+        image: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        strength: float | None = None,
+        jump_length: int = 10,
+        jump_n_sample: int = 1,
+        first_index: int = 0,
     ) -> torch.Tensor:
         """n images as a tensor in [-1, 1] (a latent model's samples decoded). Image i depends only on (seed, i), not on batch_size.
 
@@ -178,43 +320,82 @@ class Pipeline:
         noise [n, *shape] (standard normal, as diffusers' `latents`) instead of the seeded draw.
         callback(info) sees each batch after every step: the sampler's info (samplers.py) plus "start",
         the index of the batch's first image.
+
+        image-to-image (SDEdit) and inpainting (inpaint.py): image [1 or n, C, H, W] in [-1, 1] at the output size,
+        mask [1 or n, 1, H, W] in [0, 1] (1: repaint), strength in (0, 1] (default 0.8, or 1 with a mask: how much
+        of the schedule is walked); jump_n_sample > 1 resamples every jump_length steps (RePaint).
+        first_index: the index of the first image in the seed's stream, so that image i of a seed can be made alone.
         """
         settings = self.settings(n=n, steps=steps, sampler=sampler, spacing=spacing, seed=seed, guidance=guidance,
                                  guidance_rescale=guidance_rescale, eta=eta, variance=variance, batch_size=batch_size)
         sample_fn, options = get_sampler(settings.sampler), self.sampler_options(settings, eta, variance)
         sigmas = self.sigmas(settings.steps, settings.spacing, size).to(self.device)
+        if not isinstance(first_index, int) or first_index < 0:
+            raise UserError(f"the first image index must be a whole number >= 0, got {first_index!r}")
         cond, uncond = self.conditions(n, labels, prompts, negative)
         if uncond is None and guidance not in (None, 1.0):  # unconditional samples: nothing to guide towards
             raise UserError("classifier-free guidance needs a condition: give a --label or a prompt")
         scale = settings.guidance if uncond is not None else 1.0
+        guided_student = self.check_student(settings, scale, negative)
         shape = image_shape(self.config, size)
         if noise is not None and tuple(noise.shape) != (n, *shape):
             raise UserError(f"noise has shape {list(noise.shape)}, but {n} samples need {[n, *shape]}")
-        out, batch = [], settings.batch_size
-        bar = tqdm(total=n * settings.steps, desc=f"sampling ({settings.sampler}, {settings.steps} steps)", unit="step", disable=not progress, leave=False)
+        if image is None and (strength is not None or mask is not None):
+            raise UserError("strength and a mask need an init image (image=...)")
+        known, mask = self.edit_inputs(image, mask, n, shape)
+        strength = default_strength(strength, mask is not None)
+        sigmas = sigmas[strength_start(settings.steps, strength):] if image is not None else sigmas
+        out, batch, walks = [], settings.batch_size, (len(sigmas) - 1) * jump_n_sample
+        bar = tqdm(total=n * walks, desc=f"sampling ({settings.sampler}, {walks} steps)", unit="step", disable=not progress, leave=False)
         for start in range(0, n, batch):
             count = min(batch, n - start)
             part = slice(start, start + count)
-            gens = sample_generators(settings.seed, count, start)
+            gens = sample_generators(settings.seed, count, first_index + start)
             start_noise = randn((count, *shape), generator=gens, device=self.device) if noise is None else noise[part].to(self.device)
-            x = start_noise / self.schedule.coefficients(sigmas[:1])[0].float()  # pure noise on the process's scale, as x at sigmas[0]
+            batch_known = None if known is None else known[part] if len(known) > 1 else known
+            pure = 1 / self.schedule.coefficients(sigmas[:1])[0].float()  # pure noise on the process's scale, as x at sigmas[0]
+            x = start_noise * pure if batch_known is None else noised_start(batch_known, start_noise, sigmas, strength, pure)
             batch_cond = {k: v[part] for k, v in cond.items()} if cond else None
             denoiser = self.denoiser
-            if scale != 1.0:
+            if guided_student and batch_cond is not None:  # the guidance scale is an input: one call per step
+                batch_cond["guidance"] = torch.full((count,), float(scale), device=self.device)
+            elif scale != 1.0:
                 denoiser = GuidedDenoiser(self.denoiser, {k: v[part] for k, v in uncond.items()}, scale, settings.guidance_rescale)
+            if mask is not None:
+                denoiser = KnownRegionDenoiser(denoiser, batch_known, mask[part] if len(mask) > 1 else mask)
 
             def on_step(info, start=start, count=count):
                 bar.update(count)
                 if callback is not None:
                     callback({**info, "start": start})
 
-            x = sample_fn(denoiser, x, sigmas, cond=batch_cond, generator=gens, callback=on_step, **options)
+            x = sample_resampled(sample_fn, denoiser, x, sigmas, cond=batch_cond, generator=gens, callback=on_step,
+                                 jump_length=jump_length, jump_n_sample=jump_n_sample, **options)
             out.append(self.decode(x) if self.vae is not None else x.clamp(-1, 1).cpu())
         bar.close()
         return torch.cat(out)
 
-    def __call__(self, prompt=None, n: int | None = None, *, num_images_per_prompt: int | None = None,
-                 height: int | None = None, width: int | None = None, generator: torch.Generator | None = None, **kwargs):
+    def edit_inputs(self, image, mask, n: int, shape) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(x0 of the init image [1 or n, *shape], the mask at the U-Net's resolution [1 or n, 1, h, w]) of an edit.
+        A latent cell is repainted as much as the most repainted pixel it covers (max-pooling the mask)."""
+        if image is None:
+            return None, None
+        size, channels = shape[-1] * (self.vae.downsample_factor if self.vae is not None else 1), self.config.data.channels
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[0] not in (1, n) or tuple(image.shape[1:]) != (channels, size, size):
+            got = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise UserError(f"the init image is {got}, but this call makes images of [1 or {n}, {channels}, {size}, {size}] in [-1, 1]")
+        known = self.encode(image) if self.vae is not None else image.to(self.device).float()
+        if mask is None:
+            return known, None
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or mask.shape[0] not in (1, n) or tuple(mask.shape[1:]) != (1, size, size):
+            got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise UserError(f"the mask is {got}, but it must be [1 or {n}, 1, {size}, {size}] in [0, 1] (1: repaint), the init image's size")
+        mask = mask.to(self.device).float().clamp(0, 1)
+        return known, F.adaptive_max_pool2d(mask, shape[-2:]) if self.vae is not None else mask
+
+    def __call__(self, prompt=None, n: int | None = None, *, num_images_per_prompt: int | None = None, height: int | None = None,
+                 width: int | None = None, generator: torch.Generator | None = None, image=None, mask_image=None, mask_blur: float = 0.0,
+                 **kwargs) -> "ImageOutput":
         """PIL images: pipe("a red apple", n=4, steps=20, guidance=4) for a text-to-image model,
         pipe(n=16) for an unconditional one (labels=... for a class-conditional one).
 
@@ -222,8 +403,10 @@ class Pipeline:
         num_inference_steps, guidance_scale, negative_prompt, latents, num_images_per_prompt
         (each prompt's images next to each other), height and width (equal: the images are square),
         and generator, which draws the initial noise (the per-step noise of stochastic samplers
-        still comes from `seed`)."""
-        from diffusekit.images import make_grid, to_pil
+        still comes from `seed`). image (a PIL image, cropped and resized to the output size) and
+        mask_image (white: repaint; blurred by mask_blur pixels) edit an image (sample()'s strength, ...).
+        Returns an ImageOutput: a list of PIL images with `.images` and each image's `.parameters`."""
+        from diffusekit.images import image_tensor, make_grid, mask_tensor, to_pil
 
         kwargs = rename_diffusers_arguments(kwargs)
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -241,8 +424,21 @@ class Pipeline:
         if generator is not None and kwargs.get("noise") is None:
             shape = (n, *image_shape(self.config, kwargs.get("size")))
             kwargs["noise"] = torch.randn(shape, generator=generator, device=generator.device)
+        size, channels = kwargs.get("size") or self.config.data.image_size, self.config.data.channels
+        if mask_image is not None and not isinstance(mask_image, torch.Tensor):
+            if image is None or isinstance(image, torch.Tensor):
+                raise UserError("mask_image as a picture needs image= as a picture too (the mask is cropped and resized as the image is)")
+            kwargs["mask"] = mask_tensor(mask_image, image, size, mask_blur)
+        elif mask_image is not None:
+            kwargs["mask"] = mask_image
+        if image is not None:
+            kwargs["image"] = image if isinstance(image, torch.Tensor) else image_tensor(image, size, channels)
         images = self.sample(n, prompts=prompts, **kwargs)
-        return [to_pil(make_grid(img[None], ncols=1, padding=0)) for img in images]
+        texts = describe(self, n, prompts=prompts, edit=image is not None, masked=mask_image is not None, mask_blur=mask_blur, **kwargs)
+        pictures = [to_pil(make_grid(img[None], ncols=1, padding=0)) for img in images]
+        for picture, text in zip(pictures, texts):
+            picture.info["parameters"] = text
+        return ImageOutput(pictures, texts)
 
 
 # diffusers' StableDiffusionPipeline names for arguments Pipeline.sample takes under its own names

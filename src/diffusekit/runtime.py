@@ -23,6 +23,19 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def physical_cores() -> int:
+    """Cores this process may use, counting hyper-threads of one core once (GEMMs gain nothing from siblings)."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
 def derive_seed(seed: int, index: int) -> int:
     """A seed for stream `index` (an epoch, a sample, a rank) of the run seed `seed`, within the 64 bits a
     torch.Generator takes (seeds are below 2^63, so small seeds give the same streams as ever)."""
@@ -54,8 +67,9 @@ def format_duration(seconds: float) -> str:
 
 
 def use_all_cores(threads: int = 0) -> int:
-    """Use every core by default (torch often starts with half of them)."""
-    count = threads if threads > 0 else available_cores()
+    """One thread per physical core by default (torch may start with fewer, or with one per hyper-thread,
+    which only slows its matrix kernels down)."""
+    count = threads if threads > 0 else physical_cores()
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return count

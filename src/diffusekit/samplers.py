@@ -190,6 +190,87 @@ def sample_dpmpp_3m(denoiser, x, sigmas, cond=None, generator=None, callback=Non
     return sample_dpmpp(denoiser, x, sigmas, cond, generator, callback, order=3, eta=0.0)
 
 
+def _unipc_coefficients(h: torch.Tensor, rks: torch.Tensor, order: int, variant: str):
+    """(h phi_1, B(h), R, b) of UniPC's B(h) update in data prediction (Zhao et al. 2023, the bh1 / bh2
+    choices of B(h)), computed as diffusers' UniPCMultistepScheduler does: hh = -h,
+    h phi_1 = e^{hh} - 1, B(h) = hh (bh1) or e^{hh} - 1 (bh2), R[i] = rks^i, b[i] = h phi_{i+1} i! / B(h)."""
+    hh = -h
+    h_phi_1 = torch.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = hh if variant == "bh1" else torch.expm1(hh)
+    rows, b, factorial = [], [], 1
+    for i in range(1, order + 1):
+        rows.append(rks ** (i - 1))
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    return h_phi_1, b_h, torch.stack(rows), torch.stack(b)
+
+
+def _unipc_update(x, sigma, sigma_next, history, order: int, variant: str, x0_next=None):
+    """One UniP-p step from (sigma, x) to sigma_next using the newest `order` (lambda, x0_hat) pairs of
+    `history` (the newest at sigma); with x0_next (the model output at sigma_next, already computed for
+    the next step) it is the corrector UniC-p instead, which makes the step one order higher for free.
+    In this scaling x' = (s'/s) x - h phi_1 x0 - B(h) sum_k rho_k D1_k with D1_k = (x0_k - x0) / r_k."""
+    lam, x0 = history[-1]
+    h = -sigma_next.log() - lam  # inf at sigma_next = 0, where the step lands on x0 exactly
+    past = history[-order:-1][::-1]  # older points, the nearest first
+    rks = [((lam_k - lam) / h) for lam_k, _ in past] + [torch.ones((), dtype=h.dtype, device=h.device)]
+    d1s = [(x0_k - x0) / rk.to(x0.dtype) for (_, x0_k), rk in zip(past, rks)]
+    h_phi_1, b_h, rows, b = _unipc_coefficients(h, torch.stack(rks), order, variant)
+    if x0_next is None:  # predictor: rho from R[:-1, :-1] rho = b[:-1] (order 2: rho = 1/2)
+        rhos = [] if order == 1 else [0.5] if order == 2 else torch.linalg.solve(rows[:-1, :-1], b[:-1]).tolist()
+        terms = list(zip(rhos, d1s))
+    else:  # corrector: R rho = b over the older points and the new output (order 1: rho = 1/2)
+        rhos = [0.5] if order == 1 else torch.linalg.solve(rows, b).tolist()
+        terms = list(zip(rhos, [*d1s, x0_next - x0]))
+    x = (sigma_next / sigma).to(x.dtype) * x - h_phi_1.to(x.dtype) * x0
+    if terms:  # (skipped when empty: bh1's B(h) is infinite on the step to sigma = 0)
+        x = x - b_h.to(x.dtype) * sum(rho * d for rho, d in terms)
+    return x
+
+
+@torch.no_grad()
+def sample_unipc(denoiser, x, sigmas, cond=None, generator=None, callback=None, order: int = 2, variant: str = "bh2",
+                 lower_order_final: bool = True):
+    """UniPC (Zhao et al. 2023), multistep with data prediction, as diffusers' UniPCMultistepScheduler
+    (predict_x0=True, solver_type bh1 / bh2). Each step first corrects the point it is at with UniC, using
+    the network output just computed there (no extra call), then predicts the next one with UniP. The order
+    rises from 1 as history builds up; with lower_order_final the last steps use at most the steps left."""
+    if order not in (1, 2, 3) or variant not in ("bh1", "bh2"):
+        raise UserError("UniPC supports order 1, 2 or 3 and variant bh1 or bh2")
+    steps = len(sigmas) - 1
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (lambda, x0_hat), newest last
+    previous = None  # (the point before, its sigma, the order of the step that left it)
+    for i in range(steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, sigma, cond)
+        if previous is not None:
+            x = _unipc_update(previous[0], previous[1], sigma, history, previous[2], variant, x0_next=x0)
+        history = (history + [(-sigma.log(), x0)])[-order:]
+        this_order = min(order, steps - i, len(history)) if lower_order_final else min(order, len(history))
+        previous = (x, sigma, this_order)
+        x = _unipc_update(x, sigma, sigma_next, history, this_order, variant)
+        report(callback, i, sigmas, x, x0)
+    return x
+
+
+def sample_unipc_bh1(denoiser, x, sigmas, cond=None, generator=None, callback=None):
+    return sample_unipc(denoiser, x, sigmas, cond, generator, callback, variant="bh1")
+
+
+@torch.no_grad()
+def sample_consistency(denoiser, x, sigmas, cond=None, generator=None, callback=None):
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) over a consistency model D = f(x, sigma):
+    x0 = f(x, sigma_i), then fresh noise up to the next level, x = x0 + sigma_{i+1} z (as diffusers'
+    LCMScheduler). One step is the one-step generator; more steps trade calls for quality."""
+    for i in range(len(sigmas) - 1):
+        x0 = denoiser(x, sigmas[i], cond)
+        x = x0 + sigmas[i + 1].to(x.dtype) * _noise_like(x, generator) if sigmas[i + 1] > 0 else x0
+        report(callback, i, sigmas, x, x0)
+    return x
+
+
 def _flow_velocity(denoiser, x_t, sigma, t, cond):
     """(v, x0_hat) at flow time t for x_t = (1 - t) x0 + t eps, i.e. x = x_t (1 + sigma): v = (x_t - x0_hat) / t."""
     x0 = denoiser(x_t * (1 + sigma).to(x_t.dtype), sigma, cond)
@@ -238,6 +319,9 @@ SAMPLERS = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_3m": sample_dpmpp_3m,
+    "unipc": sample_unipc,
+    "unipc_bh1": sample_unipc_bh1,
+    "consistency": sample_consistency,
     "flow_euler": sample_flow_euler,
     "flow_heun": sample_flow_heun,
 }

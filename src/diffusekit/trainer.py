@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusekit import distributed, training_state
+from diffusekit.compiled import compile_network, unwrap
 from diffusekit.config import Config, config_to_dict
 from diffusekit.data import BatchStream
 from diffusekit.errors import UserError
@@ -44,6 +45,7 @@ from diffusekit.files import write_json_atomic
 from diffusekit.io.checkpoint import checkpoint_name, remove_stale_temp_files
 from diffusekit.io.runs import clear_run_dir, drop_records_after, prepare_run_dir
 from diffusekit.optim import ema_decay_at, ema_update, lr_at, make_optimizer
+from diffusekit.precision import training_dtype
 from diffusekit.runtime import parse_duration, pick_device, prepare_module, use_all_cores, warn
 
 
@@ -97,7 +99,7 @@ class Trainer:
             raise UserError(f"{self.single_process_reason}; start it without torchrun")
         self.device = distributed.device_of_this_rank(pick_device(tc.device))
         use_all_cores(distributed.thread_share(tc.threads))
-        self.use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.autocast_dtype = training_dtype(tc.precision, self.device)  # None: float32; the weights stay float32 either way
         torch.manual_seed(tc.seed)  # initial weights (the same on every rank)
         self.dataset = distributed.main_first(self.load_data)  # caches on disk are filled by one process at a time
         self.stream = BatchStream(len(self.dataset), tc.batch_size * tc.grad_accumulation, tc.seed, self.rank, self.world)
@@ -108,6 +110,8 @@ class Trainer:
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.optimizers = {"optimizer": make_optimizer(self.net.parameters(), tc), **self.extra_optimizers()}
         self.train_net = self.wrap_for_ranks(self.net)
+        if tc.compile:
+            self.train_net = compile_network(self.train_net)
         if self.rank:
             torch.manual_seed(distributed.rank_seed(tc.seed, self.rank))  # each rank its own dropout masks
 
@@ -155,12 +159,12 @@ class Trainer:
                 group["lr"] = lr_at(self.step, self.config.train)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None)
 
     def gradient_sync(self, last: bool):
         """Wrap one micro-batch's forward and backward: with several processes the gradients are
         averaged over the ranks only on the last micro-batch of a step (DDP's no_sync before)."""
-        return self.train_net.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+        return unwrap(self.train_net).no_sync() if self.world > 1 and not last else contextlib.nullcontext()
 
     def optimizer_step(self, name: str = "optimizer", module: torch.nn.Module | None = None) -> bool:
         """Clip the gradients of `module` (default: the net), step the optimizer, clear gradients; whether it stepped.
@@ -196,9 +200,13 @@ class Trainer:
         if not stepped:
             self.skipped_steps += 1
         else:
-            ema_update(self.ema, self.net, ema_decay_at(self.step, tc.ema_decay, tc.ema_warmup))
+            ema_update(self.ema, self.net, ema_decay_at(self.ema_age(), tc.ema_decay, tc.ema_warmup))
         self.step += 1
         self.images_seen += batch_size * self.world
+
+    def ema_age(self) -> int:
+        """The steps the EMA's warm-up counts (the run's; a distillation stage starts its own)."""
+        return self.step
 
     # ------------------------------------------------------------------ state
 

@@ -1,16 +1,36 @@
-"""`diffusekit info`, `export` and `slim`: what a checkpoint is, and copies of it in other forms."""
+"""`diffusekit info`, `export` and `slim`: what a checkpoint (or an image) is, and copies of it in other forms."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from diffusekit.errors import UserError
+
+
+def _image_info(args) -> None:
+    """The parameters an image carries (the "parameters" text chunk, AUTOMATIC1111's layout)."""
+    from diffusekit.images import read_parameters
+
+    recorded = read_parameters(Path(args.checkpoint))
+    if args.json:
+        print(json.dumps(recorded, indent=2, ensure_ascii=False))
+        return
+    print(recorded["text"])
 
 
 def _info(args) -> None:
+    if args.checkpoint is not None and Path(args.checkpoint).is_file():  # an image, not a checkpoint folder
+        return _image_info(args)
     from diffusekit.config import config_to_dict
     from diffusekit.files import read_json
     from diffusekit.io.checkpoint import check_intact, load_config, resolve_checkpoint
     from diffusekit.models import build_net, build_vae
 
+    if args.system:
+        return _system(args)
+    if args.checkpoint is None:
+        raise UserError("info needs a checkpoint (a run folder or checkpoints/step_* folder), an image diffusekit made (IMAGE.png), or --system for this machine")
     ckpt = resolve_checkpoint(args.checkpoint)
     check_intact(ckpt)
     config = load_config(ckpt)
@@ -26,6 +46,10 @@ def _info(args) -> None:
         "has_ema": (ckpt / "ema.safetensors").is_file(),
         "config": config_to_dict(config),
     }
+    if config.task == "finetune":  # the checkpoint holds a LoRA of the base model
+        from diffusekit.files import read_tensors
+
+        info["lora_parameters"] = sum(v.numel() for v in read_tensors(ckpt / "ema.safetensors").values())
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -38,6 +62,10 @@ def _info(args) -> None:
         print(f"model        {vae_line}; {params / 1e6:.2f}M parameters")
         print(f"data         {data.dataset}{' ' + data.path if data.path else ''}, {data.channels} x {data.image_size} x {data.image_size}")
         return
+    if config.task == "finetune":
+        f = config.finetune
+        print(f"lora         rank {f.rank}, alpha {f.alpha or f.rank:g} on {', '.join(f.targets)}{' and the text encoder' if f.text_encoder else ''}: "
+              f"{info['lora_parameters']} parameters; base {f.base or 'the shipped demo model'} (fingerprint {f.base_fingerprint[:12]}), not in the run")
     if config.latent.vae:
         print(f"latent       {vae_line} (from {config.latent.vae})")
     conditioning = f"class-conditional ({m.num_classes})" if m.num_classes else "text-conditioned" if m.cross_attention_dim else "unconditional"
@@ -55,6 +83,34 @@ def _info(args) -> None:
               + (", zero terminal SNR" if d.zero_terminal_snr else ""))
     print(f"data         {data.dataset}{' ' + data.path if data.path else ''}, {data.channels} x {data.image_size} x {data.image_size}")
     print(f"sampling     {config.sample.sampler}, {config.sample.steps} steps, {config.sample.spacing} spacing (defaults)")
+    dc = config.distill
+    if dc.method:
+        trained = dc.trained_steps or dc.steps
+        so_far = "" if trained == dc.steps else f", trained for {trained} so far"
+        guided = f"; guidance scale {dc.guidance_min:g} to {dc.guidance_max:g} is an input (one call per step)" if m.guidance_embedding else ""
+        print(f"distilled    {dc.method} distillation of {dc.teacher} (trained {dc.teacher_step} steps) to {dc.steps} step(s){so_far}{guided}")
+
+
+def _system(args) -> None:
+    from diffusekit.precision import system_summary
+    from diffusekit.runtime import use_all_cores
+
+    use_all_cores()
+    summary = system_summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    cpu, auto = summary["cpu"], summary["auto"]
+    print(f"cpu          {cpu['model']}; {cpu['physical_cores']} physical / {cpu['logical_cores']} logical cores usable; torch uses {summary['threads']} threads")
+    print(f"cpu flags    {', '.join(cpu['flags']) or 'none of interest'}; PyTorch kernels: {cpu['torch_capability']}")
+    print(f"native bf16  {'yes' if cpu['native_bf16'] else 'no'}")
+    print(f"auto on cpu  sampling in {auto['cpu']['inference']}, training in {auto['cpu']['training']} ({auto['cpu']['why']})")
+    for i, name in enumerate(summary["cuda"]):
+        print(f"cuda:{i}       {name}")
+    if "cuda" in auto:
+        print(f"auto on cuda sampling in {auto['cuda']['inference']}, training in {auto['cuda']['training']}")
+    print(f"compile      {'a C++ compiler for torch.compile: ' + summary['compiler'] if summary['compiler'] else 'no C++ compiler found: --compile falls back to eager'}")
+    print(f"torch        {summary['torch']}")
 
 
 def _export(args) -> None:
@@ -75,8 +131,9 @@ def _slim(args) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="describe a checkpoint")
-    p.add_argument("checkpoint", metavar="CKPT")
+    p = sub.add_parser("info", help="describe a checkpoint, print the parameters an image was made with, or (--system) this machine")
+    p.add_argument("checkpoint", metavar="CKPT_OR_IMAGE", nargs="?")
+    p.add_argument("--system", action="store_true", help="the CPU (and GPU) found, their native number formats, what --precision auto picks")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusekit.cli.options import positive_int, seed_value
+from diffusekit.cli.options import add_speed_args, positive_int, seed_value
 from diffusekit.errors import UserError
 from diffusekit.samplers import SAMPLERS
 from diffusekit.schedule import SPACINGS
@@ -29,6 +29,7 @@ def _eval(args) -> None:
         report = evaluate_checkpoint(
             args.checkpoint, n=args.n, sampler=args.sampler, steps=args.steps, spacing=args.spacing, seed=args.seed,
             guidance=args.guidance, reference=args.ref, features=args.features, weights=weights, device=args.device,
+            precision=args.precision, compile=args.compile,
         )
         out = Path(args.json) if args.json else default_report_path(report)
     print(format_report(report))
@@ -50,6 +51,6 @@ def register(sub) -> None:
     p.add_argument("--guidance", type=float, help="guidance scale for conditional models")
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--size", type=positive_int, help="with --images and a folder reference: the size both are compared at (default 64)")
-    p.add_argument("--device", default="auto")
+    add_speed_args(p)
     p.add_argument("--json", help="where to write the JSON report (default: RUN/eval/...)")
     p.set_defaults(func=_eval)

@@ -1,45 +1,128 @@
-"""`diffusekit sample` and `diffusekit generate`: images (a grid or PNGs, and the reverse process as a GIF) from a model."""
+"""`diffusekit sample`, `generate` and `edit`: images (a grid or PNGs that carry their parameters, and the
+reverse process as a GIF) from a model; `--from IMAGE.png` makes an image again from the parameters it carries."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from diffusekit.cli.options import add_sampling_args
+from diffusekit.cli.options import add_lora_option, add_sampling_args, apply_loras, describe_speed, positive_int
 from diffusekit.errors import UserError
 
 
 def _sample(args) -> None:
-    """`sample` and `generate`: images from a run, a checkpoint or a diffusers folder."""
-    from diffusekit.images import save_gif
+    """`sample`, `generate` and `edit`: images from a run, a checkpoint or a diffusers folder."""
+    from diffusekit.image_info import describe
+    from diffusekit.images import image_tensor, mask_tensor, open_image, save_gif
     from diffusekit.models import default_model
     from diffusekit.pipeline import Pipeline
 
+    recorded = read_from(args)
     check_image_outputs(Path(args.out), args.animate)
-    pipe = Pipeline.from_pretrained(getattr(args, "checkpoint", None) or args.model or default_model(), weights=args.weights, device=args.device)
+    pipe = Pipeline.from_pretrained(getattr(args, "checkpoint", None) or args.model or default_model(), weights=args.weights, device=args.device,
+                                    dtype=args.precision, compile=args.compile)
+    apply_loras(pipe, args.lora)
+    if recorded is not None:
+        check_recorded_model(recorded, pipe, args.source)
+    edit = {}
+    if args.command == "edit":
+        size = args.size or pipe.config.data.image_size
+        init = open_image(Path(args.init), "init image")
+        edit = {"image": image_tensor(init, size, pipe.config.data.channels), "strength": args.strength,
+                "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}
+        if args.mask:
+            edit["mask"] = mask_tensor(open_image(Path(args.mask), "mask"), init, size, args.mask_blur)
     frames, shown = [], min(args.n, 64)
 
     def record(info) -> None:
         """Up to ~60 frames of the first batch: x_t on the process's own scale, or a latent model's decoded x0_hat."""
         last, every = info["steps"] - 1, max(1, (info["steps"] - 1) // 60)
         if info["start"] == 0 and (info["i"] % every == 0 or info["i"] == last):
-            if pipe.vae is not None:
-                frames.append(pipe.decode(info["denoised"][:shown]))
-            else:
-                alpha, _ = pipe.schedule.coefficients(info["sigma_next"])
-                frames.append((info["x"][:shown] * alpha.float().to(info["x"].device)).clamp(-1, 1).cpu())
+            frames.append(pipe.preview(info, shown, noisy=True))
 
-    images = pipe.sample(
-        args.n, steps=args.steps, sampler=args.sampler, spacing=args.spacing, seed=args.seed, labels=args.label, prompts=args.prompt,
-        negative=args.negative, guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta, batch_size=args.batch_size,
-        size=args.size, callback=record if args.animate else None, progress=True,
-    )
-    _write_images(images, Path(args.out), "samples" if args.command == "sample" else "images")
+    chosen = dict(steps=args.steps, sampler=args.sampler, spacing=args.spacing, seed=args.seed, labels=args.label, prompts=args.prompt or None,
+                  negative=args.negative, guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta, size=args.size,
+                  first_index=args.index)
+    images = pipe.sample(args.n, **chosen, **edit, batch_size=args.batch_size, callback=record if args.animate else None, progress=True)
+    texts = describe(pipe, args.n, **chosen, **{k: v for k, v in edit.items() if k not in ("image", "mask")}, edit=bool(edit),
+                     masked="mask" in edit, mask_blur=getattr(args, "mask_blur", None))
+    _write_images(images, Path(args.out), "samples" if args.command == "sample" else "images", texts, args.index)
+    last = args.index + args.n - 1
+    print(f"seed {pipe.settings(seed=args.seed).seed}, images {args.index}..{last}: any one of them again alone with "
+          f"--seed S --index I --n 1, or with --from its PNG")
+    print(describe_speed(pipe, args.precision))
     if args.animate:
         try:
             save_gif(frames, args.animate)
         except OSError as err:
             raise UserError(f"could not write the animation to '{args.animate}' ({err}); free some space or choose another --animate") from None
         print(f"wrote the reverse process ({len(frames)} frames) to {args.animate}")
+
+
+# what `--from IMAGE.png` takes from the image's parameters where the command line does not say: option -> field
+FROM_FIELDS = {"steps": "Steps", "sampler": "Sampler", "spacing": "Schedule type", "guidance": "CFG scale", "guidance_rescale": "Guidance rescale",
+               "eta": "Eta", "seed": "Seed", "index": "Image index", "strength": "Denoising strength", "mask_blur": "Mask blur",
+               "jump_length": "Jump length", "jump_n_sample": "Jump samples", "precision": "Precision"}
+
+
+FLOAT_OPTIONS = ("guidance", "guidance_rescale", "eta", "strength", "mask_blur")
+
+
+def read_from(args) -> dict | None:
+    """With --from: fill every option the command line left unset from the image's parameters; else the defaults."""
+    source, recorded = getattr(args, "source", None), None
+    if source is None and args.command == "generate" and not args.prompt:
+        raise UserError("generate needs a prompt (quote a prompt of several words), or --from IMAGE.png")
+    if source is not None:
+        recorded = read_recorded(args, Path(source))
+    for option, default in UNSET_DEFAULTS.items():
+        if getattr(args, option, default) is None:
+            setattr(args, option, default)
+    if args.n is None:
+        args.n = 1 if source is not None else DEFAULT_N[args.command]
+    return recorded
+
+
+DEFAULT_N = {"sample": 64, "generate": 8, "edit": 1}
+
+
+# options whose defaults are None in `generate` and `edit`, so that --from can tell which ones the command line set
+UNSET_DEFAULTS = {"seed": 0, "index": 0, "mask_blur": 0.0, "jump_length": 10, "jump_n_sample": 1, "precision": "auto"}
+
+
+def read_recorded(args, source: Path) -> dict:
+    from diffusekit.images import read_parameters
+
+    recorded = read_parameters(Path(source))
+    edited = "Denoising strength" in recorded
+    if edited and args.command != "edit":
+        raise UserError(f"'{source}' was made by `edit` from an init image; make it again with "
+                        f"`diffusekit edit INIT.png --from {source}`{' --mask MASK.png' if 'Mask blur' in recorded else ''}")
+    if args.command == "edit" and not edited:
+        raise UserError(f"'{source}' was made from a prompt, not from an init image; use `diffusekit generate --from {source}`")
+    args.prompt = args.prompt or ([recorded["prompt"]] if recorded["prompt"] else None)
+    args.negative = args.negative if args.negative is not None else recorded["negative"] or None
+    for option, field in FROM_FIELDS.items():
+        if getattr(args, option, "not an option here") is None and field in recorded:
+            kind = str if option in ("sampler", "spacing", "precision") else float if option in FLOAT_OPTIONS else int
+            value = recorded[field]
+            if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool):
+                what = {int: "whole number", float: "number", str: "name"}[kind]
+                raise UserError(f"'{source}' records {field}: {value!r}, which is not a {what}; fix it or give the option yourself")
+            setattr(args, option, value)
+    if args.label is None and isinstance(recorded.get("Label"), int):
+        args.label = [recorded["Label"]]
+    if args.size is None and isinstance(recorded.get("Size"), str) and "x" in recorded["Size"]:
+        args.size = int(recorded["Size"].split("x")[0])
+    return recorded
+
+
+def check_recorded_model(recorded: dict, pipe, source) -> None:
+    from diffusekit.runtime import warn
+
+    made_by = recorded.get("Model hash")
+    if made_by is not None and str(made_by) != pipe.fingerprint:
+        warn(f"'{source}' was made by the model {recorded.get('Model', '?')} (hash {made_by}), not by this one ({pipe.name}, hash "
+             f"{pipe.fingerprint}): the image will differ; pass that model with --model")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -55,16 +138,16 @@ def check_image_outputs(out: Path, animate: str | None) -> None:
         raise UserError(f"--animate '{animate}' is a folder; give a .gif file name")
 
 
-def _write_images(images, out: Path, noun: str) -> None:
-    """A grid for an image file name, else one PNG per image into the folder `out`."""
+def _write_images(images, out: Path, noun: str, texts: list[str], start: int = 0) -> None:
+    """A grid for an image file name (carrying the first image's parameters), else one PNG per image into the folder `out`."""
     from diffusekit.images import save_grid, save_images
 
     try:
         if out.suffix.lower() in IMAGE_SUFFIXES:
-            save_grid(images, out)
+            save_grid(images, out, parameters=texts[0])
             print(f"wrote a grid of {len(images)} {noun} to {out}")
         else:
-            save_images(images, out)
+            save_images(images, out, start=start, parameters=texts)
             print(f"wrote {len(images)} PNGs to {out}/")
     except OSError as err:
         raise UserError(f"could not write the {noun} to '{out}' ({err}); free some space or choose another --out "
@@ -75,13 +158,39 @@ def register(sub) -> None:
     p = sub.add_parser("sample", help="sample images from a run or checkpoint")
     p.add_argument("checkpoint", metavar="RUN_OR_CKPT")
     add_sampling_args(p, n=64, out="samples.png")
+    add_lora_option(p)
     p.add_argument("--label", type=int, action="append", help="class label(s) for a class-conditional model (repeatable)")
     p.add_argument("--prompt", action="append", help="prompt(s) for a text-to-image model (repeatable; `generate` is the short way)")
+    add_from(p)
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("generate", help="text to image: images from a prompt")
-    p.add_argument("prompt", nargs="+", help='the prompt, one argument: quote a prompt of several words ("a red apple"); '
+    p.add_argument("prompt", nargs="*", help='the prompt, one argument: quote a prompt of several words ("a red apple"); '
                    'several prompts take turns over the --n images')
     p.add_argument("--model", help="a text-to-image run, checkpoint or diffusers folder (default: the shipped emoji demo model)")
     add_sampling_args(p, n=8, out="generated.png")
+    add_from(p)
+    add_lora_option(p)
     p.set_defaults(func=_sample, label=None)
+
+    p = sub.add_parser("edit", help="image to image (SDEdit) and inpainting: an image changed by a prompt, or only where a mask is white")
+    p.add_argument("init", metavar="INIT", help="the image to start from (PNG, JPEG, WebP): centre-cropped and resized to the output size")
+    p.add_argument("prompt", nargs="*", help="the prompt (text-to-image models), one argument: quote a prompt of several words")
+    p.add_argument("--model", help="a run, checkpoint or diffusers folder (default: the shipped emoji demo model)")
+    p.add_argument("--strength", type=float, help="how much to change, in (0, 1]: 1 forgets the init image, near 0 keeps it "
+                   "(default 0.8, or 1 with --mask)")
+    p.add_argument("--mask", metavar="MASK", help="inpaint: an image of INIT's size, white where to repaint, black where to keep")
+    p.add_argument("--mask-blur", type=float, help="feather the mask's edge by this many pixels (a Gaussian blur)")
+    p.add_argument("--jump-length", type=positive_int, help="RePaint resampling: steps between jumps back up (default 10)")
+    p.add_argument("--jump-n-sample", type=positive_int, help="RePaint resampling: walk every --jump-length steps this many times (1: off)")
+    p.add_argument("--label", type=int, action="append", help="class label(s) for a class-conditional model (repeatable)")
+    add_sampling_args(p, n=1, out="edited.png")
+    add_from(p)
+    add_lora_option(p)
+    p.set_defaults(func=_sample)
+
+
+def add_from(p) -> None:
+    p.add_argument("--from", dest="source", metavar="IMAGE.png", help="make an image again from the parameters its PNG carries "
+                   "(prompt, seed, index, sampler, steps, ...); options given here override them")
+    p.set_defaults(seed=None, n=None, index=None, precision=None)

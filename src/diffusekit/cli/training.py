@@ -1,11 +1,11 @@
-"""`diffusekit train` and `diffusekit train-vae`: a run folder from a preset, or a run resumed."""
+"""`diffusekit train`, `train-vae` and `distill`: a run folder from a preset (or a teacher), or a run resumed."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from diffusekit.cli.options import positive_int
+from diffusekit.cli.options import add_run_options, positive_int
 from diffusekit.errors import UserError
 
 
@@ -41,15 +41,38 @@ def _train(args) -> None:
         print(f"samples: {result.run_dir / 'samples'}")
 
 
+def _distill(args) -> None:
+    from diffusekit.distill import distill
+    from diffusekit.distributed import launched_rank
+
+    if args.out is None and (args.teacher is None or args.resume):
+        raise UserError("distill --resume needs --out, the distillation run to continue" if args.resume else
+                        "distill needs the teacher run, e.g. `diffusekit distill runs/mnist --out runs/mnist-fast`")
+    out = Path(args.out or f"runs/{Path(args.teacher).name}-{args.method or 'progressive'}")
+    result = distill(args.teacher, out, method=args.method, steps=args.steps, budget=args.budget, train_steps=args.train_steps,
+                     overrides=args.set or [], resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if launched_rank() == 0:
+        print(f"run: {result.run_dir}  step {result.step}  checkpoint: {result.checkpoint}")
+        print(f"sample it: diffusekit sample {result.run_dir} (its sampler and steps are the defaults)")
+
+
 def register(sub) -> None:
     for name, what in (("train", "a diffusion model"), ("train-vae", "the autoencoder of a latent diffusion model")):
         p = sub.add_parser(name, help=f"train {what} from a preset")
         p.add_argument("--preset", help="a built-in preset (see `diffusekit presets`) or a .toml file")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
         p.add_argument("--out", help="run folder (default runs/PRESET)")
-        p.add_argument("--budget", help="stop after this much wall-clock time, e.g. 10m, 90s, 1h30m")
-        p.add_argument("--steps", type=positive_int, help="stop after this many optimizer steps (train.max_steps)")
-        p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        add_run_options(p)
         p.set_defaults(func=_train)
+
+    p = sub.add_parser("distill", help="distill a trained model into a 1-4 step student (progressive or consistency distillation)")
+    p.add_argument("teacher", metavar="RUN", nargs="?", help="the teacher: a diffusion run or checkpoint (not needed with --resume)")
+    p.add_argument("--method", choices=("progressive", "consistency"), help="progressive (Salimans & Ho 2022; the default) or consistency (Song et al. 2023)")
+    p.add_argument("--out", help="the student's run folder (default runs/TEACHER-METHOD)")
+    p.add_argument("--steps", type=positive_int, help="network calls per image the student is made for (default 4; progressive: a power of two)")
+    p.add_argument("--budget", help="wall-clock time to fill, e.g. 20m (the default without --train-steps)")
+    p.add_argument("--train-steps", type=positive_int, help="optimizer steps in all (progressive: split evenly over its stages; with --resume: the new total)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set distill.start_steps=32 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the distillation in --out exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_distill)

@@ -69,6 +69,8 @@ def unet_fields(cfg: dict, where: str) -> dict[str, Any]:
     levels, mid = attention_from_blocks(cfg, BLOCKS[kind], len(channels), where)
     fields.update({"model.attention_levels": levels, "model.mid_attention": mid})
     fields.update(heads_fields(cfg, kind, channels, sorted(set(levels) | ({len(channels) - 1} if mid else set())), where))
+    if kind == "UNet2DConditionModel":  # an LCM-style guidance-scale embedding (time_cond_proj_dim)
+        fields["model.guidance_embedding"] = cfg.get("time_cond_proj_dim") or 0
     if kind == "UNet2DModel":
         if cfg.get("attn_norm_num_groups") not in (None, fields["model.norm_groups"]):
             raise UserError(f"{where}: attn_norm_num_groups = {cfg['attn_norm_num_groups']!r} is not supported; diffusekit's attention norms use norm_num_groups")
@@ -140,13 +142,16 @@ def unet_config(config: Config) -> dict:
            "up_block_types": [names.attention_up if i in m.attention_levels else names.up for i in reversed(range(levels))]}
     used = sorted(set(m.attention_levels) | ({levels - 1} if m.mid_attention else set()))
     if kind == "UNet2DModel":
+        if m.guidance_embedding:
+            raise UserError("this student takes the guidance scale as an input, and diffusers' UNet2DModel has no such embedding "
+                            "(UNet2DConditionModel's time_cond_proj_dim is for text models); export its teacher instead")
         out.update(add_attention=m.mid_attention, attention_head_dim=unet2d_head_width(m, used),
                    num_class_embeds=m.num_classes + 1 if m.num_classes else None)
         return out
     if not m.mid_attention:
         raise UserError("model.mid_attention = false has no UNet2DConditionModel equivalent (its mid block always attends)")
     heads = m.attention_heads or [max(1, ch // m.attention_head_dim) for ch in m.channels]
-    return {**out, "attention_head_dim": heads}
+    return {**out, "attention_head_dim": heads, "time_cond_proj_dim": m.guidance_embedding or None}
 
 
 def unet2d_head_width(m, used: list[int]) -> int | None:
@@ -207,6 +212,8 @@ def scheduler_fields(cfg: dict, where: str) -> dict[str, Any]:
     if spacing not in SPACINGS:
         raise UserError(f"{where}: timestep_spacing = {spacing!r} is not supported; diffusekit reads {', '.join(SPACINGS)}")
     fields["sample.spacing"] = "karras" if cfg.get("use_karras_sigmas") else "logsnr" if cfg.get("use_lu_lambdas") else spacing
+    if kind == "LCMScheduler":  # a consistency model (LCM): its x0_hat is the consistency function
+        fields.update({"distill.method": "consistency", "distill.solver_steps": cfg.get("original_inference_steps", 50)})
     if cfg.get("clip_sample") or cfg.get("thresholding"):
         warn(f"{where}: clip_sample / thresholding is on; diffusekit's samplers never clip x0_hat, so samples can differ a little from diffusers' DDPM/DDIM")
     return fields
@@ -228,6 +235,8 @@ def scheduler_config(config: Config) -> dict:
         del out["rescale_betas_zero_snr"]  # not every scheduler class has the key; false is everyone's default
     if cls != "DDPMScheduler":
         del out["variance_type"]  # DDPM's alone
+    if cls == "LCMScheduler":
+        out["original_inference_steps"] = config.distill.solver_steps
     return out
 
 

@@ -29,7 +29,8 @@ from diffusekit.io.diffusers_keys import DIT_KEYS, write_renamed
 from diffusekit.models import build_vae, image_shape, load_net
 from diffusekit.nn.state import load_state_dict_checked
 
-PIPELINE_PARTS = {"DDPMPipeline": ["unet", "scheduler"], "StableDiffusionPipeline": ["unet", "vae", "text_encoder", "scheduler"]}
+PIPELINE_PARTS = {"DDPMPipeline": ["unet", "scheduler"], "StableDiffusionPipeline": ["unet", "vae", "text_encoder", "scheduler"],
+                  "LatentConsistencyModelPipeline": ["unet", "vae", "text_encoder", "scheduler"]}
 
 
 def text_model_type(encoder: str) -> str:
@@ -58,6 +59,11 @@ def pipeline_class(config: Config) -> tuple[str | None, str]:
                       "but StableDiffusionPipeline attends to them, so it would draw other images")
     if config.diffusion.process == "flow":
         return None, "StableDiffusionPipeline cannot run a flow-matching scheduler (it scales the start by init_noise_sigma, which they lack)"
+    if config.distill.method == "consistency":
+        return "LatentConsistencyModelPipeline", ""
+    if config.model.guidance_embedding:
+        return None, ("StableDiffusionPipeline does not pass the guidance scale to a guidance-distilled student "
+                      "(LatentConsistencyModelPipeline does, for consistency students)")
     return "StableDiffusionPipeline", ""
 
 
@@ -115,7 +121,7 @@ def export_diffusers(run: str | Path, out: str | Path, components: list[str] | N
             (tmp / "scheduler").mkdir(parents=True)
             write_json_atomic(tmp / "scheduler" / "scheduler_config.json", scheduler)
             index["scheduler"] = ["diffusers", scheduler["_class_name"]]
-        if pipeline == "StableDiffusionPipeline":
+        if pipeline in ("StableDiffusionPipeline", "LatentConsistencyModelPipeline"):
             index.update({name: [None, None] for name in SKIPPED_COMPONENTS}, requires_safety_checker=False)
         if pipeline is not None:
             write_json_atomic(tmp / "model_index.json", index)
@@ -193,6 +199,12 @@ def export_notes(config: Config, pipeline: str | None) -> list[str]:
         notes.append(f"diffusers' DPMSolverMultistepScheduler spaces {s.spacing} steps differently from diffusekit (n + 1 points); trailing spacing gives the same timesteps")
     if s.spacing == "logsnr" and config.diffusion.process != "flow":
         notes.append("diffusers has no log-SNR spacing; the scheduler config says trailing")
+    d = config.distill
+    if d.method == "progressive":
+        notes.append(f"a progressive student: sample it with num_inference_steps={d.trained_steps or d.steps}, the steps it was distilled for")
+    if d.method == "consistency":
+        notes.append(f"LCMScheduler takes its timesteps from the student's {d.solver_steps}-point training grid (999, 759, 499, 259 for 4 of 1000); "
+                     "diffusekit's consistency sampler uses the trailing ones (999, 749, 499, 249)")
     if pipeline == "StableDiffusionPipeline" and s.spacing == "leading" and s.steps_offset != 1:
         notes.append("StableDiffusionPipeline resets steps_offset to 1, so its leading timesteps are one above diffusekit's")
     return notes

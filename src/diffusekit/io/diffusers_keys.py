@@ -81,7 +81,7 @@ UNET_TABLES = {
         fixed("reverse_transformer_layers_per_block", None), fixed("encoder_hid_dim", None), fixed("encoder_hid_dim_type", None),
         fixed("addition_embed_type", None), fixed("addition_time_embed_dim", None), fixed("resnet_skip_time_act", False),
         fixed("resnet_out_scale_factor", 1.0), fixed("time_embedding_act_fn", None), fixed("timestep_post_act", None),
-        fixed("time_cond_proj_dim", None), fixed("conv_in_kernel", 3), fixed("conv_out_kernel", 3),
+        derived("time_cond_proj_dim", None), fixed("conv_in_kernel", 3), fixed("conv_out_kernel", 3),
         fixed("projection_class_embeddings_input_dim", None), fixed("attention_type", "default"),
         fixed("class_embeddings_concat", False), fixed("mid_block_only_cross_attention", None), fixed("cross_attention_norm", None),
         ignored("upcast_attention", "diffusekit's attention already runs in float32 unless bf16 autocast is on"),
@@ -174,8 +174,11 @@ SCHEDULERS = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, {}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, {}),
     "dpmpp_3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}, {}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 2, "predict_x0": True}, {}),
+    "unipc_bh1": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 2, "predict_x0": True}, {}),
+    "consistency": ("LCMScheduler", {}, {"clip_sample": False, "set_alpha_to_one": True, "timestep_scaling": 10.0}),  # + original_inference_steps
 }
-FALLBACK_SAMPLER = "dpmpp_2m"  # for schedulers diffusekit has no twin of (PNDM, LMS, UniPC, ...)
+FALLBACK_SAMPLER = "dpmpp_2m"  # for schedulers diffusekit has no twin of (PNDM, LMS, ...)
 
 READ_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")  # not part of sampling

@@ -38,15 +38,23 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, 
 
 
 class TimestepEmbedding(nn.Module):
-    """The MLP on the sinusoidal embedding: Linear -> SiLU -> Linear."""
+    """The MLP on the sinusoidal embedding: Linear -> SiLU -> Linear.
 
-    def __init__(self, in_dim: int, dim: int):
+    cond_dim > 0 adds diffusers' `cond_proj` (time_cond_proj_dim): a bias-free projection of another
+    embedding (a guidance scale's) added to the sinusoidal input, zero at initialisation."""
+
+    def __init__(self, in_dim: int, dim: int, cond_dim: int = 0):
         super().__init__()
+        if cond_dim:
+            self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False)
+            nn.init.zeros_(self.cond_proj.weight)
         self.linear_1 = nn.Linear(in_dim, dim)
         self.act = nn.SiLU()
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            x = x + self.cond_proj(condition.to(x.dtype))
         return self.linear_2(self.act(self.linear_1(x)))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from diffusekit.errors import UserError
@@ -26,3 +28,16 @@ def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tens
             "they come from a model of another shape: use the config.json saved with those weights"
         )
     module.load_state_dict(state)
+
+
+@torch.no_grad()
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a network's state dict (names, shapes and values as float32, in name order): the same
+    weights give the same fingerprint in a diffusekit checkpoint and in a diffusers folder (a float16
+    copy does not: its values differ). LoRAs are not part of it (they write nothing into the state dict);
+    merged ones are."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -91,6 +91,10 @@ class TextEncoder(torch.nn.Module):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden [B, max_length, D] float32, mask [B, max_length] long) for a list of prompts."""
+        return self(prompts)
+
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """encode() with gradients (for a LoRA trained on the text encoder)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         self.warn_if_truncated(prompts)
@@ -112,7 +116,7 @@ class CaptionEmbeddings:
     """
 
     def __init__(self, captions: list[str], encoder: TextEncoder):
-        unique = [""] + sorted(set(captions) - {""})
+        self.texts = unique = [""] + sorted(set(captions) - {""})  # the text of each row
         row = {text: i for i, text in enumerate(unique)}
         self.index = torch.tensor([row[c] for c in captions], dtype=torch.long)
         self.hidden, self.mask = self._load_or_encode(unique, encoder)

@@ -108,6 +108,7 @@ class UNet(nn.Module):
         flip_sin_to_cos: bool = True,
         freq_shift: float = 0.0,
         downsample_padding: int = 1,
+        guidance_embedding: int = 0,
     ):
         super().__init__()
         self.in_channels, self.num_levels, self.num_classes = in_channels, len(channels), num_classes
@@ -115,7 +116,8 @@ class UNet(nn.Module):
         self.cross_attention_dim = cross_attention_dim
         temb = channels[0] * 4
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], temb)
+        self.guidance_embedding = guidance_embedding  # width of the guidance-scale embedding (a distilled student's); 0: none
+        self.time_embedding = TimestepEmbedding(channels[0], temb, guidance_embedding)
         if num_classes:
             # index num_classes is the null class: "no label", learned by label dropout for guidance
             self.class_embedding = nn.Embedding(num_classes + 1, temb)
@@ -168,6 +170,12 @@ class UNet(nn.Module):
             )
         check_text_context("U-Net", self.cross_attention_dim, context)
 
+    def embed_guidance(self, guidance: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """The guidance scale w as LCM embeds it (Luo et al. 2023; diffusers' get_guidance_scale_embedding):
+        sinusoids of (w - 1) * 1000, [sin, cos], frequencies 10000^(-i / (half - 1))."""
+        w = torch.ones(x.shape[0], device=x.device) if guidance is None else guidance.to(x.device, torch.float32).reshape(-1).expand(x.shape[0])
+        return timestep_embedding((w - 1) * 1000, self.guidance_embedding, flip_sin_to_cos=False, freq_shift=1)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -175,12 +183,15 @@ class UNet(nn.Module):
         class_labels: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, C, H, W] at (possibly fractional) timesteps t; class labels, or text token embeddings
-        `context` [B, L, D] with `context_mask` [B, L] (1: a real token, 0: padding)."""
+        `context` [B, L, D] with `context_mask` [B, L] (1: a real token, 0: padding); `guidance` [B], the
+        classifier-free guidance scale a guidance-distilled U-Net takes as an input (default 1: none)."""
         self.check_input(x, context)
         t = t.to(x.device, torch.float32).reshape(-1).expand(x.shape[0])
-        emb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels, self.flip_sin_to_cos, self.freq_shift).to(x.dtype))
+        emb = timestep_embedding(t, self.conv_in.out_channels, self.flip_sin_to_cos, self.freq_shift).to(x.dtype)
+        emb = self.time_embedding(emb, self.embed_guidance(guidance, x) if self.guidance_embedding else None)
         if self.num_classes:
             if class_labels is None:
                 class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)

@@ -1,0 +1,52 @@
+"""`diffusekit serve`: the web page and the HTTP API (diffusekit.serve) on localhost, with uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusekit.cli.options import positive_int
+from diffusekit.errors import UserError
+from diffusekit.precision import PRECISIONS
+
+
+def _serve(args) -> None:
+    import uvicorn
+
+    from diffusekit.runtime import warn
+    from diffusekit.serve import LOOPBACK_HOSTS, Limits, Server, create_app, load_pipes
+    from diffusekit.serve.jobs import Gallery
+
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a TCP port; use 1 to 65535 (e.g. 7860)")
+    loopback = args.host in LOOPBACK_HOSTS or args.host.startswith("127.")
+    if not loopback and not args.api_key:
+        warn(f"serving on {args.host} without --api-key: anyone who can reach this machine can use the server")
+    limits = Limits(max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_steps=args.max_steps, max_size=args.max_size,
+                    max_upload_bytes=args.max_upload_mb * 2**20)
+    pipes = load_pipes(args.model or [], device=args.device, dtype=args.precision)
+    server = Server(pipes, limits, queue_size=args.queue, gallery=Gallery(args.gallery, Path(args.save) if args.save else None), api_key=args.api_key)
+    app = create_app(server, allowed_hosts=LOOPBACK_HOSTS + [args.host] if loopback else None)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {', '.join(pipes)} on http://{shown}:{args.port}/ (OpenAI API: http://{shown}:{args.port}/v1)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="a web page and an HTTP API (native and OpenAI-compatible) for your models, on localhost")
+    p.add_argument("--model", action="append", help="a run, checkpoint or diffusers folder (repeatable; default: the shipped emoji demo model)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only); "
+                   "another one exposes the server, so give it an --api-key")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api-key", help="require the header Authorization: Bearer KEY on the API (the page asks for it)")
+    p.add_argument("--queue", type=positive_int, default=8, help="jobs that may wait per model; more get HTTP 429 with Retry-After")
+    p.add_argument("--max-n", type=positive_int, default=8, help="images per request")
+    p.add_argument("--max-steps", type=positive_int, default=100, help="sampling steps per request")
+    p.add_argument("--max-size", type=int, default=0, help="image side in pixels (default 0: four times the model's own size)")
+    p.add_argument("--max-prompt-chars", type=positive_int, default=1000)
+    p.add_argument("--max-upload-mb", type=positive_int, default=8, help="the largest uploaded image (init image or mask), encoded")
+    p.add_argument("--gallery", type=positive_int, default=256, help="images the gallery keeps (in memory)")
+    p.add_argument("--save", metavar="DIR", help="also write every image (a PNG with its parameters) into this folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="the networks' number format (auto: bf16 where the CPU or GPU has it natively)")
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=_serve)

@@ -1,0 +1,362 @@
+"""Few-step students: a diffusion model distilled to 1-4 network calls, trained by the same trainer.
+
+    distill("runs/mnist", "runs/mnist-fast", method="progressive", steps=4, budget="20m")
+    diffusekit distill runs/mnist --method consistency --out runs/mnist-cm --steps 4 --budget 20m
+
+The student starts as the teacher's EMA weights; the frozen teacher runs in the loop. The loop, EMA,
+budgets, checkpoints and the bit-exact resume are trainer.Trainer's; the losses are distill_losses.py.
+
+progressive (Salimans & Ho 2022, Algorithm 2): stage by stage, a student of N DDIM steps learns
+what two steps of its teacher (2N steps) do; then it becomes the teacher of the next stage, from
+distill.start_steps down to --steps (a power of two). The student predicts what the teacher does
+(eps, x0 or v) and samples with DDIM at its N trailing timesteps (trailing: the first step starts
+from the noisiest timestep, so even a 1-step student sees pure noise).
+
+consistency: consistency distillation (Song et al. 2023, Algorithm 2, LCM's form), rather than ECT's
+consistency tuning (Geng et al. 2024), because a CPU budget allows a few thousand steps: CD's
+target comes from one ODE step of the teacher, which is exact up to the solver's error from the
+first step on, whereas consistency training / tuning estimates the ODE from a single noise draw
+and needs its step size annealed over a long run; CD also carries classifier-free guidance over
+for free (the teacher's guided ODE, as LCM). The student samples at any step count (multistep
+consistency sampling, samplers.sample_consistency).
+
+Guidance distillation (Meng et al. 2023): a class- or text-conditional teacher gets a student with
+a guidance-scale embedding (model.guidance_embedding, zero at first, so the student starts as the
+teacher) that learns the guided teacher at w ~ U[distill.guidance_min, guidance_max]: progressive
+distillation first trains that (their stage one, at start_steps), consistency distillation
+uses the guided teacher in its ODE step. One call per step then replaces guidance's two.
+
+Every checkpoint keeps the current teacher's weights (teacher.safetensors; for consistency also
+the target network, target.safetensors): a resume needs nothing outside the run, at the cost of
+the teacher's size on disk per checkpoint (`diffusekit slim` drops both). A progressive run keeps the
+students of its earlier stages in RUN/students/N-steps/.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from diffusekit import distributed
+from diffusekit.config import Config, apply_overrides, config_from_dict, config_to_dict
+from diffusekit.denoiser import Denoiser
+from diffusekit.distill_losses import ConsistencyDenoiser, consistency_loss, ddim_step, progressive_target, x0_loss
+from diffusekit.errors import UserError
+from diffusekit.files import read_json, read_tensors
+from diffusekit.guidance import GuidedDenoiser
+from diffusekit.io.checkpoint import latest_checkpoint, load_config, load_weights, resolve_checkpoint, write_sampling_checkpoint
+from diffusekit.losses import draw_t_and_noise
+from diffusekit.models import build_net, image_shape
+from diffusekit.nn.state import load_state_dict_checked
+from diffusekit.optim import ema_update
+from diffusekit.pipeline import Pipeline
+from diffusekit.runtime import parse_duration, pick_device, prepare_module, use_all_cores, warn
+from diffusekit.train import DiffusionTrainer
+from diffusekit.trainer import TrainResult, run_training
+
+METHODS = ("progressive", "consistency")
+GUIDANCE_EMBEDDING = 256  # LCM's width of the guidance-scale embedding (diffusers' time_cond_proj_dim)
+LR_FACTOR = 0.2  # the student's learning rate: a fifth of the teacher's (it starts trained)
+DEFAULT_BUDGET = "20m"
+BUDGET_SHARE = 0.8  # of the budget the measured steps may fill (data, EMA, logs and checkpoints take the rest)
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str  # "guidance" (Meng et al.'s stage one), "halve" (progressive) or "consistency"
+    student_steps: int  # what the stage's student samples with
+    teacher_calls: int  # network calls of the teacher per training step (guidance doubles them)
+
+
+def stages(config: Config) -> list[Stage]:
+    """The stages a distillation run goes through, in order."""
+    d, guided = config.distill, bool(config.model.guidance_embedding)
+    if d.method == "consistency":
+        return [Stage("consistency", d.steps, 2 if guided else 1)]
+    halvings = []
+    n = d.start_steps // 2
+    while n >= d.steps:
+        halvings.append(Stage("halve", n, 2))
+        n //= 2
+    return ([Stage("guidance", d.start_steps, 2)] if guided else []) + halvings
+
+
+def teacher_checkpoint(path: str | Path) -> tuple[Path, Config]:
+    """The teacher's checkpoint and config; one clear message for what cannot be distilled."""
+    ckpt = resolve_checkpoint(path)
+    config = load_config(ckpt)
+    if config.task != "diffusion":
+        raise UserError(f"'{path}' holds an {config.task} (a train-vae run), not a diffusion model: distill a diffusion run "
+                        "(`diffusekit train`; a latent one carries this autoencoder)")
+    if config.distill.method:
+        raise UserError(f"'{path}' is already a {config.distill.method} student of '{config.distill.teacher}': distill that teacher, "
+                        f"or continue this run with `diffusekit distill --resume --out {path}`")
+    return ckpt, config
+
+
+def student_config(teacher: Path, config: Config, method: str, steps: int, step: int | None) -> Config:
+    """The teacher's config made into its student's: the distill record, the guidance embedding of a conditional
+    model, sampling defaults at the student's steps, a fifth of the learning rate, no warm-up."""
+    if method not in METHODS:
+        raise UserError(f"unknown distillation method '{method}'; use one of: {', '.join(METHODS)}")
+    guided = bool(config.model.num_classes or config.text.encoder)
+    sampler = "consistency" if method == "consistency" else "ddim"
+    return replace(
+        config,
+        description=f"{method} distillation of {teacher} to {steps} step(s)",
+        model=replace(config.model, guidance_embedding=GUIDANCE_EMBEDDING if guided else 0),
+        distill=replace(config.distill, method=method, teacher=str(teacher), teacher_step=step or 0, steps=steps),
+        sample=replace(config.sample, sampler=sampler, steps=steps, spacing="trailing", steps_offset=0, eta=0.0),
+        eval=replace(config.eval, sampler=sampler, steps=steps, every=0),
+        train=replace(config.train, lr=config.train.lr * LR_FACTOR, warmup_steps=0, budget="", sample_every=0),
+    )
+
+
+def distill(teacher: str | Path | None, out: str | Path, *, method: str | None = None, steps: int | None = None, budget: str | None = None,
+            train_steps: int | None = None, overrides: list[str] | tuple = (), resume: bool = False, overwrite: bool = False,
+            progress: bool = True) -> TrainResult:
+    """Distill `teacher` into a few-step student in the run folder `out` (or --resume the distillation there).
+
+    train_steps: optimizer steps in all (split evenly over progressive's stages); without them the budget
+    (default 20 minutes) is filled: a few timed steps say how many fit, and the run's config records them."""
+    out = Path(out)
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise UserError(f"nothing to resume in '{out}': it has no complete checkpoint; drop --resume to start a distillation there")
+        config = run_config(load_config(ckpt))
+    else:
+        if teacher is None:
+            raise UserError("distill needs the teacher: a trained run or checkpoint, e.g. `diffusekit distill runs/mnist --out runs/mnist-fast`")
+        ckpt, teacher_config = teacher_checkpoint(teacher)
+        state = read_json(ckpt / "state.json", "training state")
+        config = student_config(ckpt, teacher_config, method or "progressive", steps or 4, state.get("step"))
+        if config.diffusion.prediction == "eps":
+            warn("the teacher predicts eps, and so will its student: at few steps an eps student's x0 = (x - sigma eps) blows up its "
+                 "errors at high noise (Salimans & Ho 2022, sec. 4); a teacher trained with diffusion.prediction=v (the presets) distils better")
+    changes = list(overrides)
+    if resume and method is not None:
+        changes.append(f"distill.method={method}")
+    if resume and steps is not None:
+        changes.append(f"distill.steps={steps}")
+    if resume and train_steps:  # the new total (a progressive run trains its last stage on)
+        changes.append(f"train.max_steps={train_steps}")
+    if budget or not (resume or train_steps or any(o.startswith(("distill.stage_steps", "train.max_steps")) for o in overrides)):
+        changes.append(f"train.budget={json.dumps(budget or DEFAULT_BUDGET)}")
+    config = apply_overrides(config, changes)
+    if not resume:
+        config = with_stage_steps(config, train_steps)
+    result = run_training(DistillTrainer, config, out, resume=resume, overwrite=overwrite, progress=progress)
+    trained = load_config(result.checkpoint).distill.trained_steps
+    if trained != config.distill.steps and distributed.launched_rank() == 0:
+        warn(f"the {result.stopped_by} ran out before the last stage: this student samples with {trained} steps (its checkpoint says so); "
+             f"`diffusekit distill --resume --out {out} --budget ...` trains on to {config.distill.steps}")
+    return result
+
+
+def run_config(checkpoint_config: Config) -> Config:
+    """A run's config from one of its checkpoints' (which record their student's steps as the sampling defaults)."""
+    d = checkpoint_config.distill
+    steps = {"steps": d.steps} if d.method == "progressive" else {}
+    return replace(checkpoint_config, distill=replace(d, trained_steps=0), sample=replace(checkpoint_config.sample, **steps),
+                   eval=replace(checkpoint_config.eval, **steps))
+
+
+def with_stage_steps(config: Config, train_steps: int | None) -> Config:
+    """distill.stage_steps (given, train_steps split over the stages, or measured to fill the budget) and the
+    train.max_steps they add up to."""
+    d, count = config.distill, len(stages(config))
+    per_stage = d.stage_steps or (max(1, train_steps // count) if train_steps else 0)
+    if not per_stage and config.train.budget:
+        if distributed.launched_world() > 1:
+            raise UserError("under torchrun, distill needs --train-steps (the budget is measured in one process, and every process must agree)")
+        per_stage = measured_stage_steps(config, parse_duration(config.train.budget))
+    if not per_stage:
+        per_stage = max(1, config.train.max_steps // count)
+    return replace(config, distill=replace(d, stage_steps=per_stage), train=replace(config.train, max_steps=per_stage * count))
+
+
+def measured_stage_steps(config: Config, budget_s: float, repeats: int = 3) -> int:
+    """How many optimizer steps per stage fit BUDGET_SHARE of the budget: a teacher call and a student step
+    (forward and backward) are timed on a batch of the run's shape, and each stage costs its calls."""
+    device = pick_device(config.train.device)
+    use_all_cores(config.train.threads)
+    net = prepare_module(build_net(config), device)
+    batch = config.train.batch_size * config.train.grad_accumulation
+    x = torch.randn(batch, *image_shape(config), device=device).contiguous(memory_format=torch.channels_last)
+    t = torch.full((batch,), 500.0, device=device).clamp(max=config.diffusion.timesteps - 1)
+    cond = {}
+    if config.model.cross_attention_dim:
+        cond["context"] = torch.zeros(batch, config.text.max_length, config.model.cross_attention_dim, device=device)
+    if config.model.num_classes:
+        cond["class_labels"] = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.no_grad():
+            teacher_call = timed(lambda: net(x, t, **cond))
+        student_step = timed(lambda: net(x, t, **cond).square().mean().backward())
+    seconds = sum(stage.teacher_calls * teacher_call + student_step for stage in stages(config))
+    return max(1, int(BUDGET_SHARE * budget_s / seconds))
+
+
+class DistillTrainer(DiffusionTrainer):
+    """DiffusionTrainer's data, conditions and sample grids; the teacher (and the target network) as extra modules."""
+
+    def vae_weights(self) -> tuple[dict, str]:
+        source = self.resume_from or Path(self.config.distill.teacher)  # the autoencoder the teacher was trained with
+        return read_tensors(source / "vae.safetensors"), str(source)
+
+    def build(self) -> torch.nn.Module:
+        student = super().build()  # the schedule, labels, captions, the VAE; the student's U-Net (its guidance embedding at zero)
+        d = self.config.distill
+        if d.method not in METHODS or d.stage_steps < 1:
+            raise UserError(f"distill.method = {d.method!r} and distill.stage_steps = {d.stage_steps}: a distillation run needs a method and its "
+                            "steps per stage (distill.distill() works them out)")
+        self.stage_list, self.guided = stages(self.config), bool(self.config.model.guidance_embedding)
+        if self.resume_from is None:  # on resume every module comes from the checkpoint
+            weights = load_weights(Path(d.teacher), "ema")
+            load_state_dict_checked(student, {**student.state_dict(), **weights}, d.teacher)  # all but the new embedding
+        teacher = copy.deepcopy(student)  # with the embedding at zero: the teacher exactly
+        self.teacher = self.extra_modules["teacher"] = prepare_module(teacher, self.device).requires_grad_(False).eval()
+        if d.method == "consistency":
+            self.target = self.extra_modules["target"] = copy.deepcopy(self.teacher)
+        return student
+
+    # ------------------------------------------------------------------ stages
+
+    def stage_index(self, step: int) -> int:
+        return min(step // self.config.distill.stage_steps, len(self.stage_list) - 1)
+
+    def ema_age(self) -> int:
+        """Each progressive stage restarts the EMA's warm-up: its EMA is of this stage's student alone."""
+        return self.step - self.stage_index(self.step) * self.config.distill.stage_steps
+
+    def begin_stage(self) -> None:
+        """At a stage's first step the last stage's student (its EMA) becomes the teacher, and the new student starts
+        as it (Salimans & Ho's Algorithm 2: theta <- eta), with fresh optimizer moments, so every stage trains as the first."""
+        per_stage = self.config.distill.stage_steps
+        if self.step == 0 or self.step % per_stage or self.step // per_stage >= len(self.stage_list):
+            return
+        weights = self.ema.state_dict()
+        self.teacher.load_state_dict(weights)
+        self.net.load_state_dict(weights)
+        for optimizer in self.optimizers.values():
+            optimizer.state.clear()
+
+    def trained_steps(self) -> int:
+        """What the student of the last finished step samples with."""
+        return self.stage_list[self.stage_index(max(self.step - 1, 0))].student_steps
+
+    def checkpoint_config(self) -> dict:
+        """The run's config with the checkpoint's student's steps as its sampling and evaluation defaults."""
+        values, n = config_to_dict(self.config), self.trained_steps()
+        values["distill"]["trained_steps"] = n
+        if self.config.distill.method == "progressive":
+            values["sample"]["steps"] = values["eval"]["steps"] = n
+        return values
+
+    # ------------------------------------------------------------------ one step
+
+    def normal(self, like: torch.Tensor) -> torch.Tensor:
+        """eps ~ N(0, I) of x0's shape on the training generator (this rank's rows of a draw for the global batch)."""
+        draw = lambda n: torch.randn((n, *like.shape[1:]), generator=self.generator, device=self.generator.device, dtype=like.dtype)  # noqa: E731
+        return distributed.draw_for_global_batch(draw, len(like), self.rank, self.world).to(self.device)
+
+    def null_condition(self, cond: dict, n: int) -> dict:
+        """The unconditional input guidance pulls away from: the null class, or the empty prompt (caption row 0)."""
+        if "class_labels" in cond:
+            return {"class_labels": torch.full((n,), self.config.model.num_classes, dtype=torch.long, device=self.device)}
+        rows = torch.zeros(n, dtype=torch.long)
+        return {k: v for k, v in zip(("context", "context_mask"), (self.captions.hidden[rows].to(self.device), self.captions.mask[rows].to(self.device)))
+                if k in cond}
+
+    def draws(self, x0: torch.Tensor, stage: Stage) -> dict[str, torch.Tensor]:
+        """Everything random in a step, drawn for the whole batch before it is split into micro-batches."""
+        if stage.kind == "guidance":
+            t, noise = draw_t_and_noise(self.schedule, x0, self.generator, self.rank, self.world)
+            out = {"sigma": self.schedule.sigmas.to(self.device)[t], "noise": noise}
+        else:
+            intervals = stage.student_steps if stage.kind == "halve" else self.config.distill.solver_steps
+            out = {"interval": (self.uniform(len(x0)) * intervals).long().clamp(max=intervals - 1), "noise": self.normal(x0)}
+        if self.guided:
+            d = self.config.distill
+            out["w"] = d.guidance_min + (d.guidance_max - d.guidance_min) * self.uniform(len(x0))
+        return out
+
+    def train_step(self) -> dict[str, float]:
+        self.begin_stage()
+        stage = self.stage_list[self.stage_index(self.step)]
+        x0, cond, _ = self.next_batch()  # distillation weighs every item alike
+        draws = self.draws(x0, stage)
+        loss = self.backward_over_micro_batches(x0, cond, lambda part, x0_part, part_cond: self.loss(
+            stage, x0_part, part_cond, {k: v[part] for k, v in draws.items()}))
+        stepped = self.optimizer_step()
+        if stepped and stage.kind == "consistency":
+            ema_update(self.target, self.net, self.config.distill.target_ema)
+        self.finish_step(len(x0), stepped=stepped)
+        self.finish_stage()
+        return {"loss": loss, "student_steps": stage.student_steps}
+
+    def finish_stage(self) -> None:
+        """After a progressive stage but the last: a checkpoint, and its student kept in RUN/students/N-steps/ (what
+        `diffusekit slim` writes: it samples alone), so a run to 1 step leaves its 4- and 2-step students too."""
+        per_stage = self.config.distill.stage_steps
+        if self.config.distill.method != "progressive" or self.step % per_stage or self.step // per_stage >= len(self.stage_list):
+            return
+        ckpt = self.save()
+        if ckpt is not None and self.rank == 0:
+            out = self.run_dir / "students" / f"{self.trained_steps()}-steps"
+            shutil.rmtree(out, ignore_errors=True)  # a stage trained again after a resume from before its end
+            write_sampling_checkpoint(ckpt, out)
+
+    def loss(self, stage: Stage, x0: torch.Tensor, cond: dict | None, draws: dict) -> torch.Tensor:
+        prediction = self.config.diffusion.prediction
+        student, teacher = Denoiser(self.train_net, self.schedule, prediction), Denoiser(self.teacher, self.schedule, prediction)
+        with_w = {**(cond or {}), "guidance": draws["w"]} if self.guided else cond
+        if stage.kind == "guidance":  # Meng et al. stage one: the guided teacher's x0_hat at w, in one call
+            sigma = draws["sigma"]
+            x = x0 + sigma.to(x0.dtype).view(-1, 1, 1, 1) * draws["noise"]
+            with torch.no_grad():
+                target = GuidedDenoiser(teacher, self.null_condition(cond, len(x0)), draws["w"])(x, sigma, cond)
+            return x0_loss(student(x, sigma, with_w), target, sigma)
+        if stage.kind == "halve":  # the teacher walks the 2N-step grid, the student the N-step one inside it
+            grid = self.schedule.sampling_sigmas(2 * stage.student_steps, "trailing").to(self.device)
+            i = draws["interval"]
+            sigma, sigma_mid, sigma_next = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
+            x = x0 + sigma.to(x0.dtype).view(-1, 1, 1, 1) * draws["noise"]
+            target = progressive_target(teacher, x, sigma, sigma_mid, sigma_next, with_w)
+            return x0_loss(student(x, sigma, with_w), target, sigma)
+        grid = self.consistency_grid()
+        n = draws["interval"]
+        sigma, sigma_next = grid[n], grid[n + 1]
+        x = x0 + sigma.to(x0.dtype).view(-1, 1, 1, 1) * draws["noise"]
+        with torch.no_grad():
+            solver = GuidedDenoiser(teacher, self.null_condition(cond, len(x0)), draws["w"]) if self.guided and cond else teacher
+            x_next = ddim_step(x, solver(x, sigma, cond), sigma, sigma_next)  # the teacher's ODE step
+            target = ConsistencyDenoiser(Denoiser(self.target, self.schedule, prediction), self.schedule)(x_next, sigma_next, with_w)
+        prediction_f = ConsistencyDenoiser(student, self.schedule)(x, sigma, with_w)
+        return consistency_loss(prediction_f, target, self.config.distill.loss)
+
+    def consistency_grid(self) -> torch.Tensor:
+        """The N + 1 decreasing noise levels of the teacher's ODE: N trailing timesteps, then sigma_min (t = 0), where f(x) = x."""
+        timesteps = self.schedule.timesteps(self.config.distill.solver_steps, "trailing")
+        sigmas = self.schedule.sigmas[timesteps]
+        return torch.cat([sigmas, sigmas.new_full((1,), self.schedule.sigma_min)]).to(self.device)
+
+    def pipeline(self):
+        """The EMA student as a pipeline, with the checkpoint's sampling defaults (progressive: this stage's steps)."""
+        config = config_from_dict(self.checkpoint_config(), "the distillation run")
+        return Pipeline(config, self.ema, self.device, vae=self.vae, text_encoder=self.text_encoder)

@@ -1,0 +1,272 @@
+"""LoRA fine-tuning: a trained model learns a handful of new images in minutes, and only low-rank
+updates of its layers train (Hu et al. 2021: h = W0 x + (alpha / r) B A x, nn/lora.py).
+
+    config = finetune_config("runs/emoji-ldm", "my_images/", ["finetune.rank=8", 'train.budget="10m"'])
+    result = finetune(config, "runs/mine")       # then Pipeline.from_pretrained(BASE).load_lora("runs/mine")
+
+The base model (a diffusekit run or checkpoint, a diffusers folder, or the shipped demo model) is loaded
+and frozen, LoRAs go on its attention layers (or other targets), and the same diffusion loss as `train`
+trains their A and B alone: FinetuneTrainer is DiffusionTrainer with its own load_data and build. The
+trainer's `net` is the LoRA's tensors as one module (nn.lora.LoRAWeights) and its `train_net` the base
+U-Net they sit on, so the optimizer, the EMA and every checkpoint hold the LoRA and nothing of the base
+(a checkpoint is a few MB), and a resume continues bit for bit as in `train`. The base weights are never
+written; a resume checks (by the weights' fingerprint) that BASE is the model the run started from.
+
+Prior preservation (DreamBooth, Ruiz et al. 2023, eq. 2), against forgetting what the base could draw:
+
+    E || x^(a x + s eps, c) - x ||^2  +  lambda E || x^(a x' + s eps', c_pr) - x' ||^2
+
+with class images x' that the base model generates from class prompts c_pr before training (cached) or
+that a folder gives. Both sets go into one batch stream; a class image's term is weighted
+lambda N / N' (N new images, N' class images), so that the mean over the data is N / (N + N') times
+the objective above.
+
+RUN/samples/step_00000000.png shows the base model on the grid prompts (a new LoRA changes nothing),
+the last grid the result; RUN/lora.safetensors, the EMA LoRA in the diffusers / peft layout with the
+base's fingerprint in its header, is rewritten with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from diffusekit.config import Config, EvalConfig, FinetuneConfig, TrainConfig, apply_overrides
+from diffusekit.data import ImageDataset, load_dataset, to_uint8
+from diffusekit.data.folder import load_folder, read_captions
+from diffusekit.data.latents import latent_dataset
+from diffusekit.errors import UserError
+from diffusekit.files import read_cached_tensors, save_tensors_atomic
+from diffusekit.io import diffusers
+from diffusekit.io.checkpoint import latest_checkpoint, load_config, resolve_checkpoint
+from diffusekit.io.lora import BASE_FINGERPRINT, BASE_NAME, RUN_FILE, save_lora, text_model
+from diffusekit.models import default_model, text_condition
+from diffusekit.nn.lora import LoRAWeights, inject_lora
+from diffusekit.nn.state import weights_fingerprint
+from diffusekit.pipeline import Pipeline, load_model
+from diffusekit.runtime import cache_dir, prepare_module, warn
+from diffusekit.schedule import make_schedule
+from diffusekit.train import DiffusionTrainer
+from diffusekit.trainer import TrainResult, run_training
+
+ADAPTER = "finetune"  # the name of the LoRA being trained
+DEMO = "the shipped demo model"
+# training defaults of a fine-tuning run (the base's own train.* are for training from scratch)
+FINETUNE_TRAIN = dict(batch_size=16, lr=1e-3, warmup_steps=10, ema_decay=0.99, max_steps=1000, log_every=10, checkpoint_every=100)
+GRID_IMAGES = 16
+
+
+def base_path(base: str | Path | None) -> Path:
+    return Path(base) if base else default_model()
+
+
+def base_config(base: str | Path | None) -> Config:
+    """The base model's config, read without its weights."""
+    path = base_path(base)
+    if diffusers.is_diffusers_folder(path):
+        return diffusers.read_config(diffusers.find_parts(path))
+    config = load_config(resolve_checkpoint(path))
+    if config.task != "diffusion":
+        what = "a LoRA fine-tuning run: fine-tune its base model instead" if config.task == "finetune" else "an autoencoder (train-vae)"
+        raise UserError(f"'{path}' is {what}; give a diffusion model as BASE")
+    return config
+
+
+def finetune_config(base: str | Path | None, data: str | Path, overrides=()) -> Config:
+    """A fine-tuning run's config: the base model's networks, diffusion and sampling settings, the image folder
+    `data` (captions as `train` reads them), fine-tuning's training defaults, then the `--set` overrides."""
+    config = base_config(base)
+    if config.model.num_classes:
+        raise UserError(f"'{base_path(base)}' is class-conditional, and an image folder has no class labels; "
+                        "fine-tune a text-to-image or an unconditional model")
+    config = replace(
+        config, task="finetune", description=f"LoRA fine-tuning of {base or DEMO} on {data}",
+        data=replace(config.data, dataset="folder", path=str(data), limit=0, hflip=False),
+        train=replace(TrainConfig(), **FINETUNE_TRAIN), sample=replace(config.sample, n=GRID_IMAGES), eval=EvalConfig(),
+        finetune=FinetuneConfig(base=str(base or "")),
+    )
+    return apply_overrides(config, list(overrides))
+
+
+def finetune(config: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Fine-tune into `run_dir` (a new run, or --resume the run there) with a config from finetune_config."""
+    if config.task != "finetune":
+        raise UserError("this is not a fine-tuning config: make one with finetune_config(BASE, DATA)")
+    saved = latest_checkpoint(Path(run_dir)) if resume else None
+    if saved is not None:  # another BASE than the run's would clash in its model: say so first
+        was = load_config(saved)
+        if was.finetune.base != config.finetune.base and (was.model, was.diffusion, was.text) != (config.model, config.diffusion, config.text):
+            raise UserError(f"'{base_path(config.finetune.base)}' is not the model '{run_dir}' was fine-tuned from "
+                            f"({was.finetune.base or DEMO}): resume with that BASE")
+    return run_training(FinetuneTrainer, config, run_dir, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def join(a: ImageDataset, b: ImageDataset) -> ImageDataset:
+    captions = a.captions + b.captions if a.captions is not None and b.captions is not None else None
+    return ImageDataset(torch.cat([a.images, b.images]), captions=captions)
+
+
+class FinetuneTrainer(DiffusionTrainer):
+    single_process_reason = "LoRA fine-tuning runs in one process"
+
+    # ------------------------------------------------------------------ data: the new images (+ class images)
+
+    def load_data(self):
+        fc = self.config.finetune
+        self.base = load_model(base_path(fc.base))
+        self.check_base(weights_fingerprint(self.base.net))
+        fc = self.config.finetune  # with the base's fingerprint
+        new = load_dataset(self.config.data, self.progress)
+        self.new_count, prior = len(new), self.prior_data()
+        dataset = new if prior is None else join(new, prior)
+        if prior is not None:  # lambda N / N' per class image (the module docstring)
+            self.item_weights = torch.cat([torch.ones(len(new)), torch.full((len(prior),), fc.prior_weight * len(new) / len(prior))])
+        self.vae = None
+        if self.base.vae is None:
+            return dataset
+        self.vae = prepare_module(self.base.vae, self.device).requires_grad_(False).eval()
+        spec = json.dumps([asdict(self.config.data), fc.base_fingerprint, fc.prior_path, fc.prior_prompts, fc.prior_images, fc.prior_seed])
+        return latent_dataset(dataset, self.vae, f"finetune-{hashlib.sha256(spec.encode()).hexdigest()[:16]}", self.device, self.progress)
+
+    def check_base(self, fingerprint: str) -> None:
+        """On resume BASE must be the model the run started from; the fingerprint goes into the run's config."""
+        fc = self.config.finetune
+        if self.resume_from is not None:
+            saved = load_config(self.resume_from).finetune
+            if saved.base_fingerprint != fingerprint:
+                raise UserError(
+                    f"'{base_path(fc.base)}' is not the model '{self.run_dir}' was fine-tuned from ({saved.base or DEMO}; U-Net "
+                    f"fingerprints {fingerprint[:12]} and {saved.base_fingerprint[:12]}): resume with that BASE"
+                )
+        self.config = replace(self.config, finetune=replace(fc, base_fingerprint=fingerprint))
+
+    def prior_data(self) -> ImageDataset | None:
+        """Class images for prior preservation: a folder's, or generated by the base model (cached), or None."""
+        fc, dc, text = self.config.finetune, self.config.data, bool(self.config.text.encoder)
+        if fc.prior_path:
+            images, names, _ = load_folder(fc.prior_path, dc.image_size, dc.channels, dc.bad_images, 0, self.progress)
+            captions = read_captions(fc.prior_path, names)
+            if captions is None and text:
+                if len(fc.prior_prompts) != 1:
+                    raise UserError(f"the class images in '{fc.prior_path}' have no captions (metadata.jsonl or .txt files): "
+                                    "add them, or give their one class prompt with --prior-prompt TEXT")
+                captions = [fc.prior_prompts[0]] * len(images)
+            return ImageDataset(images, captions=captions if text else None)
+        if not fc.prior_images:
+            return None
+        prompts = [fc.prior_prompts[i % len(fc.prior_prompts)] for i in range(fc.prior_images)] if text else None
+        return ImageDataset(self.class_images(prompts), captions=prompts)
+
+    def class_images(self, prompts: list[str] | None) -> torch.Tensor:
+        """finetune.prior_images images the base model draws (with the run's sample.* settings) for the class prompts, cached."""
+        fc, sc = self.config.finetune, self.config.sample
+        spec = json.dumps([fc.base_fingerprint, prompts, fc.prior_images, fc.prior_seed, asdict(sc), self.config.data.image_size, self.device.type])
+        path = cache_dir() / "prior" / f"{hashlib.sha256(spec.encode()).hexdigest()[:16]}.safetensors"
+        cached = read_cached_tensors(path)
+        if cached is not None and len(cached.get("images", ())) == fc.prior_images:
+            return cached["images"]
+        pipe = Pipeline.from_parts(replace(self.base, config=self.config), str(self.device))  # the run's sample.* settings
+        images = to_uint8(pipe.sample(fc.prior_images, prompts=prompts, seed=fc.prior_seed, progress=self.progress))
+        try:
+            save_tensors_atomic({"images": images}, path)
+        except (OSError, SafetensorError) as err:
+            warn(f"could not cache the class images in {path} ({err}); they are drawn again next time")
+        return images
+
+    # ------------------------------------------------------------------ the networks: LoRAs on the frozen base
+
+    def build(self) -> torch.nn.Module:
+        fc, tc = self.config.finetune, self.config.train
+        self.schedule, self.labels = make_schedule(self.config.diffusion), None
+        self.unet = prepare_module(self.base.net, self.device).requires_grad_(False).eval()
+        encoder = self.base.text_encoder.to(self.device) if self.base.text_encoder is not None else None
+        self.text_encoder, self.captions = self._caption_embeddings(encoder)
+        torch.manual_seed(tc.seed)  # the LoRAs' initial A, whatever loading drew before
+        nets = {"unet": self.unet}
+        self.inject(self.unet, fc.targets)
+        if fc.text_encoder:
+            if self.text_encoder is None:
+                raise UserError(f"'{base_path(fc.base)}' has no text encoder to fine-tune; drop --text-encoder")
+            nets["text_encoder"] = text_model(self.text_encoder)
+            self.inject(nets["text_encoder"], ("attention",))
+        return LoRAWeights(nets, ADAPTER)
+
+    def inject(self, net: torch.nn.Module, targets) -> None:
+        fc = self.config.finetune
+        try:
+            inject_lora(net, ADAPTER, fc.rank, fc.alpha or None, targets, fc.dropout)
+        except UserError as err:
+            raise UserError(f"cannot fine-tune '{base_path(fc.base)}': {err}; choose layers it has with --lora-targets, "
+                            "e.g. --lora-targets conv (the ResBlocks' convolutions)") from None
+
+    def wrap_for_ranks(self, net: torch.nn.Module) -> torch.nn.Module:
+        """What train_step runs: the base U-Net, which the LoRA's parameters (self.net) sit on."""
+        return self.unet
+
+    def caption_condition(self, rows: torch.Tensor) -> dict:
+        """With a text-encoder LoRA the captions are encoded every step, with gradients; else once (DiffusionTrainer)."""
+        if not self.config.finetune.text_encoder:
+            return super().caption_condition(rows)
+        hidden, mask = self.text_encoder([self.captions.texts[r] for r in rows.tolist()])
+        return text_condition(hidden, mask.to(self.device), self.config.text.mask_padding)
+
+    # ------------------------------------------------------------------ outputs: grids, the LoRA file
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The EMA LoRA in the networks for a while (grids, evaluations, the LoRA file); then the trained one, bit for bit."""
+        live, mode = {k: v.clone() for k, v in self.net.state_dict().items()}, self.net.training
+        self.net.load_state_dict(self.ema.state_dict())
+        try:
+            yield
+        finally:
+            self.net.load_state_dict(live)
+            self.net.train(mode)  # a Pipeline puts the U-Net, and so its LoRAs, in eval mode
+
+    def pipeline(self) -> Pipeline:
+        return Pipeline(self.config, self.unet, self.device, vae=self.vae, text_encoder=self.text_encoder)
+
+    def grid_prompts(self, n: int) -> list[str]:
+        return super().grid_prompts(n, self.dataset.captions[: self.new_count])  # the new images' captions, not the class images'
+
+    def sample_grid(self) -> Path:
+        with self.ema_weights():
+            return super().sample_grid()
+
+    def evaluate(self) -> dict:
+        with self.ema_weights():
+            return super().evaluate()
+
+    def start_outputs(self, resumed: bool) -> None:
+        """The run folder, then the grid before training (step 0: the base model), or on resume the LoRA file of its checkpoint."""
+        super().start_outputs(resumed)
+        if resumed:
+            self.write_lora(final=False)
+        elif self.step == 0:
+            self.try_sample_grid()
+
+    def save(self, final: bool = False) -> Path | None:
+        ckpt = super().save(final)
+        if ckpt is not None:
+            self.write_lora(final)
+        return ckpt
+
+    def write_lora(self, final: bool) -> None:
+        """RUN/lora.safetensors: the EMA LoRA in the diffusers / peft layout, with the base model's fingerprint."""
+        fc, path = self.config.finetune, self.run_dir / RUN_FILE
+        prompts = list(dict.fromkeys(self.dataset.captions[: self.new_count]))[:64] if self.captions is not None else []
+        metadata = {BASE_FINGERPRINT: fc.base_fingerprint, BASE_NAME: fc.base or DEMO, "diffusekit.step": str(self.step),
+                    "diffusekit.prompts": json.dumps(prompts)}
+        try:
+            with self.ema_weights():
+                save_lora(path, self.unet, ADAPTER, text_encoder=self.text_encoder, metadata=metadata)
+        except (OSError, SafetensorError) as err:
+            if final:
+                raise UserError(f"could not write the LoRA file {path} ({err}); free some space, then --resume writes it from the last checkpoint") from None
+            warn(f"could not write the LoRA file {path} ({err}); training goes on")

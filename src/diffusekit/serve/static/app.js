@@ -1,0 +1,260 @@
+// diffusekit studio: plain JS over the native API (/api/...). Nothing is fetched from elsewhere.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const state = { models: [], job: null, lastSeed: null, selected: null, hasInit: false, hasMask: false, painting: false };
+
+function headers(extra) {
+  const key = localStorage.getItem("diffusekit-api-key");
+  return Object.assign(key ? { Authorization: "Bearer " + key } : {}, extra || {});
+}
+
+async function api(path, options) {
+  const response = await fetch(path, Object.assign({}, options, { headers: headers((options || {}).headers) }));
+  if (response.status === 401) { $("key-box").hidden = false; }
+  if (!response.ok) {
+    let message = response.status + " " + response.statusText;
+    try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
+    const retry = response.headers.get("Retry-After");
+    throw new Error(message + (retry ? " (retry in " + retry + " s)" : ""));
+  }
+  return response;
+}
+
+async function blobUrl(path) { return URL.createObjectURL(await (await api(path)).blob()); }
+
+function setStatus(text, isError) { $("status").textContent = text; $("status").className = isError ? "error" : "muted"; }
+
+function fillSelect(select, values, chosen) {
+  select.replaceChildren(...values.map((v) => { const o = document.createElement("option"); o.value = o.textContent = v; return o; }));
+  if (chosen !== undefined) select.value = String(chosen);
+}
+
+function currentModel() { return state.models.find((m) => m.name === $("model").value) || state.models[0]; }
+
+function applyModel() {
+  const m = currentModel();
+  if (!m) return;
+  fillSelect($("sampler"), m.samplers, m.defaults.sampler);
+  fillSelect($("schedule"), m.schedules, m.defaults.schedule);
+  fillSelect($("size"), m.sizes, m.size);
+  $("steps").value = m.defaults.steps;
+  $("guidance").value = m.defaults.guidance;
+  $("prompt").disabled = $("negative").disabled = !m.text;
+  $("model-info").textContent = `${m.size} px, ${m.latent ? "latent" : "pixel"} model, hash ${m.fingerprint}`;
+}
+
+async function loadModels() {
+  const data = await (await api("/api/models")).json();
+  state.models = data.models;
+  state.limits = data.limits;
+  fillSelect($("model"), data.models.map((m) => m.name));
+  $("n").max = data.limits.max_n;
+  $("steps").max = data.limits.max_steps;
+  applyModel();
+}
+
+// ------------------------------------------------------------------ the init image and the brush
+
+function loadInit(src) {
+  const image = new Image();
+  image.onload = () => {
+    for (const c of [$("init-canvas"), $("mask-canvas")]) { c.width = image.naturalWidth; c.height = image.naturalHeight; }
+    $("init-canvas").getContext("2d").drawImage(image, 0, 0);
+    $("mask-canvas").getContext("2d").clearRect(0, 0, image.naturalWidth, image.naturalHeight);
+    $("brush").max = Math.max(1, Math.round(image.naturalWidth / 2));
+    $("brush").value = Math.max(1, Math.round(image.naturalWidth / 10));
+    state.hasInit = true; state.hasMask = false;
+    $("canvas-box").hidden = $("edit-controls").hidden = false;
+  };
+  image.src = src;
+}
+
+function paint(event, first) {  // a round brush stroke from the last point to this one, in image pixels
+  const canvas = $("mask-canvas"), box = canvas.getBoundingClientRect();
+  const x = (event.clientX - box.left) * canvas.width / box.width, y = (event.clientY - box.top) * canvas.height / box.height;
+  const g = canvas.getContext("2d"), last = first || !state.last ? { x, y } : state.last;
+  g.strokeStyle = "#00d5ff"; g.lineWidth = Number($("brush").value); g.lineCap = g.lineJoin = "round";
+  g.beginPath(); g.moveTo(last.x, last.y); g.lineTo(x + 0.01, y); g.stroke();
+  state.last = { x, y };
+  state.hasMask = true;
+}
+
+function canvasData(canvas, background) {
+  const out = document.createElement("canvas");
+  out.width = canvas.width; out.height = canvas.height;
+  const g = out.getContext("2d");
+  if (background) { g.fillStyle = background; g.fillRect(0, 0, out.width, out.height); }
+  g.drawImage(canvas, 0, 0);
+  if (background) {  // the strokes (any colour) become white: the mask the API takes
+    const pixels = g.getImageData(0, 0, out.width, out.height);
+    for (let i = 0; i < pixels.data.length; i += 4) {
+      const on = pixels.data[i] > 16 || pixels.data[i + 1] > 16 || pixels.data[i + 2] > 16;
+      pixels.data[i] = pixels.data[i + 1] = pixels.data[i + 2] = on ? 255 : 0;
+    }
+    g.putImageData(pixels, 0, 0);
+  }
+  return out.toDataURL("image/png");
+}
+
+// ------------------------------------------------------------------ jobs
+
+function requestBody() {
+  const seedMode = $("seed-mode").value;
+  const body = {
+    model: $("model").value, prompt: $("prompt").value, negative_prompt: $("negative").value, sampler: $("sampler").value,
+    schedule: $("schedule").value, steps: Number($("steps").value), guidance: Number($("guidance").value), size: Number($("size").value),
+    n: Number($("n").value), seed: seedMode === "random" ? null : Number($("seed").value), animate: $("animate").checked,
+  };
+  if (!currentModel().text) { body.prompt = ""; body.negative_prompt = ""; }
+  if (state.hasInit) {
+    body.image = canvasData($("init-canvas"));
+    body.strength = Number($("strength").value);
+    if (state.hasMask) { body.mask = canvasData($("mask-canvas"), "#000"); body.mask_blur = Number($("mask-blur").value); }
+  }
+  return body;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  if (state.job) return;
+  $("generate").disabled = true;
+  $("animation").hidden = true;
+  setStatus("submitting");
+  try {
+    const job = await (await api("/api/jobs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(requestBody()) })).json();
+    state.job = job.id;
+    $("cancel").disabled = false;
+    setStatus(job.position ? `queued (${job.position} ahead)` : "queued");
+    await follow(job.id);
+  } catch (err) {
+    setStatus(err.message, true);
+  } finally {
+    state.job = null;
+    $("generate").disabled = false;
+    $("cancel").disabled = true;
+  }
+}
+
+async function follow(jobId) {
+  const response = await api(`/api/jobs/${jobId}/events`);
+  const reader = response.body.getReader(), decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const line = block.split("\n").find((l) => l.startsWith("data: "));
+      if (line && await onEvent(JSON.parse(line.slice(6)))) { reader.cancel(); return; }
+    }
+  }
+}
+
+async function onEvent(event) {
+  if (event.preview) { $("preview").src = event.preview; $("preview").hidden = false; }
+  if (event.event === "progress") {
+    $("progress").value = event.step / event.steps;
+    setStatus(`step ${event.step} of ${event.steps}`);
+  } else if (event.event === "running") {
+    setStatus("running");
+  } else if (event.event === "done") {
+    const job = event.job;
+    $("progress").value = 1;
+    setStatus(`done: ${job.images.length} image(s), seed ${job.seed}`);
+    state.lastSeed = job.seed;
+    for (const image of job.images) await addToGallery(image, true);
+    if (job.images.length) select(job.images[0]);
+    if (job.animation) { $("animation").src = await blobUrl(job.animation); $("animation").hidden = false; }
+    return true;
+  } else if (event.event === "failed") {
+    setStatus(event.job.error ? event.job.error.message : "failed", true);
+    return true;
+  } else if (event.event === "cancelled") {
+    setStatus("cancelled");
+    return true;
+  }
+  return false;
+}
+
+// ------------------------------------------------------------------ the gallery
+
+const gallery = new Map();
+
+async function addToGallery(image, newest) {
+  if (gallery.has(image.id)) return;
+  const figure = document.createElement("figure");
+  figure.className = "item";
+  figure.dataset.imageId = image.id;
+  const img = document.createElement("img");
+  img.alt = image.parameters.split("\n")[0] || "image";
+  img.src = await blobUrl(image.url);
+  const caption = document.createElement("figcaption");
+  caption.textContent = `${img.alt} · seed ${image.seed}#${image.index}`;
+  figure.append(img, caption);
+  figure.addEventListener("click", () => select(image));
+  gallery.set(image.id, { image, figure, src: img.src });
+  const items = $("gallery-items");
+  if (newest) items.prepend(figure); else items.append(figure);
+}
+
+function select(image) {
+  state.selected = image;
+  for (const { figure } of gallery.values()) figure.classList.toggle("selected", figure.dataset.imageId === image.id);
+  const entry = gallery.get(image.id);
+  $("details").hidden = false;
+  $("details-text").textContent = image.parameters;
+  $("download").href = entry ? entry.src : image.url;
+  $("download").download = `diffusekit-${image.id}.png`;
+  if (entry) { $("preview").src = entry.src; $("preview").hidden = false; }
+}
+
+function useSettings() {
+  const image = state.selected;
+  if (!image) return;
+  const lines = image.parameters.split("\n"), fields = {};
+  for (const part of lines[lines.length - 1].split(", ")) { const i = part.indexOf(": "); if (i > 0) fields[part.slice(0, i)] = part.slice(i + 2); }
+  const negative = lines.find((l) => l.startsWith("Negative prompt: "));
+  $("prompt").value = lines.filter((l, i) => i < lines.length - 1 && !l.startsWith("Negative prompt: ")).join("\n");
+  $("negative").value = negative ? negative.slice(17) : "";
+  if (fields.Sampler) $("sampler").value = fields.Sampler;
+  if (fields["Schedule type"]) $("schedule").value = fields["Schedule type"];
+  if (fields.Steps) $("steps").value = fields.Steps;
+  if (fields["CFG scale"]) $("guidance").value = fields["CFG scale"];
+  $("seed").value = image.seed; $("seed-mode").value = "fixed";
+}
+
+async function init() {
+  $("api-key").value = localStorage.getItem("diffusekit-api-key") || "";
+  $("api-key").addEventListener("change", () => { localStorage.setItem("diffusekit-api-key", $("api-key").value); start(); });
+  $("model").addEventListener("change", applyModel);
+  $("form").addEventListener("submit", generate);
+  $("cancel").addEventListener("click", () => state.job && api(`/api/jobs/${state.job}`, { method: "DELETE" }).catch((e) => setStatus(e.message, true)));
+  $("reuse-seed").addEventListener("click", () => { if (state.lastSeed !== null) { $("seed").value = state.lastSeed; $("seed-mode").value = "fixed"; } });
+  $("strength").addEventListener("input", () => { $("strength-out").textContent = $("strength").value; });
+  $("init-file").addEventListener("change", () => { const f = $("init-file").files[0]; if (f) loadInit(URL.createObjectURL(f)); });
+  $("clear-init").addEventListener("click", () => { state.hasInit = state.hasMask = false; $("canvas-box").hidden = $("edit-controls").hidden = true; $("init-file").value = ""; });
+  $("clear-mask").addEventListener("click", () => { const c = $("mask-canvas"); c.getContext("2d").clearRect(0, 0, c.width, c.height); state.hasMask = false; });
+  $("use-init").addEventListener("click", () => { const e = state.selected && gallery.get(state.selected.id); if (e) loadInit(e.src); });
+  $("use-settings").addEventListener("click", useSettings);
+  const mask = $("mask-canvas");
+  mask.addEventListener("pointerdown", (e) => { state.painting = true; mask.setPointerCapture(e.pointerId); paint(e, true); });
+  mask.addEventListener("pointermove", (e) => { if (state.painting) paint(e); });
+  mask.addEventListener("pointerup", () => { state.painting = false; });
+  await start();
+}
+
+async function start() {
+  try {
+    await loadModels();
+    const data = await (await api("/api/images")).json();
+    for (const image of data.images) await addToGallery(image, false);
+    setStatus("ready");
+  } catch (err) {
+    setStatus(err.message, true);
+  }
+}
+
+init();
