@@ -16,7 +16,7 @@ features against every emoji, and retrieval top-1 (is the prompt's own emoji the
 image? benchmarks/text_alignment.py). Also steps/s, images/s and parameters. Both U-Nets on emoji
 use flow matching here (emoji-ldm with flow overrides), so that only the backbone differs.
 
-Runs already in --json (same budget and n) are kept, not trained again (--fresh retrains). Writes the
+Runs already in --json (same budget, n and overrides) are kept, not trained again (--fresh retrains). Writes the
 JSON (with the CPU model and flags), a Markdown table (--table) and a plot (--plot).
 """
 
@@ -229,7 +229,7 @@ def main() -> None:
     ensure_vae(args)
     for name in args.runs:
         kept = report["runs"].get(name)
-        if kept and kept["budget"] == args.budget and kept["n"] == args.n:
+        if kept and (kept["budget"], kept["n"], kept["overrides"]) == (args.budget, args.n, list(RUNS[name].sets) + args.set):
             print(f"{name}: kept from {path}", flush=True)
             continue
         report["runs"][name] = measure(name, args)
