@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from diffusekit.conditioning import class_labels
 from diffusekit.images import format_parameters
 from diffusekit.inpaint import default_strength
 from diffusekit.version import __version__
@@ -34,7 +35,7 @@ def describe(pipe, n: int, prompts=None, negative: str | None = None, labels=Non
     settings, model and its fingerprint. With given noise there is no seed that makes the image again."""
     settings = pipe.settings(n=n, **{k: given.get(k) for k in ("steps", "sampler", "spacing", "seed", "guidance", "guidance_rescale", "eta")})
     prompts = [prompts] if isinstance(prompts, str) else list(prompts or [""])
-    labels = pipe._labels(labels, n).tolist() if labels is not None else None
+    labels = class_labels(labels, n, pipe.config.model.num_classes).tolist() if labels is not None else None
     options = pipe.sampler_options(settings, given.get("eta"), given.get("variance"))  # what the sampler really ran with
     guided = prompts != [""] or labels is not None
     texts = []

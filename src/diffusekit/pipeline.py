@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffusekit.compiled import compile_network
+from diffusekit.conditioning import conditions
 from diffusekit.config import Config, SampleConfig
 from diffusekit.config_checks import check_sample
 from diffusekit.denoiser import Denoiser, network_dtype
@@ -35,11 +35,9 @@ from diffusekit.guidance import GuidedDenoiser
 from diffusekit.image_info import ImageOutput, describe, fingerprint, model_name
 from diffusekit.inpaint import KnownRegionDenoiser, default_strength, noised_start, sample_resampled, strength_start
 from diffusekit.io import diffusers
-from diffusekit.io.lora import load_lora, recorded_base, text_model
-from diffusekit.models import ModelParts, image_shape, load_parts, text_condition
-from diffusekit.nn import lora
-from diffusekit.nn.state import weights_fingerprint
+from diffusekit.models import ModelParts, image_shape, load_parts
 from diffusekit.nn.vae import AutoencoderKL
+from diffusekit.pipeline_lora import LoRAMethods
 from diffusekit.precision import dtype_name, resolve_dtype
 from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores, warn
 from diffusekit.samplers import get_sampler
@@ -57,7 +55,7 @@ def load_model(path: str | Path, weights: str = "ema") -> ModelParts:
     return load_parts(path, weights)
 
 
-class Pipeline:
+class Pipeline(LoRAMethods):
     """Samples of a diffusion model; for a latent model `vae` decodes the sampled latents."""
 
     def __init__(self, config: Config, net: torch.nn.Module, device: torch.device | str = "cpu", checkpoint: Path | None = None,
@@ -120,58 +118,6 @@ class Pipeline:
             self.text_encoder = self.text_encoder.to(self.device)
         return self
 
-    # ------------------------------------------------------------------ LoRAs (nn/lora.py, io/lora.py)
-
-    def lora_networks(self) -> list[torch.nn.Module]:
-        return [self.net] + ([text_model(self.text_encoder)] if self.text_encoder is not None else [])
-
-    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
-        """Add the LoRA file `path` (diffusers / peft or kohya / A1111 layout; a `diffusekit finetune` run folder
-        means its lora.safetensors) to the U-Net and the text encoder at `scale`; returns its name (by default
-        the file's stem). The base weights are not changed; a file that does not fit changes nothing."""
-        name = load_lora(path, self.net, name=name, scale=scale, text_encoder=self.text_encoder)
-        recorded, base = recorded_base(path)
-        fused = any(x.merged for _, _, x in lora.selected(self.net, None))  # then the weights are not the base's alone
-        own = weights_fingerprint(self.net) if recorded and not fused else recorded
-        if own != recorded:
-            warn(f"{path} was fine-tuned from another base model ({base or 'unnamed'}, U-Net fingerprint {recorded[:12]}; this one's is "
-                 f"{own[:12]}): its layers fit, but it may not draw what it learnt")
-        return name
-
-    @property
-    def lora_names(self) -> list[str]:
-        return sorted({n for net in self.lora_networks() for n in lora.adapter_names(net)})
-
-    def set_lora_scales(self, scales: dict[str, float]) -> None:
-        """Each loaded LoRA's scale by name, e.g. {"style": 0.8, "face": 0.5}; 0 switches one off."""
-        for key in scales:  # every name is loaded, before any change
-            self._check_loaded(key)
-        for net in self.lora_networks():
-            lora.set_scales(net, {k: v for k, v in scales.items() if k in lora.adapter_names(net)})
-
-    def unload_lora(self, name: str | None = None) -> None:
-        """Remove one LoRA (or all): the networks are as they were before loading it."""
-        self._each_network(name, lambda net: lora.remove_lora(net, name))
-
-    def fuse_lora(self, name: str | None = None, keep_original: bool = True) -> None:
-        """Fold LoRAs into the weights in memory (faster sampling); unfuse_lora() or unload_lora() takes them out
-        again, exactly (keep_original: a copy of each adapted weight is kept meanwhile) or up to float32 rounding."""
-        self._each_network(name, lambda net: lora.merge(net, name, keep_original))
-
-    def unfuse_lora(self, name: str | None = None) -> None:
-        self._each_network(name, lambda net: lora.unmerge(net, name))
-
-    def _check_loaded(self, name: str | None) -> None:
-        if name is not None and name not in self.lora_names:
-            lora.lora_modules(self.net, name)  # the UserError naming the loaded ones
-
-    def _each_network(self, name: str | None, action) -> None:
-        """action(net) for the U-Net and the text encoder, where they carry the LoRA `name` (None: any)."""
-        self._check_loaded(name)
-        for net in self.lora_networks():
-            if name is None or name in lora.adapter_names(net):
-                action(net)
-
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] (z = latent / scale + shift, then the decoder).
@@ -206,51 +152,6 @@ class Pipeline:
         settings = self.settings(steps=steps, spacing=spacing)
         schedule = self.schedule if size is None else self.schedule.resized(size / self.config.data.image_size)
         return schedule.sampling_sigmas(settings.steps, settings.spacing, steps_offset=settings.steps_offset)
-
-    def _labels(self, labels, n: int) -> torch.Tensor | None:
-        if labels is None:
-            return None
-        num_classes = self.config.model.num_classes
-        if not num_classes:
-            raise UserError("this model is not class-conditional: it takes no --label; train one with e.g. --preset mnist-cond")
-        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        labels = labels.repeat(math.ceil(n / len(labels)))[:n]
-        if ((labels < 0) | (labels >= num_classes)).any():
-            raise UserError(f"labels must be between 0 and {num_classes - 1} for this model")
-        return labels
-
-    def encode_prompts(self, prompts: list[str]) -> dict:
-        """Text conditions for a list of prompts, each distinct prompt encoded once."""
-        if self.text_encoder is None:
-            raise UserError("this model is not text-conditioned: it takes no prompt; use a text-to-image run (e.g. --preset emoji-ldm)")
-        unique = list(dict.fromkeys(prompts))
-        hidden, mask = self.text_encoder.encode(unique)
-        rows = torch.tensor([unique.index(p) for p in prompts])
-        return text_condition(hidden[rows].to(self.device), mask[rows].to(self.device), self.config.text.mask_padding)
-
-    def conditions(self, n: int, labels=None, prompts=None, negative: str | None = None) -> tuple[dict | None, dict | None]:
-        """(cond, uncond) for all n samples. uncond is the null class, the empty prompt or the negative prompt.
-        Several prompts take turns (p1, p2, p1, p2, ...), so n must be a multiple of their number."""
-        if prompts is not None:
-            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-            if not all(isinstance(p, str) for p in [*prompts, negative or ""]):
-                raise UserError(f"prompts and the negative prompt must be strings, got {[*prompts, negative]!r}")
-            if not prompts or n % len(prompts):
-                listed = ", ".join(repr(p) for p in prompts[:4]) + (", ..." if len(prompts) > 4 else "")
-                raise UserError(f"{len(prompts)} prompts ({listed}) cannot share {n} images evenly; ask for a multiple of "
-                                f"{max(len(prompts), 1)} images (--n), or, if they are the words of one prompt, quote a prompt of "
-                                f"several words as one argument: \"{' '.join(prompts)}\"")
-            prompts = prompts * (n // len(prompts))
-            return self.encode_prompts(prompts), self.encode_prompts([negative or ""] * n)
-        if negative:
-            raise UserError("a negative prompt needs a prompt")
-        all_labels = self._labels(labels, n)
-        if all_labels is not None:
-            null = torch.full((n,), self.config.model.num_classes, dtype=torch.long)
-            return {"class_labels": all_labels.to(self.device)}, {"class_labels": null.to(self.device)}
-        if self.text_encoder is not None:  # a text model without a prompt: the unconditional model
-            return self.encode_prompts([""] * n), None
-        return None, None
 
     def sampler_options(self, settings: SampleConfig, eta: float | None, variance: str | None) -> dict:
         """The keyword options of the chosen sampler: eta (given, or sample.eta for DDIM) and DDPM's variance."""
@@ -332,7 +233,7 @@ class Pipeline:
         sigmas = self.sigmas(settings.steps, settings.spacing, size).to(self.device)
         if not isinstance(first_index, int) or first_index < 0:
             raise UserError(f"the first image index must be a whole number >= 0, got {first_index!r}")
-        cond, uncond = self.conditions(n, labels, prompts, negative)
+        cond, uncond = conditions(self.config, self.text_encoder, self.device, n, labels, prompts, negative)
         if uncond is None and guidance not in (None, 1.0):  # unconditional samples: nothing to guide towards
             raise UserError("classifier-free guidance needs a condition: give a --label or a prompt")
         scale = settings.guidance if uncond is not None else 1.0
