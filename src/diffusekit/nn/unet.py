@@ -23,7 +23,16 @@ import torch
 from torch import nn
 
 from diffusekit.errors import UserError
-from diffusekit.nn.blocks import Downsample2D, ResnetBlock2D, SelfAttention2D, TimestepEmbedding, Transformer2D, Upsample2D, check_text_context, timestep_embedding
+from diffusekit.nn.blocks import (
+    Downsample2D,
+    ResnetBlock2D,
+    SelfAttention2D,
+    TimestepEmbedding,
+    Transformer2D,
+    Upsample2D,
+    check_text_context,
+    timestep_embedding,
+)
 
 AttentionFactory = Callable[[int], nn.Module]  # channels -> an attention module taking (x, context, mask)
 
