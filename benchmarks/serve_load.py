@@ -140,10 +140,11 @@ def page(url: str, runs: int, steps: int) -> dict:
         tab = browser.new_page()
         tab.goto(url)
         tab.wait_for_selector("#model option", state="attached")
+        tab.wait_for_load_state("networkidle")  # the gallery of earlier images has loaded: it is not counted as new
         for run in range(runs):
             tab.fill("#prompt", PROMPTS[run % len(PROMPTS)])
             tab.fill("#steps", str(steps))
-            before = tab.locator("#gallery-items .item").count()
+            before = tab.locator("#gallery-items .item img").count()
             tab.evaluate("window.__t0 = performance.now(); window.__preview = null;"
                          "new MutationObserver(() => { if (window.__preview === null) window.__preview = performance.now(); })"
                          ".observe(document.getElementById('preview'), {attributes: true, attributeFilter: ['src']});")

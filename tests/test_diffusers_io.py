@@ -303,6 +303,52 @@ def test_bin_weights_are_read_without_unpickling_code(ddpm_folder, tmp_path):
         Pipeline.from_pretrained(folder, device="cpu")
 
 
+def shard_folder(ddpm_folder: Path, tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A copy of the tiny UNet2DModel with its weights split in two shards beside their index."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "unet"
+    shutil.copytree(ddpm_folder / "unet", folder)
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    keys = sorted(weights)
+    halves = {"part-1.safetensors": keys[: len(keys) // 2], "part-2.safetensors": keys[len(keys) // 2:]}
+    for name, part in halves.items():
+        save_file({k: weights[k].contiguous() for k in part}, folder / name)
+    weight_map = {k: name for name, part in halves.items() for k in part}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder, weights
+
+
+def test_sharded_weights_load_like_one_file(ddpm_folder, tmp_path):
+    folder, _ = shard_folder(ddpm_folder, tmp_path)
+    whole = Pipeline.from_pretrained(ddpm_folder / "unet", device="cpu").net.state_dict()
+    sharded = Pipeline.from_pretrained(folder, device="cpu").net.state_dict()
+    assert all(torch.equal(whole[k], sharded[k]) for k in whole)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors", ".."])
+def test_a_shard_index_naming_a_file_outside_the_folder_is_refused(ddpm_folder, tmp_path, shard, monkeypatch):
+    folder, weights = shard_folder(ddpm_folder, tmp_path)
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: shard for k in weights}}))
+    opened = []
+    import diffusekit.io.diffusers as reader
+
+    monkeypatch.setattr(reader, "read_tensors", lambda path, *a, **k: opened.append(path))
+    with pytest.raises(UserError, match="reads no file outside the model folder"):
+        Pipeline.from_pretrained(folder, device="cpu")
+    assert opened == []
+
+
+def test_the_cli_refuses_an_outside_shard_in_one_line(ddpm_folder, tmp_path, capsys):
+    folder, weights = shard_folder(ddpm_folder, tmp_path)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "../x.safetensors" for k in weights}}))
+    assert cli_main(["sample", str(folder), "--n", "1", "--steps", "1", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "outside the model folder" in err[0]
+    assert not (tmp_path / "x.png").exists()
+
 def test_a_diffusekit_run_is_not_taken_for_a_diffusers_folder(trained_run):
     assert not is_diffusers_folder(trained_run) and not is_diffusers_folder(trained_run / "checkpoints" / "latest")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -46,6 +47,31 @@ def test_sample_with_loras_at_scales(capsys, trained_run, tuned_run, tmp_path):
     assert (tmp_path / "zero.png").read_bytes() == (tmp_path / "base.png").read_bytes()  # scale 0 changes nothing
     assert (tmp_path / "two.png").read_bytes() != (tmp_path / "base.png").read_bytes()
     assert snapshot(trained_run) == before  # loading and fusing LoRAs never writes the base
+
+
+def test_serve_fuses_the_loras_into_its_models_and_images_record_them(capsys, trained_run, tuned_run, tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from diffusekit.images import parse_parameters
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app))
+    code, out, _ = cli(capsys, "serve", "--model", trained_run, "--lora", f"{tuned_run}:0.5")
+    assert code == 0 and f"LoRA lora from {tuned_run} at scale 0.5" in out
+    with TestClient(served["app"]) as client:
+        job = client.post("/api/jobs", json={"steps": 3, "seed": 4}).json()
+        while client.get(f"/api/jobs/{job['id']}").json()["status"] not in ("done", "failed"):
+            time.sleep(0.05)
+        png = client.get(client.get(f"/api/jobs/{job['id']}").json()["images"][0]["url"]).content
+    (tmp_path / "served.png").write_bytes(png)
+    assert parse_parameters(Image.open(tmp_path / "served.png").info["parameters"])["LoRA"] == "lora:0.5"
+    code, _, err = cli(capsys, "sample", trained_run, "--from", tmp_path / "served.png", "--out", tmp_path / "again.png")  # without the LoRA
+    assert code == 0 and "with the LoRAs lora:0.5" in err and "--lora" in err
+    code, _, err = cli(capsys, "sample", trained_run, "--from", tmp_path / "served.png", "--lora", f"{tuned_run}:0.5", "--out", tmp_path / "same.png")
+    assert code == 0 and "warning" not in err
 
 
 def test_info_and_sampling_a_finetune_run(capsys, tuned_run, trained_run):
@@ -98,6 +124,7 @@ def test_a_lora_made_for_another_base(capsys, tuned_run, tmp_path, image_folder)
     assert_user_error(cli(capsys, "sample", other, "--lora", tuned_run, "--out", tmp_path / "x.png"),
                       str(tuned_run / "lora.safetensors"), "lora_A.weight' has shape", "needs", "made for another base model", "load it into the model it was trained on")
     assert snapshot(other) == before and not (tmp_path / "x.png").exists()
+    assert_user_error(cli(capsys, "serve", "--model", other, "--lora", tuned_run), "lora_A.weight' has shape", "made for another base model")
 
 
 def test_an_unknown_key_layout(capsys, trained_run, tmp_path):

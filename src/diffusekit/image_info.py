@@ -44,13 +44,18 @@ def describe(pipe, n: int, prompts=None, negative: str | None = None, labels=Non
                   "CFG scale": settings.guidance if guided else 1.0, "Seed": settings.seed if noise is None else None,
                   "Image index": first_index + i if noise is None else None,
                   "Size": f"{size or pipe.config.data.image_size}x{size or pipe.config.data.image_size}",
-                  "Model hash": pipe.fingerprint, "Model": pipe.name, "Label": labels[i] if labels else None, "Batch size": n if n > 1 else None,
+                  "Model hash": pipe.fingerprint, "Model": pipe.name, "LoRA": lora_text(pipe), "Label": labels[i] if labels else None, "Batch size": n if n > 1 else None,
                   "Denoising strength": default_strength(strength, masked) if edit else None,
                   "Mask blur": mask_blur if masked else None, "Eta": options.get("eta"), "Variance": options.get("variance"),
                   "Jump length": jump_length if jump_n_sample > 1 else None, "Jump samples": jump_n_sample if jump_n_sample > 1 else None,
                   "Guidance rescale": settings.guidance_rescale or None, "Precision": pipe.precision, "Version": f"diffusekit {__version__}"}
         texts.append(format_parameters(prompts[i % len(prompts)], negative or "", fields))
     return texts
+
+
+def lora_text(pipe) -> str | None:
+    """The LoRAs an image was made with, as --lora takes them after the file: "style:0.8, face:0.5"."""
+    return ", ".join(f"{name}:{scale:g}" for name, scale in pipe.lora_scales.items()) or None
 
 
 class ImageOutput(list):

@@ -27,6 +27,7 @@ class LoRAMethods:
         means its lora.safetensors) to the U-Net and the text encoder at `scale`; returns its name (by default
         the file's stem). The base weights are not changed; a file that does not fit changes nothing."""
         name = load_lora(path, self.net, name=name, scale=scale, text_encoder=self.text_encoder)
+        self.__dict__.pop("fingerprint", None)  # the weights images record are no longer the base's alone
         recorded, base = recorded_base(path)
         fused = any(x.merged for _, _, x in lora.selected(self.net, None))  # then the weights are not the base's alone
         own = weights_fingerprint(self.net) if recorded and not fused else recorded
@@ -38,6 +39,11 @@ class LoRAMethods:
     @property
     def lora_names(self) -> list[str]:
         return sorted({n for net in self.lora_networks() for n in lora.adapter_names(net)})
+
+    @property
+    def lora_scales(self) -> dict[str, float]:
+        """{name: scale} of the loaded LoRAs (fused or not), as images record them."""
+        return {n: next(iter(lora.lora_modules(net, n).values())).scale for net in self.lora_networks() for n in lora.adapter_names(net)}
 
     def set_lora_scales(self, scales: dict[str, float]) -> None:
         """Each loaded LoRA's scale by name, e.g. {"style": 0.8, "face": 0.5}; 0 switches one off."""
@@ -68,3 +74,4 @@ class LoRAMethods:
         for net in self.lora_networks():
             if name is None or name in lora.adapter_names(net):
                 action(net)
+        self.__dict__.pop("fingerprint", None)  # Pipeline.fingerprint hashes the weights as they are now

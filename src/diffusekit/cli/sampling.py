@@ -121,8 +121,9 @@ def check_recorded_model(recorded: dict, pipe, source) -> None:
 
     made_by = recorded.get("Model hash")
     if made_by is not None and str(made_by) != pipe.fingerprint:
-        warn(f"'{source}' was made by the model {recorded.get('Model', '?')} (hash {made_by}), not by this one ({pipe.name}, hash "
-             f"{pipe.fingerprint}): the image will differ; pass that model with --model")
+        loras = f" with the LoRAs {recorded['LoRA']} (--lora FILE:SCALE each)" if recorded.get("LoRA") else ""
+        warn(f"'{source}' was made by the model {recorded.get('Model', '?')}{loras} (hash {made_by}), not by this one ({pipe.name}, hash "
+             f"{pipe.fingerprint}): the image will differ; pass that model with --model{' and the LoRAs with --lora' if loras else ''}")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusekit.cli.options import positive_int
+from diffusekit.cli.options import add_lora_option, apply_loras, positive_int
 from diffusekit.errors import UserError
 from diffusekit.precision import PRECISIONS
 
@@ -24,6 +24,8 @@ def _serve(args) -> None:
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_steps=args.max_steps, max_size=args.max_size,
                     max_upload_bytes=args.max_upload_mb * 2**20)
     pipes = load_pipes(args.model or [], device=args.device, dtype=args.precision)
+    for pipe in pipes.values():  # every served model gets the --lora files, fused into its weights in memory
+        apply_loras(pipe, args.lora)
     server = Server(pipes, limits, queue_size=args.queue, gallery=Gallery(args.gallery, Path(args.save) if args.save else None), api_key=args.api_key)
     app = create_app(server, allowed_hosts=LOOPBACK_HOSTS + [args.host] if loopback else None)
     shown = f"[{args.host}]" if ":" in args.host else args.host
@@ -34,6 +36,7 @@ def _serve(args) -> None:
 def register(sub) -> None:
     p = sub.add_parser("serve", help="a web page and an HTTP API (native and OpenAI-compatible) for your models, on localhost")
     p.add_argument("--model", action="append", help="a run, checkpoint or diffusers folder (repeatable; default: the shipped emoji demo model)")
+    add_lora_option(p)
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only); "
                    "another one exposes the server, so give it an --api-key")
     p.add_argument("--port", type=int, default=7860)
