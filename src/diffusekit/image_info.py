@@ -38,13 +38,14 @@ def describe(pipe, n: int, prompts=None, negative: str | None = None, labels=Non
     labels = class_labels(labels, n, pipe.config.model.num_classes).tolist() if labels is not None else None
     options = pipe.sampler_options(settings, given.get("eta"), given.get("variance"))  # what the sampler really ran with
     guided = prompts != [""] or labels is not None
+    loras = lora_text(pipe)
     texts = []
     for i in range(n):
         fields = {"Steps": settings.steps, "Sampler": settings.sampler, "Schedule type": settings.spacing,
                   "CFG scale": settings.guidance if guided else 1.0, "Seed": settings.seed if noise is None else None,
                   "Image index": first_index + i if noise is None else None,
                   "Size": f"{size or pipe.config.data.image_size}x{size or pipe.config.data.image_size}",
-                  "Model hash": pipe.fingerprint, "Model": pipe.name, "LoRA": lora_text(pipe), "Label": labels[i] if labels else None, "Batch size": n if n > 1 else None,
+                  "Model hash": pipe.fingerprint, "Model": pipe.name, "LoRA": loras, "Label": labels[i] if labels else None, "Batch size": n if n > 1 else None,
                   "Denoising strength": default_strength(strength, masked) if edit else None,
                   "Mask blur": mask_blur if masked else None, "Eta": options.get("eta"), "Variance": options.get("variance"),
                   "Jump length": jump_length if jump_n_sample > 1 else None, "Jump samples": jump_n_sample if jump_n_sample > 1 else None,

@@ -27,7 +27,7 @@ class LoRAMethods:
         means its lora.safetensors) to the U-Net and the text encoder at `scale`; returns its name (by default
         the file's stem). The base weights are not changed; a file that does not fit changes nothing."""
         name = load_lora(path, self.net, name=name, scale=scale, text_encoder=self.text_encoder)
-        self.__dict__.pop("fingerprint", None)  # the weights images record are no longer the base's alone
+        self._weights_changed()
         recorded, base = recorded_base(path)
         fused = any(x.merged for _, _, x in lora.selected(self.net, None))  # then the weights are not the base's alone
         own = weights_fingerprint(self.net) if recorded and not fused else recorded
@@ -74,4 +74,8 @@ class LoRAMethods:
         for net in self.lora_networks():
             if name is None or name in lora.adapter_names(net):
                 action(net)
-        self.__dict__.pop("fingerprint", None)  # Pipeline.fingerprint hashes the weights as they are now
+        self._weights_changed()
+
+    def _weights_changed(self) -> None:
+        """Forget the cached Pipeline.fingerprint: it hashes the weights (LoRAs included) as they are now."""
+        self.__dict__.pop("fingerprint", None)
