@@ -31,9 +31,16 @@ def client():
         yield c
 
 
-def events(client, job_id) -> list[dict]:
+def events(client, job_id, on_first=None) -> list[dict]:
+    """The job's server-sent events until it finishes; `on_first()` runs once the first one (the job's state) arrived."""
+    seen = []
     with client.stream("GET", f"/api/jobs/{job_id}/events") as stream:
-        return [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")]
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                seen.append(json.loads(line[6:]))
+                if len(seen) == 1 and on_first:
+                    on_first()
+    return seen
 
 
 def data_url(image: Image.Image) -> str:
@@ -60,24 +67,28 @@ def test_models_lists_sizes_samplers_defaults_and_limits(client):
     assert data["limits"]["max_n"] == 8 and client.get("/api/health").json()["status"] == "ok"
 
 
-def test_a_job_streams_progress_with_previews_and_its_images_land_in_the_gallery(client):
-    job = client.post("/api/jobs", json={"model": "chars", "prompt": "ab", "n": 2, "steps": 4, "seed": 7, "animate": True})
-    assert job.status_code == 202
-    seen = events(client, job.json()["id"])
-    steps = [e["step"] for e in seen if e["event"] == "progress"]
-    assert steps == [1, 2, 3, 4] and seen[-1]["event"] == "done"
-    preview = next(e["preview"] for e in seen if e["event"] == "progress" and e["preview"])
-    assert Image.open(io.BytesIO(base64.b64decode(preview.split(",", 1)[1]))).size == (16, 8)  # the batch's x0_hat, side by side
-    done = client.get(f"/api/jobs/{job.json()['id']}").json()
-    assert done["status"] == "done" and [image["index"] for image in done["images"]] == [0, 1]
-    png = client.get(done["images"][1]["url"])
-    assert png.headers["content-type"] == "image/png"
-    recorded = parse_parameters(Image.open(io.BytesIO(png.content)).info["parameters"])
-    assert recorded["prompt"] == "ab" and recorded["Seed"] == 7 and recorded["Image index"] == 1 and recorded["Model"] == "chars"
-    gallery = client.get("/api/images").json()["images"]
-    assert [g["id"] for g in gallery] == [done["images"][1]["id"], done["images"][0]["id"]]  # newest first
-    gif = Image.open(io.BytesIO(client.get(done["animation"]).content))
-    assert gif.format == "GIF" and gif.n_frames >= 2  # (PIL merges identical frames)
+def test_a_job_streams_progress_with_previews_and_its_images_land_in_the_gallery():
+    chars = tiny_pipe(text=True)
+    gate = gated(chars)  # the job waits at its first network call until we watch it: no step is over before we subscribe
+    with make_client({"tiny": tiny_pipe(), "chars": chars}) as client:
+        job = client.post("/api/jobs", json={"model": "chars", "prompt": "ab", "n": 2, "steps": 4, "seed": 7, "animate": True})
+        assert job.status_code == 202
+        seen = events(client, job.json()["id"], on_first=gate.open.set)
+        assert seen[0]["job"]["step"] == 0
+        steps = [e["step"] for e in seen if e["event"] == "progress"]
+        assert steps == [1, 2, 3, 4] and seen[-1]["event"] == "done"
+        preview = next(e["preview"] for e in seen if e["event"] == "progress" and e["preview"])
+        assert Image.open(io.BytesIO(base64.b64decode(preview.split(",", 1)[1]))).size == (16, 8)  # the batch's x0_hat, side by side
+        done = client.get(f"/api/jobs/{job.json()['id']}").json()
+        assert done["status"] == "done" and [image["index"] for image in done["images"]] == [0, 1]
+        png = client.get(done["images"][1]["url"])
+        assert png.headers["content-type"] == "image/png"
+        recorded = parse_parameters(Image.open(io.BytesIO(png.content)).info["parameters"])
+        assert recorded["prompt"] == "ab" and recorded["Seed"] == 7 and recorded["Image index"] == 1 and recorded["Model"] == "chars"
+        gallery = client.get("/api/images").json()["images"]
+        assert [g["id"] for g in gallery] == [done["images"][1]["id"], done["images"][0]["id"]]  # newest first
+        gif = Image.open(io.BytesIO(client.get(done["animation"]).content))
+        assert gif.format == "GIF" and gif.n_frames >= 2  # (PIL merges identical frames)
 
 
 def test_a_random_seed_is_reported_and_makes_the_same_image_again(client):
