@@ -18,6 +18,9 @@ then, before and after:
 - the base model's own prompts: the same retrieval for emoji captions spread over the emoji set,
   against all 1,899 emoji, with the LoRA at scale 1. Target: within 3 points of before.
 - CPU time, wall time, steps, and the LoRA file's size (target: under 2 MB at rank 8).
+- the trade-off on the way: the run stops at --measure-at steps (default 250, 500, 1000, 2000), is
+  measured, and resumes (bit for bit the run without stops; the measuring is not counted in the budget),
+  so "curve" says how the concept's top-1 and the base prompts' top-1 move with the steps trained.
 
 Writes benchmarks/results/finetune.json (with the CPU model, torch's CPU capability and threads) and
 docs/finetune_glyphs.png (rows: the glyphs, before, after) and docs/finetune_base_prompts.png
@@ -47,7 +50,7 @@ from diffusekit.images import save_grid
 from diffusekit.metrics import embed, fd_from_features, get_feature_extractor
 from diffusekit.models import default_model
 from diffusekit.pipeline import Pipeline
-from diffusekit.runtime import use_all_cores
+from diffusekit.runtime import parse_duration, use_all_cores
 
 FONT = Path("/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf")  # Debian: fonts-symbola
 # 24 alchemical symbols that look unlike one another (offsets from U+1F700; "air" is drawn as "fire", so it is left out)
@@ -121,6 +124,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more finetune config overrides, e.g. train.lr=5e-4")
     parser.add_argument("--prior-images", type=int, default=48,
                         help="prior preservation: class images the base draws from emoji captions other than the measured ones (0: none)")
+    parser.add_argument("--measure-at", default="250,500,1000,2000",
+                        help="also measure after these many steps on the way (comma-separated; '' for the end only)")
     parser.add_argument("--per-prompt", type=int, default=4, help="images per concept caption when measuring")
     parser.add_argument("--base-prompts", type=int, default=300, help="emoji captions (spread over the set) for the base model's retrieval")
     parser.add_argument("--guidance", type=float, default=3.0)
@@ -137,7 +142,8 @@ def main() -> None:
         args.glyphs, args.per_prompt, args.base_prompts, args.sample_steps = 6, 1, 8, 4  # top-5 retrieval needs 5 glyphs
         args.threads = 1  # on a machine others use too, two threads that wait for each other crawl
         args.work, args.json, args.grids, args.budget = str(tmp / "work"), str(tmp / "finetune.json"), str(tmp), ""
-        args.set = [*args.set, "train.max_steps=3", "sample.steps=4", "sample.n=4"]
+        args.set = [*args.set, "sample.steps=4", "sample.n=4"]
+        args.measure_at = "2,3"
         args.prior_images = args.prior_images and 4
 
     threads = use_all_cores(args.threads)
@@ -152,20 +158,31 @@ def main() -> None:
     use_all_cores(args.threads)  # from_pretrained takes every core
     before, concept_before, base_before = measure(pipe, glyphs, captions, emoji, emoji_targets, args, extractor, features)
 
-    overrides = [f"finetune.rank={args.rank}", "train.max_steps=1000000", f"train.threads={args.threads}",
-                 *([f'train.budget="{args.budget}"'] if args.budget else [])]
+    overrides = [f"finetune.rank={args.rank}", f"train.threads={args.threads}"]
     if args.prior_images:
         others = sorted(set(range(len(emoji))) - set(emoji_targets.tolist()))  # not the measured prompts
         prior_prompts = [emoji.captions[others[i]] for i in torch.linspace(0, len(others) - 1, args.prior_images).round().long().tolist()]
         overrides += [f"finetune.prior_images={args.prior_images}", f"finetune.prior_prompts={json.dumps(prior_prompts)}"]
-    config = finetune_config(None, work / "data", [*overrides, *args.set])
-    cpu_start, wall_start = time.process_time(), time.perf_counter()
-    result = finetune(config, work / "run", overwrite=True, progress=not args.smoke)
-    cpu_seconds, wall_seconds = time.process_time() - cpu_start, time.perf_counter() - wall_start
-    lora_file = result.run_dir / "lora.safetensors"
-
-    pipe.load_lora(lora_file)
-    after, concept_after, base_after = measure(pipe, glyphs, captions, emoji, emoji_targets, args, extractor, features)
+    stages = sorted({int(steps) for steps in args.measure_at.split(",") if steps.strip()})
+    budget = parse_duration(args.budget) if args.budget else None
+    curve, cpu_seconds, wall_seconds = [], 0.0, 0.0
+    for stop in [*stages, None]:  # one run, stopped and resumed (bit for bit the run without stops), measured at each stop
+        left = None if budget is None else budget - wall_seconds
+        if (left is not None and left < 1) or (stop is None and budget is None and stages):
+            break  # the budget is spent, or without one the last stop is the end
+        limits = [f"train.max_steps={stop or 1_000_000}", *([f'train.budget="{left:.0f}s"'] if left is not None else [])]
+        config = finetune_config(None, work / "data", [*overrides, *args.set, *limits])
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
+        result = finetune(config, work / "run", resume=bool(curve), overwrite=not curve, progress=not args.smoke)
+        cpu_seconds, wall_seconds = cpu_seconds + time.process_time() - cpu_start, wall_seconds + time.perf_counter() - wall_start
+        lora_file = result.run_dir / "lora.safetensors"
+        pipe.load_lora(lora_file, name="lora")
+        after, concept_after, base_after = measure(pipe, glyphs, captions, emoji, emoji_targets, args, extractor, features)
+        pipe.unload_lora("lora")
+        curve.append({"steps": result.step, "finetune_wall_s": wall_seconds, "finetune_cpu_s": cpu_seconds,
+                      "concept_top1": after["concept_random_features"]["top1"], "base_prompts_top1": after["base_prompts_random_features"]["top1"]})
+        if result.stopped_by == "budget":
+            break
 
     shown = min(12, len(captions))
     rows = [glyphs[:shown], concept_before[:shown], concept_after[:shown]]
@@ -185,6 +202,7 @@ def main() -> None:
         "targets": {"concept_top1_after_at_least_0.8": top1["after"] >= 0.8, "lora_under_2MB": lora_file.stat().st_size < 2e6,
                     "base_prompts_within_3_points": base_drop <= 3},
         "grids": [str(grid_glyphs), str(grid_base)],
+        "curve": curve,  # the same run measured on the way: its LoRA after each --measure-at stop and at the end
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
