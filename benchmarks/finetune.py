@@ -109,6 +109,14 @@ def measure(pipe: Pipeline, glyphs, captions, emoji, emoji_targets, args, extrac
     return report, concept, base
 
 
+def step_list(text: str) -> list[int]:
+    """--measure-at: comma-separated positive step counts, sorted ('' for none)."""
+    steps = sorted({int(part) for part in text.split(",") if part.strip()})
+    if any(step < 1 for step in steps):
+        raise ValueError(text)
+    return steps
+
+
 def cpu_name() -> str:
     try:
         return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
@@ -124,7 +132,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more finetune config overrides, e.g. train.lr=5e-4")
     parser.add_argument("--prior-images", type=int, default=48,
                         help="prior preservation: class images the base draws from emoji captions other than the measured ones (0: none)")
-    parser.add_argument("--measure-at", default="250,500,1000,2000",
+    parser.add_argument("--measure-at", type=step_list, default="250,500,1000,2000",
                         help="also measure after these many steps on the way (comma-separated; '' for the end only)")
     parser.add_argument("--per-prompt", type=int, default=4, help="images per concept caption when measuring")
     parser.add_argument("--base-prompts", type=int, default=300, help="emoji captions (spread over the set) for the base model's retrieval")
@@ -143,7 +151,7 @@ def main() -> None:
         args.threads = 1  # on a machine others use too, two threads that wait for each other crawl
         args.work, args.json, args.grids, args.budget = str(tmp / "work"), str(tmp / "finetune.json"), str(tmp), ""
         args.set = [*args.set, "sample.steps=4", "sample.n=4"]
-        args.measure_at = "2,3"
+        args.measure_at = [2, 3]
         args.prior_images = args.prior_images and 4
 
     threads = use_all_cores(args.threads)
@@ -163,13 +171,14 @@ def main() -> None:
         others = sorted(set(range(len(emoji))) - set(emoji_targets.tolist()))  # not the measured prompts
         prior_prompts = [emoji.captions[others[i]] for i in torch.linspace(0, len(others) - 1, args.prior_images).round().long().tolist()]
         overrides += [f"finetune.prior_images={args.prior_images}", f"finetune.prior_prompts={json.dumps(prior_prompts)}"]
-    stages = sorted({int(steps) for steps in args.measure_at.split(",") if steps.strip()})
+    stages = args.measure_at
     budget = parse_duration(args.budget) if args.budget else None
+    stops = [*stages, *([None] if budget is not None or not stages else [])]  # None: on to the end of the budget
     curve, cpu_seconds, wall_seconds = [], 0.0, 0.0
-    for stop in [*stages, None]:  # one run, stopped and resumed (bit for bit the run without stops), measured at each stop
+    for stop in stops:  # one run, stopped and resumed (bit for bit the run without stops), measured at each stop
         left = None if budget is None else budget - wall_seconds
-        if (left is not None and left < 1) or (stop is None and budget is None and stages):
-            break  # the budget is spent, or without one the last stop is the end
+        if left is not None and left < 1:
+            break  # the budget is spent
         limits = [f"train.max_steps={stop or 1_000_000}", *([f'train.budget="{left:.0f}s"'] if left is not None else [])]
         config = finetune_config(None, work / "data", [*overrides, *args.set, *limits])
         cpu_start, wall_start = time.process_time(), time.perf_counter()

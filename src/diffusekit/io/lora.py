@@ -60,7 +60,8 @@ class Entry:
 
 
 def text_model(text_encoder: nn.Module | None) -> nn.Module | None:
-    """The transformers model whose module names a LoRA file uses (diffusekit's TextEncoder wraps it as .model)."""
+    """The text model whose module names a LoRA file uses (diffusekit's TextEncoder wraps it as .model: transformers'
+    or nn/bert.py's, which keeps transformers' BERT names)."""
     return text_encoder.model if isinstance(text_encoder, TextEncoder) else text_encoder
 
 

@@ -143,22 +143,21 @@ class BertTokenizer:
     (made once, under a lock): the server's threads may tokenize at the same time."""
 
     def __init__(self, path: Path, model_max_length: int):
-        from tokenizers import Tokenizer
-
         self.json, self.model_max_length = path.read_text(), model_max_length
-        plain = Tokenizer.from_str(self.json)
-        self.pad_id = plain.padding["pad_id"] if plain.padding else 0
-        plain.no_padding()
-        plain.no_truncation()
-        self.variants, self.lock = {(None, False): plain}, threading.Lock()
+        self.pad_id = (json.loads(self.json).get("padding") or {}).get("pad_id", 0)
+        self.variants, self.lock = {}, threading.Lock()
 
     def variant(self, max_length: int | None, pad: bool):
+        """The tokenizer that truncates to max_length (None: never) and pads to it (pad)."""
         with self.lock:
             if (max_length, pad) not in self.variants:
                 from tokenizers import Tokenizer
 
-                tokenizer = Tokenizer.from_str(self.json)
-                tokenizer.enable_truncation(max_length)  # counts [CLS] and [SEP] in, as transformers does
+                tokenizer = Tokenizer.from_str(self.json)  # (tokenizer.json's own settings are replaced by these)
+                if max_length is None:
+                    tokenizer.no_truncation()
+                else:
+                    tokenizer.enable_truncation(max_length)  # counts [CLS] and [SEP] in, as transformers does
                 if pad:
                     tokenizer.enable_padding(length=max_length, pad_id=self.pad_id)
                 else:
