@@ -88,6 +88,31 @@ def _one_thread(monkeypatch):
     torch.set_num_threads(1)
 
 
+# ----------------------------------------------------------------------------- both precision paths
+# `--precision auto` (the CLI's default) computes in bf16 on CPUs with native bf16 (AVX512-BF16, AMX) and in fp32
+# elsewhere. A test marked `both_precisions` runs once per path on every CPU (DIFFUSEKIT_AUTO_PRECISION, where
+# bf16 is emulated it is slower); the other tests take the path of the CPU they run on. The marked subset is the
+# tests where the path changes what is checked: hashes, recorded parameters, LoRA fusing, closeness to fp32.
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_precisions: run once with --precision auto as bf16 and once as fp32, on any CPU")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("both_precisions"):
+        metafunc.fixturenames.append("auto_precision")
+        metafunc.parametrize("auto_precision", ["auto-bf16", "auto-fp32"], indirect=True)
+
+
+@pytest.fixture
+def auto_precision(request, monkeypatch) -> str:
+    """What `auto` picks on a CPU in this test: bf16 or fp32 (DIFFUSEKIT_AUTO_PRECISION, precision.py)."""
+    dtype = request.param.removeprefix("auto-")
+    monkeypatch.setenv("DIFFUSEKIT_AUTO_PRECISION", dtype)
+    return dtype
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 

@@ -37,6 +37,7 @@ def tuned_run(trained_run, tmp_path_factory):
     return root / "run"
 
 
+@pytest.mark.both_precisions
 def test_sample_with_loras_at_scales(capsys, trained_run, tuned_run, tmp_path):
     before = snapshot(trained_run)
     sample = ["sample", trained_run, "--n", "2", "--steps", "3"]
@@ -53,6 +54,7 @@ def test_sample_with_loras_at_scales(capsys, trained_run, tuned_run, tmp_path):
     assert snapshot(trained_run) == before  # loading and fusing LoRAs never writes the base
 
 
+@pytest.mark.both_precisions
 def test_serve_fuses_the_loras_into_its_models_and_images_record_them(capsys, trained_run, tuned_run, tmp_path, monkeypatch):
     pytest.importorskip("fastapi")
     import uvicorn
@@ -96,6 +98,7 @@ def test_resume_from_the_command_line(capsys, trained_run, tuned_run, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000001"]
 
 
+@pytest.mark.both_precisions
 def test_the_shipped_demo_model_is_the_default_base(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFUSEKIT_CACHE", str(tmp_path / "cache"))
     images = np.full((4, 32, 32, 3), 255, dtype=np.uint8)
@@ -121,6 +124,7 @@ def test_a_scale_that_is_not_a_number(capsys, trained_run, tuned_run):
     assert_user_error(cli(capsys, "sample", trained_run, "--lora", f"{tuned_run}:nan"), "'nan' is not a number")
 
 
+@pytest.mark.both_precisions
 def test_a_lora_made_for_another_base(capsys, tuned_run, tmp_path, image_folder):
     other = tmp_path / "wider"
     train(tiny_config(data__path=str(image_folder), train__max_steps=1, model__channels=[8, 24]), other, progress=False)

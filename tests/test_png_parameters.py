@@ -41,6 +41,7 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path)).astype(int)
 
 
+@pytest.mark.both_precisions
 def test_sample_writes_parameters_into_every_png_and_from_makes_one_again(capsys, trained_run, tmp_path):
     code, out, _ = cli(capsys, "sample", trained_run, "--n", 4, "--steps", 3, "--sampler", "ddpm", "--seed", 5, "--out", tmp_path / "batch")
     assert code == 0 and "seed 5, images 0..3" in out
@@ -63,6 +64,7 @@ def test_a_grid_carries_the_parameters_of_its_first_image(capsys, trained_run, t
     assert recorded["Seed"] == 3 and recorded["Image index"] == 0 and recorded["Batch size"] == 4
 
 
+@pytest.mark.both_precisions
 def test_edit_with_a_mask_records_strength_and_from_needs_edit(capsys, trained_run, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "init.png")
     mask = np.zeros((8, 8), np.uint8)
@@ -94,6 +96,7 @@ def test_info_on_an_image_without_parameters_says_so(capsys, tmp_path):
     assert_user_error(cli(capsys, "info", tmp_path / "fake.png"), "cannot read image")
 
 
+@pytest.mark.both_precisions
 def test_the_prompt_of_a_text_to_image_model_comes_back_with_from(capsys, tmp_path):
     code, _, err = cli(capsys, "generate", "red apple, shiny", "--negative", "green", "--n", 2, "--steps", 2, "--seed", 1, "--out", tmp_path / "g")
     assert code == 0, err
@@ -118,6 +121,7 @@ def test_images_handed_to_us_are_decoded_only_within_limits():
         open_image(gif.getvalue(), "mask")
 
 
+@pytest.mark.both_precisions
 def test_from_refuses_parameters_of_the_wrong_type_and_sample_takes_from_too(capsys, trained_run, tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "odd.png", pnginfo=png_info("x\nSteps: many, Sampler: ddim, Seed: 1"))
     assert_user_error(cli(capsys, "sample", trained_run, "--from", tmp_path / "odd.png"), "records Steps: 'many', which is not a whole number")

@@ -108,6 +108,47 @@ def test_a_bf16_pipeline_keeps_the_sampler_in_float32_and_samples_close_to_fp32(
     assert (a - b).abs().mean() < 0.05 and not torch.equal(a, b)
 
 
+def test_the_model_hash_is_the_stored_weights_at_every_precision_layout_and_with_fused_loras(tmp_path):
+    """One identity per model: the "Model hash" and the U-Net fingerprint are taken from the stored weights, so fp32
+    and bf16, channels-last and contiguous give the same; a fused LoRA changes it the same way at each precision."""
+    from diffusekit.image_info import fingerprint
+    from diffusekit.io.lora import save_lora
+    from diffusekit.models import default_model
+    from diffusekit.nn import lora
+    from diffusekit.nn.state import weights_fingerprint
+
+    config = tiny_config()
+    stored = trained_like_unet(config)
+    tuned = trained_like_unet(config)
+    for layer in lora.inject_lora(tuned, "style", rank=2).values():
+        torch.nn.init.normal_(layer.up, std=0.1)
+    save_lora(tmp_path / "style.safetensors", tuned, "style")
+
+    def pipe(dtype, layout):
+        net = trained_like_unet(config).to(memory_format=layout)
+        return Pipeline(config, net, dtype=dtype)
+
+    pipes = [pipe(dtype, layout) for dtype in ("fp32", "bf16") for layout in (torch.contiguous_format, torch.channels_last)]
+    base = {p.fingerprint for p in pipes}
+    assert base == {fingerprint(stored)} and {p.stored_fingerprints["unet"] for p in pipes} == {weights_fingerprint(stored)}
+    assert fingerprint(pipes[2].net) != fingerprint(stored)  # a bf16 copy's own values differ: the hash is taken before the cast
+    for p in pipes:
+        p.load_lora(tmp_path / "style.safetensors", scale=0.5)
+        p.fuse_lora()
+    fused = {p.fingerprint for p in pipes}
+    assert len(fused) == 1 and fused != base
+    for p in pipes:
+        p.unfuse_lora()
+        p.set_lora_scales({"style": 0.25})
+        p.fuse_lora()
+    assert len({p.fingerprint for p in pipes}) == 1 and {p.fingerprint for p in pipes} not in (base, fused)
+    for p in pipes:
+        p.unload_lora()
+    assert {p.fingerprint for p in pipes} == base
+    # the shipped model's hash, as images made before this change recorded it, at both precisions
+    assert {Pipeline.from_pretrained(default_model(), device="cpu", dtype=d).fingerprint for d in ("fp32", "bf16")} == {"2bd427b0ef"}
+
+
 def test_torch_dtype_is_diffusers_name_for_it(trained_run):
     pipe = Pipeline.from_pretrained(trained_run, device="cpu", torch_dtype=torch.bfloat16)
     assert pipe.precision == "bf16"
@@ -176,3 +217,15 @@ def test_cli_compile_that_fails_is_one_warning_line_not_a_traceback(capsys, trai
 def test_info_system_says_what_auto_picks(capsys):
     code, out, _ = cli(capsys, "info", "--system")
     assert code == 0 and "native bf16" in out and "auto on cpu" in out and precision.cpu_info()["model"] in out
+
+
+def test_the_auto_precision_switch_takes_either_path_on_any_cpu(capsys, monkeypatch):
+    """DIFFUSEKIT_AUTO_PRECISION makes auto pick bf16 (emulated where the CPU lacks it) or fp32 whatever the flags."""
+    cpu = torch.device("cpu")
+    for value, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        monkeypatch.setenv("DIFFUSEKIT_AUTO_PRECISION", value)
+        assert precision.inference_dtype("auto", cpu) == dtype and (precision.training_dtype("auto", cpu) or torch.float32) == dtype
+        code, out, _ = cli(capsys, "info", "--system")
+        assert code == 0 and f"sampling in {value}" in out and f"DIFFUSEKIT_AUTO_PRECISION={value} is set" in out
+    monkeypatch.setenv("DIFFUSEKIT_AUTO_PRECISION", "fast")
+    assert_user_error(cli(capsys, "info", "--system"), "DIFFUSEKIT_AUTO_PRECISION='fast' is not bf16 or fp32", "unset it")

@@ -52,7 +52,7 @@ from diffusekit.files import read_json, read_tensors
 from diffusekit.guidance import GuidedDenoiser
 from diffusekit.io.checkpoint import latest_checkpoint, load_config, load_weights, resolve_checkpoint, write_sampling_checkpoint
 from diffusekit.losses import draw_t_and_noise
-from diffusekit.models import build_net, image_shape
+from diffusekit.models import build_net, example_inputs
 from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.optim import ema_update
 from diffusekit.pipeline import Pipeline
@@ -188,14 +188,7 @@ def measured_stage_steps(config: Config, budget_s: float, repeats: int = 3) -> i
     device = pick_device(config.train.device)
     use_all_cores(config.train.threads)
     net = prepare_module(build_net(config), device)
-    batch = config.train.batch_size * config.train.grad_accumulation
-    x = torch.randn(batch, *image_shape(config), device=device).contiguous(memory_format=torch.channels_last)
-    t = torch.full((batch,), 500.0, device=device).clamp(max=config.diffusion.timesteps - 1)
-    cond = {}
-    if config.model.cross_attention_dim:
-        cond["context"] = torch.zeros(batch, config.text.max_length, config.model.cross_attention_dim, device=device)
-    if config.model.num_classes:
-        cond["class_labels"] = torch.zeros(batch, dtype=torch.long, device=device)
+    x, t, cond = example_inputs(config, config.train.batch_size * config.train.grad_accumulation, device)
 
     def timed(fn) -> float:
         fn()  # warm-up

@@ -184,7 +184,7 @@ class FinetuneTrainer(DiffusionTrainer):
     def build(self) -> torch.nn.Module:
         fc, tc = self.config.finetune, self.config.train
         self.schedule, self.labels = make_schedule(self.config.diffusion), None
-        self.unet = prepare_module(self.base.net, self.device).requires_grad_(False).eval()
+        self.unet = super().place(self.base.net).requires_grad_(False).eval()  # in its fastest layout for a training step
         encoder = self.base.text_encoder.to(self.device) if self.base.text_encoder is not None else None
         self.text_encoder, self.captions = self._caption_embeddings(encoder)
         torch.manual_seed(tc.seed)  # the LoRAs' initial A, whatever loading drew before
@@ -196,6 +196,10 @@ class FinetuneTrainer(DiffusionTrainer):
             nets["text_encoder"] = text_model(self.text_encoder)
             self.inject(nets["text_encoder"], ("attention",))
         return LoRAWeights(nets, ADAPTER)
+
+    def place(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The trained module is the LoRAs (LoRAWeights, already on the U-Net's device): nothing to move or lay out."""
+        return net
 
     def inject(self, net: torch.nn.Module, targets) -> None:
         fc = self.config.finetune

@@ -13,18 +13,29 @@ import torch
 from diffusekit.conditioning import class_labels
 from diffusekit.images import format_parameters
 from diffusekit.inpaint import default_strength
+from diffusekit.nn.state import canonical_tensors
 from diffusekit.version import __version__
 
 
+@torch.no_grad()
 def fingerprint(*modules) -> str:
-    """A short hash (10 hex digits) of the weights of `modules` (None skipped): the same weights give the same
-    hash in any folder, format or memory layout."""
+    """A short hash (10 hex digits) of the weights of `modules` (None skipped) in their canonical float32 form
+    (nn/state.canonical_tensors): the same weights give the same hash in any folder, format or memory layout."""
     digest = hashlib.sha256()
     for module in modules:
-        for key, tensor in (module.state_dict().items() if module is not None else ()):
+        for key, tensor in canonical_tensors(module):
             digest.update(key.encode())
-            digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:10]
+
+
+def with_fused_loras(model_hash: str, fused: list[str]) -> str:
+    """The Model hash of a model with LoRAs folded into its weights: the stored model's hash joined with each fused
+    LoRA's digest (nn/lora.fused_digests: its float32 tensors, layer and factor), so it follows the fused weights and
+    is the same at every precision. Without fused LoRAs it is the stored model's hash."""
+    if not fused:
+        return model_hash
+    return hashlib.sha256(";".join([model_hash, *sorted(fused)]).encode()).hexdigest()[:10]
 
 
 def describe(pipe, n: int, prompts=None, negative: str | None = None, labels=None, first_index: int = 0, size: int | None = None,

@@ -56,6 +56,19 @@ def build_net(config: Config) -> UNet | DiT:
 
 build_unet = build_net  # the name before the DiT, kept for code that still calls it
 
+
+def example_inputs(config: Config, batch: int, device, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(x, t, cond) of the network's shape for a batch, to time it: noise, a middle timestep, and zero text
+    embeddings or class 0 where the model takes them (the values do not change the time a call takes)."""
+    x = torch.randn(batch, *image_shape(config, size), device=device)
+    t = torch.full((batch,), 500.0, device=device).clamp(max=config.diffusion.timesteps - 1)
+    cond = {}
+    if config.model.cross_attention_dim:
+        cond["context"] = torch.zeros(batch, config.text.max_length, config.model.cross_attention_dim, device=device)
+    if config.model.num_classes:
+        cond["class_labels"] = torch.zeros(batch, dtype=torch.long, device=device)
+    return x, t, cond
+
 NETWORK_NAMES = {"unet": "U-Net", "dit": "DiT"}
 SIGNATURE_KEYS = {"dit": "pos_embed.proj.weight", "unet": "conv_in.weight"}  # a weight only that network has
 

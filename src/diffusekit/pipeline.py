@@ -32,10 +32,13 @@ from diffusekit.denoiser import Denoiser, network_dtype
 from diffusekit.distill_losses import ConsistencyDenoiser
 from diffusekit.errors import UserError
 from diffusekit.guidance import GuidedDenoiser
-from diffusekit.image_info import ImageOutput, describe, fingerprint, model_name
+from diffusekit.image_info import ImageOutput, describe, fingerprint, model_name, with_fused_loras
 from diffusekit.inpaint import KnownRegionDenoiser, default_strength, noised_start, sample_resampled, strength_start
 from diffusekit.io import diffusers
-from diffusekit.models import ModelParts, image_shape, load_parts
+from diffusekit.layout import apply_layout, choose_layout
+from diffusekit.models import ModelParts, example_inputs, image_shape, load_parts
+from diffusekit.nn.lora import fused_digests
+from diffusekit.nn.state import weights_fingerprint
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.pipeline_lora import LoRAMethods
 from diffusekit.precision import dtype_name, resolve_dtype
@@ -65,13 +68,16 @@ class Pipeline(LoRAMethods):
         compile: torch.compile the network (compiled.py: a warning and eager mode where that fails)."""
         self.config, self.device = config, torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.net = net.eval() if network_dtype(net) == self.dtype else net.eval().to(self.dtype)
+        self.net, self.vae = net.eval(), vae.eval() if vae is not None else None
+        if network_dtype(net) != self.dtype:
+            self.stored_fingerprints  # taken from the weights as stored, before the cast changes their values
+            self.net = net.to(self.dtype)
         self.sampling_net = compile_network(self.net) if compile else self.net
         self.text_encoder = text_encoder
         self.schedule = make_schedule(config.diffusion)
         self.denoiser = self.make_denoiser()
         self.checkpoint, self.step = checkpoint, step
-        self.vae = vae.eval() if vae is not None else None
+        self.layouts: dict[tuple, str] = {}  # (batch, size, device) -> the network's memory layout for it (use_fastest_layout)
         self.name = model_name(checkpoint)
 
     def make_denoiser(self):
@@ -80,9 +86,17 @@ class Pipeline(LoRAMethods):
         return ConsistencyDenoiser(denoiser, self.schedule) if self.config.distill.method == "consistency" else denoiser
 
     @functools.cached_property
+    def stored_fingerprints(self) -> dict[str, str]:
+        """{"model": the short Model hash of the U-Net and VAE, "unet": the U-Net's full weights_fingerprint}, of the
+        weights as stored (float32 view): taken before a cast to bf16 or a LoRA fuse changes them, so the same model
+        has the same identity at any precision, in any memory layout, on any CPU."""
+        return {"model": fingerprint(self.net, self.vae), "unet": weights_fingerprint(self.net)}
+
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """A short hash of the weights, the "Model hash" images record (image_info.fingerprint)."""
-        return fingerprint(self.net, self.vae)
+        """The "Model hash" images record: the stored model's, joined with the LoRAs fused into it (image_info)."""
+        fused = [digest for net in self.lora_networks() for digest in fused_digests(net)]
+        return with_fused_loras(self.stored_fingerprints["model"], fused)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, weights: str = "ema", device: str = "auto", dtype="fp32", torch_dtype=None,
@@ -247,6 +261,7 @@ class Pipeline(LoRAMethods):
         strength = default_strength(strength, mask is not None)
         sigmas = sigmas[strength_start(settings.steps, strength):] if image is not None else sigmas
         out, batch, walks = [], settings.batch_size, (len(sigmas) - 1) * jump_n_sample
+        self.use_fastest_layout(min(batch, n) * (2 if scale != 1.0 and not guided_student else 1), size)
         bar = tqdm(total=n * walks, desc=f"sampling ({settings.sampler}, {walks} steps)", unit="step", disable=not progress, leave=False)
         for start in range(0, n, batch):
             count = min(batch, n - start)
@@ -275,6 +290,16 @@ class Pipeline(LoRAMethods):
             out.append(self.decode(x) if self.vae is not None else x.clamp(-1, 1).cpu())
         bar.close()
         return torch.cat(out)
+
+    def use_fastest_layout(self, batch: int, size: int | None) -> None:
+        """Put the network in the memory layout it runs fastest in for this batch shape on this CPU (layout.py:
+        measured on first use, then cached); a compiled network keeps the layout it was compiled in."""
+        if self.sampling_net is not self.net:
+            return
+        key = (batch, size, self.device.type)
+        if key not in self.layouts:
+            self.layouts[key] = choose_layout(self.net, example_inputs(self.config, batch, self.device, size))
+        apply_layout(self.net, self.layouts[key])
 
     def edit_inputs(self, image, mask, n: int, shape) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(x0 of the init image [1 or n, *shape], the mask at the U-Net's resolution [1 or n, 1, h, w]) of an edit.

@@ -14,7 +14,6 @@ import torch
 
 from diffusekit.io.lora import load_lora, recorded_base, text_model
 from diffusekit.nn import lora
-from diffusekit.nn.state import weights_fingerprint
 from diffusekit.runtime import warn
 
 
@@ -29,8 +28,7 @@ class LoRAMethods:
         name = load_lora(path, self.net, name=name, scale=scale, text_encoder=self.text_encoder)
         self._weights_changed()
         recorded, base = recorded_base(path)
-        fused = any(x.merged for _, _, x in lora.selected(self.net, None))  # then the weights are not the base's alone
-        own = weights_fingerprint(self.net) if recorded and not fused else recorded
+        own = self.stored_fingerprints["unet"] if recorded else recorded  # the stored weights', whatever their dtype or fused LoRAs
         if own != recorded:
             warn(f"{path} was fine-tuned from another base model ({base or 'unnamed'}, U-Net fingerprint {recorded[:12]}; this one's is "
                  f"{own[:12]}): its layers fit, but it may not draw what it learnt")
@@ -59,6 +57,7 @@ class LoRAMethods:
     def fuse_lora(self, name: str | None = None, keep_original: bool = True) -> None:
         """Fold LoRAs into the weights in memory (faster sampling); unfuse_lora() or unload_lora() takes them out
         again, exactly (keep_original: a copy of each adapted weight is kept meanwhile) or up to float32 rounding."""
+        self.stored_fingerprints  # of the weights before the fuse changes them
         self._each_network(name, lambda net: lora.merge(net, name, keep_original))
 
     def unfuse_lora(self, name: str | None = None) -> None:

@@ -10,11 +10,16 @@ the BF16 extension, and any CUDA GPU that supports it (else float16 for inferenc
 it stays float32: bfloat16 runs on every CPU, but without native support it is emulated and slower.
 Detection reads the CPU flags (/proc/cpuinfo on Linux) and what PyTorch's kernels were built for
 (torch.backends.cpu.get_cpu_capability()); `diffusekit info --system` prints both.
+
+DIFFUSEKIT_AUTO_PRECISION=bf16 (or fp32) makes `auto` on a CPU pick that dtype whatever the flags say: the
+test suite runs its precision-sensitive tests both ways on every CPU with it (bf16 is then emulated where
+the CPU lacks it), and a user can compare both paths on one machine.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -26,6 +31,7 @@ from diffusekit.runtime import available_cores, physical_cores, warn
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO_ENV = "DIFFUSEKIT_AUTO_PRECISION"
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags of native bfloat16 arithmetic (Linux names); ARM: "bf16"
 SHOWN_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "bf16", "asimd", "sve")
 
@@ -61,10 +67,26 @@ def check_precision(precision: str, what: str = "--precision") -> str:
     return precision
 
 
+def forced_cpu_precision() -> str | None:
+    """DIFFUSEKIT_AUTO_PRECISION (bf16 or fp32): what `auto` picks on a CPU instead of what the flags say; None if unset."""
+    value = os.environ.get(AUTO_ENV, "").strip()
+    if value and value not in ("bf16", "fp32"):
+        raise UserError(f"{AUTO_ENV}={value!r} is not bf16 or fp32; unset it to let --precision auto follow the CPU's flags")
+    return value or None
+
+
+def auto_cpu_bf16() -> bool:
+    """Whether `auto` runs bf16 on this CPU: where it is native, unless DIFFUSEKIT_AUTO_PRECISION says otherwise."""
+    forced = forced_cpu_precision()
+    return forced == "bf16" if forced else cpu_info()["native_bf16"]
+
+
 def auto_reason(device: torch.device) -> str:
     """Why `auto` picks what it picks on `device`, in words."""
     if device.type == "cuda":
         return "CUDA: bf16 where the GPU supports it, else fp16"
+    if forced_cpu_precision():
+        return f"{AUTO_ENV}={forced_cpu_precision()} is set (the CPU's own flags are not consulted)"
     info = cpu_info()
     if info["native_bf16"]:
         return f"this CPU multiplies bf16 natively ({', '.join(f for f in info['flags'] if 'bf16' in f)})"
@@ -77,7 +99,7 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_info()["native_bf16"] else torch.float32
+        return torch.bfloat16 if auto_cpu_bf16() else torch.float32
     if device.type == "cpu":
         refuse_cpu_fp16(precision)
         warn_if_emulated(precision)
@@ -92,7 +114,7 @@ def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if cpu_info()["native_bf16"] else None
+        return torch.bfloat16 if auto_cpu_bf16() else None
     if device.type == "cpu":
         warn_if_emulated(precision)
     return DTYPES[precision] if precision == "bf16" else None

@@ -26,9 +26,10 @@ from diffusekit.distributed import draw_for_global_batch
 from diffusekit.errors import UserError
 from diffusekit.files import read_tensors, write_json_atomic
 from diffusekit.images import save_grid
+from diffusekit.layout import choose_layout
 from diffusekit.io.checkpoint import latest_checkpoint, load_config, load_weights, resolve_checkpoint
 from diffusekit.losses import diffusion_loss, draw_t_and_noise
-from diffusekit.models import build_net, build_text_encoder, build_vae, text_condition
+from diffusekit.models import build_net, build_text_encoder, build_vae, example_inputs, text_condition
 from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.nn.text import CaptionEmbeddings
 from diffusekit.pipeline import Pipeline
@@ -84,6 +85,13 @@ class DiffusionTrainer(Trainer):
         if self.vae is not None:
             self.extra_modules["vae"] = self.vae  # saved in every checkpoint: a latent checkpoint decodes on its own
         return build_net(self.config)
+
+    def place(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The denoising network on the device, in the memory layout a training step runs fastest in here (layout.py)."""
+        net = prepare_module(net, self.device)
+        inputs = example_inputs(self.config, self.config.train.batch_size, self.device)
+        self.layout = choose_layout(net, inputs, training=True, autocast_dtype=self.autocast_dtype)
+        return net
 
     def _class_labels(self) -> torch.Tensor | None:
         wanted, dataset = self.config.model.num_classes, self.dataset

@@ -106,7 +106,7 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(tc.seed + 1)  # everything random in a step; in step on every rank
         self.step, self.images_seen, self.train_seconds, self.skipped_steps = 0, 0, 0.0, 0
         self.extra_modules: dict[str, torch.nn.Module] = {}
-        self.net = prepare_module(self.build(), self.device)
+        self.net = self.place(self.build())
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.optimizers = {"optimizer": make_optimizer(self.net.parameters(), tc), **self.extra_optimizers()}
         self.train_net = self.wrap_for_ranks(self.net)
@@ -140,6 +140,10 @@ class Trainer:
     def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Optimizers of the extra modules build() made (a discriminator's), by name; none by default."""
         return {}
+    def place(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The trained network on the device (subclasses also choose its memory layout)."""
+        return prepare_module(net, self.device)
+
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step; returns the losses to log ("loss" first)."""

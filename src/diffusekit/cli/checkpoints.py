@@ -92,11 +92,12 @@ def _info(args) -> None:
 
 
 def _system(args) -> None:
+    from diffusekit.layout import LAYOUT_ENV, cached_choices, forced_layout
     from diffusekit.precision import system_summary
     from diffusekit.runtime import use_all_cores
 
     use_all_cores()
-    summary = system_summary()
+    summary = system_summary() | {"layouts": cached_choices(), "layout_forced": forced_layout()}
     if args.json:
         print(json.dumps(summary, indent=2))
         return
@@ -105,6 +106,13 @@ def _system(args) -> None:
     print(f"cpu flags    {', '.join(cpu['flags']) or 'none of interest'}; PyTorch kernels: {cpu['torch_capability']}")
     print(f"native bf16  {'yes' if cpu['native_bf16'] else 'no'}")
     print(f"auto on cpu  sampling in {auto['cpu']['inference']}, training in {auto['cpu']['training']} ({auto['cpu']['why']})")
+    if summary["layout_forced"]:
+        print(f"layout       {summary['layout_forced']} for every network ({LAYOUT_ENV} is set)")
+    elif not summary["layouts"]:
+        print("layout       none measured yet: each network's first use on this CPU times channels-last against contiguous")
+    for choice in summary["layouts"]:
+        times = ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in choice["seconds"].items())
+        print(f"layout       {choice['layout']} for {choice['network']} {choice['inputs']}, {choice['mode']}, {choice['threads']} (measured: {times})")
     for i, name in enumerate(summary["cuda"]):
         print(f"cuda:{i}       {name}")
     if "cuda" in auto:

@@ -26,6 +26,7 @@ presets below; the same LoRA works on any nn.Linear, e.g. a CLIP text encoder's 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 
@@ -76,7 +77,9 @@ class LoRA(nn.Module):
         self.merged = False  # True while scale (alpha / r) B A is folded into the base weight
         self.conv = dict(stride=base.stride, padding=base.padding, dilation=base.dilation) if isinstance(base, nn.Conv2d) else None
         down, up = lora_shapes(base, rank)
-        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # float32 (or wider) whatever the base's dtype: a LoRA in a bf16 network keeps its file's values exactly
+        # (its fingerprint does not depend on the precision); forward casts the two small matrices to the input's dtype.
+        like = dict(device=base.weight.device, dtype=torch.promote_types(base.weight.dtype, torch.float32))
         self.down = nn.Parameter(torch.empty(down, **like))
         self.up = nn.Parameter(torch.zeros(up, **like))
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))  # as nn.Linear's own init and peft's lora_A
@@ -88,9 +91,10 @@ class LoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)
+        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
         if self.conv is None:
-            return F.linear(F.linear(x, self.down), self.up) * self.factor
-        return F.conv2d(F.conv2d(x, self.down, **self.conv), self.up) * self.factor
+            return F.linear(F.linear(x, down), up) * self.factor
+        return F.conv2d(F.conv2d(x, down, **self.conv), up) * self.factor
 
     def delta(self) -> torch.Tensor:
         """scale (alpha / r) B A in float32, shaped like the base weight."""
@@ -241,6 +245,18 @@ def unmerge(net: nn.Module, name: str | None = None) -> None:
                 del layer.lora_original
             else:
                 layer.weight -= lora.delta().to(layer.weight.dtype)
+
+
+def fused_digests(net: nn.Module) -> list[str]:
+    """A sha256 per merged LoRA of `net`: its layer, factor and float32 tensors (what it added to the weights)."""
+    out = []
+    for path, layer in lora_hosts(net).items():
+        for lora in (x for x in layer.lora.values() if x.merged):
+            digest = hashlib.sha256(f"{path};{lora.factor!r};".encode())
+            for tensor in (lora.down, lora.up):
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            out.append(digest.hexdigest())
+    return out
 
 
 def remove_lora(net: nn.Module, name: str | None = None) -> None:

@@ -30,14 +30,22 @@ def load_state_dict_checked(module: torch.nn.Module, state: dict[str, torch.Tens
     module.load_state_dict(state)
 
 
+def canonical_tensors(module: torch.nn.Module | None):
+    """(name, tensor) of a network's state dict in the form every fingerprint hashes: float32, contiguous, on
+    the CPU. Equal weights give equal bytes whatever their memory layout (channels-last or not) or the dtype
+    they are stored in (a float16 file's values are exact in float32). A copy cast to bf16 has other values:
+    fingerprints are taken before such a cast (Pipeline.stored_fingerprints)."""
+    for name, tensor in (module.state_dict().items() if module is not None else ()):
+        yield name, tensor.detach().to("cpu", torch.float32).contiguous()
+
+
 @torch.no_grad()
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """sha256 over a network's state dict (names, shapes and values as float32, in name order): the same
-    weights give the same fingerprint in a diffusekit checkpoint and in a diffusers folder (a float16
-    copy does not: its values differ). LoRAs are not part of it (they write nothing into the state dict);
-    merged ones are."""
+    weights give the same fingerprint in a diffusekit checkpoint and in a diffusers folder. LoRAs are not
+    part of it (they write nothing into the state dict); merged ones are."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(canonical_tensors(module), key=lambda item: item[0]):
         digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()
