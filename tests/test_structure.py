@@ -1,4 +1,4 @@
-"""The shape of the code: imports only go down the layers of DESIGN.md, no import cycles
+"""The shape of the code: imports only go down the layers of docs/architecture.md, no import cycles
 (imports inside functions count too), small files, and a module map that names every module."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "diffusekit"
 
-# DESIGN.md's layers, bottom to top; a module may import its own layer and the ones below.
+# docs/architecture.md's layers, bottom to top; a module may import its own layer and the ones below.
 LAYERS = {
     1: ["errors", "files", "runtime", "precision", "layout", "compiled", "flow", "schedule", "denoiser", "losses", "samplers", "guidance", "inpaint", "distributed",
         "optim", "version", "distill_losses"],
@@ -121,3 +121,15 @@ def test_the_readme_module_map_names_every_module():
                if p.name not in ("__init__.py", "__main__.py") and str(p.relative_to(PACKAGE).with_suffix("")) not in named
                and p.stem not in named]
     assert missing == [], f"add these modules to the README module map: {missing}"
+
+
+def test_every_link_in_the_docs_stays_inside_the_repository():
+    """Relative links of README.md and docs/*.md name files of this repository that exist (no ../shared, no dead link)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address or an anchor of the same page
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.is_relative_to(ROOT), f"{page.name} links outside the repository: {target}"
+            assert path.exists(), f"{page.name} links to a missing file: {target}"
