@@ -154,13 +154,19 @@ def test_info_on_a_truncated_checkpoint_says_it_is_damaged(capsys, run_copy):
     assert_user_error(cli(capsys, "info", run_copy), "ema.safetensors", "damaged")
 
 
-def test_resuming_from_a_damaged_latest_checkpoint_names_the_newest_intact_one(capsys, image_folder, tmp_path):
+def test_resuming_from_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(capsys, image_folder, tmp_path):
     config = config_to_dict(tiny_config(data__path=str(image_folder), train__max_steps=4, train__checkpoint_every=2, train__keep_checkpoints=3))
     preset = write_preset(tmp_path / "tiny.toml", config)
     assert cli(capsys, "train", "--preset", preset, "--out", tmp_path / "run")[0] == 0
-    truncate(tmp_path / "run" / "checkpoints" / "step_00000004" / "optimizer.safetensors")
-    assert_user_error(cli(capsys, "train", "--preset", preset, "--out", tmp_path / "run", "--resume", "--steps", "6", "--quiet"),
-                      "step_00000004", "damaged", "newest intact one is step_00000002")
+    damaged = tmp_path / "run" / "checkpoints" / "step_00000004" / "optimizer.safetensors"
+    truncate(damaged)
+    kept = damaged.read_bytes()
+    code, _, err = cli(capsys, "train", "--preset", preset, "--out", tmp_path / "run", "--resume", "--steps", "6", "--quiet")
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert code == 0 and "step_00000004" in warnings[0] and "damaged" in warnings[0]
+    assert "using the newest intact checkpoint, step_00000002" in warnings[0]
+    assert len(warnings) == 2 and "kept as step_00000004.damaged" in warnings[1]  # when step 4 is saved again
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004.damaged" / "optimizer.safetensors").read_bytes() == kept  # kept aside, not deleted
 
 
 # ----------------------------------------------------------------------------- sampling options

@@ -1,4 +1,4 @@
-"""Training that survives being killed, a full disk and a NaN loss.
+"""Training that survives being killed, a full disk, a NaN loss and a damaged checkpoint.
 
 The kills are real: `python -m diffusekit train` in a subprocess, SIGKILLed mid-run or
 mid-save; the resume then runs the CLI in this process and must end with the same
@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, tiny_config, write_preset
+from conftest import TINY, assert_user_error, cli, tiny_config, write_preset
 
 import diffusekit.files as files_module
 import diffusekit.train as train_module
@@ -27,6 +28,7 @@ from diffusekit.cli import main
 from diffusekit.errors import DiffusekitWarning, UserError
 from diffusekit.files import read_tensors
 from diffusekit.io.checkpoint import latest_checkpoint
+from diffusekit.pipeline import Pipeline
 from diffusekit.train import train
 
 EVERY = 3  # checkpoint_every in the killed runs
@@ -220,3 +222,81 @@ def test_skip_leaves_out_the_bad_batch_and_counts_it(monkeypatch, image_folder, 
 def test_on_nan_takes_stop_or_skip():
     with pytest.raises(UserError, match="train.on_nan = 'ignore' is not one of: stop, skip"):
         tiny_config(train__on_nan="ignore")
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # as a disk error or a copy cut short leaves it
+
+
+def train_to(preset: Path, run: Path, steps: int) -> Path:
+    """The tiny preset trained to `steps`, keeping its checkpoints at EVERY, 2 EVERY ...; the checkpoints folder."""
+    assert main(["train", "--preset", str(preset), "--out", str(run), "--steps", str(steps), "--quiet", "--set", "train.keep_checkpoints=10"]) == 0
+    return run / "checkpoints"
+
+
+def warning_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_and_kept(preset, image_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    folder = train_to(preset, run, 2 * EVERY)
+    damaged = folder / f"step_{2 * EVERY:08d}"
+    cut_in_half(damaged / "optimizer.safetensors")
+    cut = (damaged / "optimizer.safetensors").read_bytes()
+    capsys.readouterr()
+    resume_to(preset, run, 2 * EVERY - 1)  # continues from step EVERY, the newest intact one
+    [warned] = warning_lines(capsys)
+    assert f"'{damaged / 'optimizer.safetensors'}' is damaged" in warned
+    assert f"using the newest intact checkpoint, step_{EVERY:08d}, instead" in warned
+    assert (damaged / "optimizer.safetensors").read_bytes() == cut  # left as it was
+
+    resume_to(preset, run, 2 * EVERY + 2)  # the run reaches the damaged one's step: it is renamed, not lost
+    [moved] = warning_lines(capsys)
+    assert f"kept as step_{2 * EVERY:08d}.damaged, and step_{2 * EVERY:08d} is written anew" in moved
+    assert (folder / f"step_{2 * EVERY:08d}.damaged" / "optimizer.safetensors").read_bytes() == cut
+    assert_same_run_as_uninterrupted(run, image_folder, 2 * EVERY + 2, tmp_path)  # the fallback resumed bit for bit
+    assert warning_lines(capsys) == []  # now every checkpoint the run uses is intact
+
+
+@pytest.mark.parametrize("pointer", [None, b"\xff\xfe\x00", b"step_00000099\n", b"../../elsewhere\n"])
+def test_without_a_usable_latest_file_resume_finds_the_newest_intact_checkpoint(preset, image_folder, tmp_path, capsys, pointer):
+    run = tmp_path / "run"
+    folder = train_to(preset, run, 2 * EVERY)
+    if pointer is None:
+        (folder / "latest").unlink()  # as a kill between a checkpoint's rename and its pointer leaves it
+    else:
+        (folder / "latest").write_bytes(pointer)
+    capsys.readouterr()
+    before = (run / "metrics.jsonl").read_text()
+    resume_to(preset, run, 2 * EVERY + 1)
+    assert (run / "metrics.jsonl").read_text().startswith(before)  # continued from step 2 EVERY: no step redone (elapsed_s would differ)
+    warned = warning_lines(capsys)
+    assert_same_run_as_uninterrupted(run, image_folder, 2 * EVERY + 1, tmp_path)
+    if pointer is None:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and f"latest' names no complete checkpoint; using the newest intact checkpoint, step_{2 * EVERY:08d}" in warned[0]
+
+
+def test_sampling_a_run_with_a_damaged_newest_checkpoint_uses_the_newest_intact_one(preset, tmp_path, capsys):
+    folder = train_to(preset, tmp_path / "run", 2 * EVERY)
+    cut_in_half(folder / f"step_{2 * EVERY:08d}" / "ema.safetensors")
+    copy = tmp_path / "copy"  # the warning is given once per process and run
+    shutil.copytree(tmp_path / "run", copy)
+    capsys.readouterr()
+    code, _, err = cli(capsys, "sample", tmp_path / "run", "--n", "1", "--steps", "2", "--out", tmp_path / "x.png")
+    warned = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert code == 0 and (tmp_path / "x.png").is_file()
+    assert len(warned) == 1 and f"step_{2 * EVERY:08d}/ema.safetensors' is damaged" in warned[0] and f"step_{EVERY:08d}, instead" in warned[0]
+    with pytest.warns(DiffusekitWarning, match=f"step_{2 * EVERY:08d}/ema.safetensors' is damaged.*newest intact checkpoint, step_{EVERY:08d}"):
+        pipe = Pipeline.from_pretrained(copy)
+    assert pipe.checkpoint == copy / "checkpoints" / f"step_{EVERY:08d}" and pipe.step == EVERY
+
+    cut_in_half(copy / "checkpoints" / f"step_{EVERY:08d}" / "config.json")  # no intact checkpoint at all: one error naming the damage
+    assert_user_error(cli(capsys, "sample", copy, "--n", "1", "--steps", "2", "--out", tmp_path / "y.png"),
+                      f"no checkpoint of the run '{copy}' is intact", f"step_{2 * EVERY:08d}/ema.safetensors' is damaged", f"step_{EVERY:08d}/config.json")
+    assert not (tmp_path / "y.png").exists()

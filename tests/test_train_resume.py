@@ -8,9 +8,11 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_user_error, cli, tiny_config, write_preset
 
-from diffusekit.errors import UserError
+import diffusekit.trainer as trainer_module
+from diffusekit.config import apply_overrides, config_to_dict
+from diffusekit.errors import ConfigError, DiffusekitWarning, UserError
 from diffusekit.files import read_tensors
 from diffusekit.io.checkpoint import latest_checkpoint
 from diffusekit.optim import ema_decay_at, ema_update, lr_at
@@ -111,6 +113,79 @@ def test_resume_refuses_another_config(run_config, trained_run):
     assert sorted(p.name for p in (trained_run / "checkpoints").iterdir()) == before
 
 
+# ----------------------------------------------------------------------------- checkpoints by wall time
+
+
+def fake_clock(monkeypatch, seconds_per_step: float) -> None:
+    """The clock of train.checkpoint_minutes moves `seconds_per_step` with each training step: no real waiting."""
+    now = [0.0]
+
+    def train_step(self, real=DiffusionTrainer.train_step):
+        now[0] += seconds_per_step
+        return real(self)
+
+    monkeypatch.setattr(DiffusionTrainer, "train_step", train_step)
+    monkeypatch.setattr(trainer_module, "wall_clock", lambda: now[0])
+
+
+def checkpoint_names(run) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def test_a_checkpoint_at_least_every_checkpoint_minutes(monkeypatch, run_config, tmp_path):
+    fake_clock(monkeypatch, 40)  # at 1 minute, every second step is due
+    timed = train(run_config(train__max_steps=5, train__checkpoint_minutes=1, train__keep_checkpoints=10), tmp_path / "timed", progress=False)
+    assert checkpoint_names(timed.run_dir) == ["latest", "step_00000002", "step_00000004", "step_00000005"]
+    off = train(run_config(train__max_steps=5, train__checkpoint_minutes=0, train__keep_checkpoints=10), tmp_path / "off", progress=False)
+    assert checkpoint_names(off.run_dir) == ["latest", "step_00000005"]  # 0: by train.checkpoint_every alone
+    a, b = checkpoint_tensors(timed.checkpoint), checkpoint_tensors(off.checkpoint)
+    for group in a:  # saving changes nothing in the run
+        assert_same_tensors(a[group], b[group])
+
+
+def test_a_timed_checkpoint_resumes_bit_exact(monkeypatch, run_config, tmp_path):
+    import shutil
+
+    fake_clock(monkeypatch, 40)
+    sets = {"model__dropout": 0.1, "data__hflip": True, "train__lr_schedule": "cosine", "train__warmup_steps": 2,
+            "train__checkpoint_minutes": 1, "train__keep_checkpoints": 10, "train__max_steps": 6}
+    straight = train(run_config(**sets), tmp_path / "straight", progress=False)
+    split = tmp_path / "split"  # as a kill after the timed checkpoint of step 2 leaves the run
+    shutil.copytree(straight.run_dir, split)
+    for ckpt in ("step_00000004", "step_00000006"):
+        shutil.rmtree(split / "checkpoints" / ckpt)
+    (split / "checkpoints" / "latest").write_text("step_00000002\n")
+    resumed = train(run_config(**sets), split, resume=True, progress=False)
+    assert resumed.step == 6
+    a, b = checkpoint_tensors(straight.checkpoint), checkpoint_tensors(resumed.checkpoint)
+    for group in a:
+        assert_same_tensors(a[group], b[group])
+    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (straight.run_dir, split)]
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("value", ["0", "0.5", "2", "1e-3"])
+def test_checkpoint_minutes_takes_minutes_or_0(value):
+    assert apply_overrides(tiny_config(), [f"train.checkpoint_minutes={value}"]).train.checkpoint_minutes == float(value)
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+def test_checkpoint_minutes_refuses_what_is_no_time(value):
+    with pytest.raises(ConfigError, match="train.checkpoint_minutes"):
+        apply_overrides(tiny_config(), [f"train.checkpoint_minutes={value}"])
+
+
+def test_checkpoint_minutes_from_the_command_line(capsys, image_folder, tmp_path):
+    preset = write_preset(tmp_path / "tiny.toml", config_to_dict(tiny_config(data__path=str(image_folder), train__max_steps=2)))
+    assert_user_error(cli(capsys, "train", "--preset", preset, "--out", tmp_path / "bad", "--set", "train.checkpoint_minutes=nan"),
+                      "train.checkpoint_minutes = nan", "e.g. 1")
+    assert not (tmp_path / "bad").exists()
+    assert cli(capsys, "train", "--preset", preset, "--out", tmp_path / "run", "--quiet", "--set", "train.checkpoint_minutes=2.5")[0] == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["checkpoint_minutes"] == 2.5
+    assert cli(capsys, "train", "--out", tmp_path / "run", "--resume", "--steps", "3", "--quiet", "--set", "train.checkpoint_minutes=0")[0] == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["checkpoint_minutes"] == 0  # a resume may change it
+
+
 # ----------------------------------------------------------------------------- checkpoints and outputs
 
 
@@ -133,7 +208,8 @@ def test_latest_ignores_an_incomplete_checkpoint(trained_run, tmp_path):
     (run / "checkpoints" / "step_00000099").mkdir()  # a crash mid-save leaves no pointer to it
     assert latest_checkpoint(run) == complete
     (complete / "state.json").unlink()  # and a pointer to a damaged folder is not trusted
-    assert latest_checkpoint(run) is None
+    with pytest.warns(DiffusekitWarning, match="latest' names no complete checkpoint; no checkpoint of this run is intact"):
+        assert latest_checkpoint(run) is None
 
 
 def test_metrics_lines(run_config, tmp_path):

@@ -270,6 +270,9 @@ def validate(config: Config) -> Config:
     _check(t.warmup_steps >= 0 and t.grad_clip >= 0, "train.warmup_steps and train.grad_clip must not be negative")
     _check(t.log_every >= 1 and t.checkpoint_every >= 1 and t.keep_checkpoints >= 1, "train.log_every, checkpoint_every and keep_checkpoints must be at least 1")
     _choice("train.on_nan", t.on_nan, ("stop", "skip"))
+    _check(math.isfinite(t.checkpoint_minutes) and t.checkpoint_minutes >= 0,
+           f"train.checkpoint_minutes = {t.checkpoint_minutes} is not a time between checkpoints: give minutes >= 0, e.g. 1 "
+           "(0: no timed checkpoints, train.checkpoint_every alone)")
     if t.budget:
         parse_duration(t.budget)
 

@@ -17,10 +17,11 @@ rows: the run does not depend on how the global batch is split into ranks. Rank 
 logs and writes files, and the others wait for it at every checkpoint. The data position
 is counted in global indices, so a run may resume with another number of processes.
 
-Surviving failures: a kill at any moment leaves the last complete checkpoint to resume
-from (io/checkpoint.py); a failed save (full disk) keeps the previous checkpoint and the
-run goes on, except for the final save; a NaN/inf loss stops the run (train.on_nan =
-"stop") or skips that batch ("skip").
+Surviving failures: a checkpoint every train.checkpoint_every steps and at least every
+train.checkpoint_minutes of wall time, so a kill at any moment loses little; a resume takes
+the last complete checkpoint, or the newest intact one if that is damaged (io/checkpoint.py);
+a failed save (full disk) keeps the previous checkpoint and the run goes on, except for the
+final save; a NaN/inf loss stops the run (train.on_nan = "stop") or skips that batch ("skip").
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from diffusekit.io.runs import clear_run_dir, drop_records_after, prepare_run_di
 from diffusekit.optim import ema_decay_at, ema_update, lr_at, make_optimizer
 from diffusekit.precision import training_dtype
 from diffusekit.runtime import parse_duration, pick_device, prepare_module, use_all_cores, warn
+
+wall_clock = time.monotonic  # what train.checkpoint_minutes are measured on (tests replace it)
 
 
 @dataclass
@@ -137,13 +140,13 @@ class Trainer:
     def build(self) -> torch.nn.Module:
         raise NotImplementedError
 
-    def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """Optimizers of the extra modules build() made (a discriminator's), by name; none by default."""
-        return {}
     def place(self, net: torch.nn.Module) -> torch.nn.Module:
         """The trained network on the device (subclasses also choose its memory layout)."""
         return prepare_module(net, self.device)
 
+    def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Optimizers of the extra modules build() made (a discriminator's), by name; none by default."""
+        return {}
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step; returns the losses to log ("loss" first)."""
@@ -277,6 +280,11 @@ class Trainer:
             return False
         return distributed.any_rank(time.perf_counter() - start >= budget, self.device)
 
+    def checkpoint_due(self, last_save: float) -> bool:
+        """Whether train.checkpoint_minutes have passed since `last_save` (on any rank: they save together)."""
+        minutes = self.config.train.checkpoint_minutes
+        return minutes > 0 and distributed.any_rank(wall_clock() - last_save >= 60 * minutes, self.device)
+
     def log_window(self, window: list[dict[str, float]], rate: float, elapsed: float) -> None:
         """The mean losses since the last log (over all ranks) and the speed, as one metrics.jsonl line."""
         means = distributed.mean_over_ranks(window_means(window), self.device)
@@ -291,7 +299,7 @@ class Trainer:
         budget = parse_duration(tc.budget) if tc.budget else None
         start, session_images, session_train = time.perf_counter(), 0, 0.0
         window: list[dict[str, float]] = []
-        stopped_by, last_ckpt, last_loss = "max_steps", resume_from, float("nan")
+        stopped_by, last_ckpt, last_loss, last_save = "max_steps", resume_from, float("nan"), wall_clock()
         bar = tqdm(total=tc.max_steps, initial=self.step, desc="training", unit="step", disable=not self.progress or self.rank != 0,
                    file=sys.stderr, dynamic_ncols=True)
         for module in self.modules().values():  # train mode for what is trained (not the EMA, not a frozen VAE)
@@ -321,8 +329,9 @@ class Trainer:
                 self.try_sample_grid()
             if self.config.eval.every and self.step % self.config.eval.every == 0 and self.rank == 0:
                 self.try_evaluate()
-            if self.step % tc.checkpoint_every == 0:
+            if self.step % tc.checkpoint_every == 0 or self.checkpoint_due(last_save):
                 last_ckpt = self.save() or last_ckpt
+                last_save = wall_clock()  # a failed save too: the next try waits as long
         bar.close()
         if last_ckpt is None or last_ckpt.name != checkpoint_name(self.step):
             last_ckpt = self.save(final=True)

@@ -13,12 +13,19 @@ A checkpoint is written into a temporary folder (`.tmp-step_N-*`), flushed to di
 renamed into place, and only then does `latest` (itself replaced atomically) point at
 it: a crash mid-save never leaves a half-written checkpoint that looks complete, and
 what such a crash leaves behind is removed at the next start (remove_stale_temp_files).
+
+A checkpoint damaged later (a file cut short, a garbled `latest`) is passed over:
+latest_checkpoint, which resuming and sampling both use, takes the newest intact one
+with one warning. The damaged folder is kept; when training reaches its step again it
+is renamed step_N.damaged to make room for the new checkpoint.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -26,15 +33,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from diffusekit.config import Config, config_from_dict
+from diffusekit.distributed import launched_rank
 from diffusekit.errors import UserError
 from diffusekit.files import TEMP_PREFIX, fsync_folder, make_temp_folder, read_json, read_tensors, save_tensors_atomic, write_text_atomic
+from diffusekit.runtime import warn
 
 LATEST = "latest"
 WEIGHT_FILES = {"ema": "ema.safetensors", "model": "model.safetensors"}
+STEP_FOLDER = re.compile(r"step_(\d+)")  # a checkpoint's folder name (not step_N.damaged)
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    return int(STEP_FOLDER.fullmatch(ckpt.name).group(1))
 
 
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, config: dict, keep: int = 2) -> Path:
@@ -49,16 +63,30 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         fsync_folder(tmp)  # the files reach the disk before the folder's new name does
-        if final.exists():  # an incomplete folder of that step (a crash before `latest` moved on)
-            shutil.rmtree(final)
+        if final.exists():
+            make_room(final)
         os.replace(tmp, final)
         fsync_folder(folder, files=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_text_atomic(folder / LATEST, final.name + "\n")
-    prune_checkpoints(folder, keep)
+    prune_checkpoints(folder, keep, final)
     return final
+
+
+def make_room(final: Path) -> None:
+    """Clear the way for a new checkpoint of the same step. An incomplete folder (no state.json) or an intact
+    checkpoint (a resume from an earlier one redid its steps) is replaced; a damaged one is renamed
+    step_N.damaged (or .damaged-2, ...) and kept, with a warning."""
+    problem = checkpoint_damage(final) if (final / "state.json").is_file() else None
+    if problem is None:
+        shutil.rmtree(final)
+        return
+    names = (f"{final.name}.damaged" + (f"-{i}" if i > 1 else "") for i in itertools.count(1))
+    aside = next(final.with_name(name) for name in names if not final.with_name(name).exists())
+    os.replace(final, aside)
+    warn(f"{problem}; that checkpoint is kept as {aside.name}, and {final.name} is written anew")
 
 
 def remove_stale_temp_files(run_dir: Path) -> list[Path]:
@@ -75,23 +103,69 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
-    """The complete checkpoint folders, oldest first."""
-    return sorted(p for p in folder.glob("step_*") if (p / "state.json").is_file())
+    """The complete checkpoint folders (step_N with a state.json), oldest first."""
+    found = [p for p in folder.glob("step_*") if STEP_FOLDER.fullmatch(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
-def prune_checkpoints(folder: Path, keep: int) -> None:
+def prune_checkpoints(folder: Path, keep: int, newest: Path) -> None:
+    """Keep the newest `keep` checkpoints up to `newest`, the one just written. Later ones (left by a resume
+    from an earlier checkpoint) stay until the run reaches their step and make_room replaces them."""
     latest = (folder / LATEST).read_text().strip()
-    for old in list_checkpoints(folder)[:-keep]:
+    done = [c for c in list_checkpoints(folder) if checkpoint_step(c) <= checkpoint_step(newest)]
+    for old in done[:-keep]:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
 
 
+_warned: set[str] = set()  # the warnings warn_once gave
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / LATEST
-    if not pointer.is_file():
+    """The checkpoint to resume or sample from: the one `latest` names if it is intact, else the newest intact
+    step_* folder, with one warning naming what was passed over (and left as it is). None: no intact checkpoint."""
+    found, problems = find_checkpoint(run_dir)
+    if problems:
+        outcome = f"using the newest intact checkpoint, {found.name}, instead (nothing is deleted)" if found else "no checkpoint of this run is intact"
+        warn_once(f"{'; '.join(problems)}; {outcome}")
+    return found
+
+
+def find_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """latest_checkpoint's choice, without a warning: (the checkpoint or None, what is wrong with those passed over)."""
+    folder = Path(run_dir) / "checkpoints"
+    pointer = folder / LATEST
+    named = pointed_at(pointer)
+    if named is None:
+        problems = [f"'{pointer}' names no complete checkpoint"] if pointer.is_file() else []
+    elif (problem := checkpoint_damage(named)) is None:
+        return named, []
+    else:
+        problems = [problem]
+    for ckpt in reversed(list_checkpoints(folder)):
+        if ckpt == named:
+            continue
+        if (problem := checkpoint_damage(ckpt)) is None:
+            return ckpt, problems
+        problems.append(problem)
+    return None, problems
+
+
+def warn_once(message: str) -> None:
+    """A warning given once per process, by the first rank (a resume looks its checkpoint up several times)."""
+    if message not in _warned and launched_rank() == 0:
+        _warned.add(message)
+        warn(message)
+
+
+def pointed_at(pointer: Path) -> Path | None:
+    """The checkpoint folder the `latest` file names, if it names one."""
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, ValueError):
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    path = pointer.parent / name
+    return path if STEP_FOLDER.fullmatch(name) and (path / "state.json").is_file() else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -101,10 +175,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(f"'{path}' does not exist; give a run folder (e.g. runs/mnist) or one of its checkpoints/step_* folders")
     if (path / "config.json").is_file() and any((path / name).is_file() for name in WEIGHT_FILES.values()):
         return path
-    found = latest_checkpoint(path)
+    found, problems = find_checkpoint(path)
+    if found is None and problems:
+        raise UserError(f"no checkpoint of the run '{path}' is intact: {'; '.join(problems)}; give another run, or train it again")
     if found is None:
         raise UserError(f"'{path}' is neither a run folder with a checkpoint nor a checkpoint folder (no checkpoints/latest, no *.safetensors weights)")
-    return found
+    return latest_checkpoint(path)  # the same one, with the warning of what it passed over
 
 
 SAMPLING_FILES = ("ema.safetensors", "vae.safetensors")  # with config.json and state.json: all that sampling reads
@@ -144,28 +220,36 @@ def load_config(ckpt: Path) -> Config:
     return config_from_dict(read_json(Path(ckpt) / "config.json", "config"), where=f"{ckpt}/config.json")
 
 
-def check_intact(ckpt: Path) -> None:
-    """Raise a UserError if a file of the checkpoint is missing, cut short or unreadable (headers only: fast)."""
-    read_json(ckpt / "config.json", "config")
-    read_json(ckpt / "state.json", "training state")
+def checkpoint_damage(ckpt: Path) -> str | None:
+    """What makes a checkpoint unusable (a file missing, cut short or unreadable; headers only: fast), None if intact."""
+    try:
+        read_json(ckpt / "config.json", "config")
+        read_json(ckpt / "state.json", "training state")
+    except UserError as err:
+        return str(err)
+    if not any((ckpt / name).is_file() for name in WEIGHT_FILES.values()):
+        return f"'{ckpt}' has no weights ({' or '.join(WEIGHT_FILES.values())})"
     for path in sorted(ckpt.glob("*.safetensors")):
         try:
             with safe_open(str(path), "pt"):
                 pass
         except (SafetensorError, OSError) as err:
-            raise UserError(f"'{path}' is damaged ({err}); the checkpoint '{ckpt}' cannot be used") from None
+            return f"'{path}' is damaged ({err})"
+    return None
+
+
+def check_intact(ckpt: Path) -> None:
+    """Raise a UserError if a file of the checkpoint is missing, cut short or unreadable."""
+    problem = checkpoint_damage(ckpt)
+    if problem is not None:
+        raise UserError(f"{problem}; the checkpoint '{ckpt}' cannot be used")
 
 
 def newest_intact_checkpoint(run_dir: Path, before: Path | None = None) -> Path | None:
     """The newest checkpoint of a run (older than `before`, if given) whose files are all readable."""
     for ckpt in reversed(list_checkpoints(Path(run_dir) / "checkpoints")):
-        if before is not None and ckpt.name >= before.name:
-            continue
-        try:
-            check_intact(ckpt)
+        if (before is None or checkpoint_step(ckpt) < checkpoint_step(before)) and checkpoint_damage(ckpt) is None:
             return ckpt
-        except UserError:
-            continue
     return None
 
 
