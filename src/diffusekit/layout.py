@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from diffusekit.denoiser import cast_floats, network_dtype
 from diffusekit.errors import UserError
 from diffusekit.files import write_json_atomic
 from diffusekit.precision import cpu_info, dtype_name
@@ -57,7 +58,7 @@ def layout_key(net: torch.nn.Module, inputs: tuple, training: bool, autocast_dty
     shapes = hashlib.sha256(";".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in net.state_dict().items()).encode()).hexdigest()[:16]
     x, t, cond = inputs
     inputs_text = ",".join([f"x{tuple(x.shape)}", *(f"{k}{tuple(v.shape)}" for k, v in sorted(cond.items()))])
-    mode = f"training in {dtype_name(autocast_dtype)}" if training else f"sampling in {dtype_name(next(net.parameters()).dtype)}"
+    mode = f"training in {dtype_name(autocast_dtype)}" if training else f"sampling in {dtype_name(network_dtype(net))}"
     return "|".join([cpu["model"], " ".join(cpu["flags"]), torch.__version__, f"{torch.get_num_threads()} threads",
                      type(net).__name__, shapes, inputs_text, mode])
 
@@ -104,8 +105,8 @@ def probe_call(net: torch.nn.Module, inputs: tuple, training: bool, autocast_dty
     """One representative call of `net` on `inputs` in a given layout: sampling's forward, or training's forward
     and backward (under autocast). The global RNG and the gradients are left as they were."""
     x, t, cond = inputs
-    dtype = next(net.parameters()).dtype if not training else x.dtype  # training: float32 weights, autocast does the rest
-    cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+    dtype = network_dtype(net) if not training else x.dtype  # training: float32 weights, autocast does the rest
+    cond = cast_floats(cond, dtype)
 
     def call(fmt):
         if not training:
@@ -123,8 +124,8 @@ def probe_call(net: torch.nn.Module, inputs: tuple, training: bool, autocast_dty
 def choose_layout(net: torch.nn.Module, inputs: tuple, training: bool = False, autocast_dtype: torch.dtype | None = None) -> str:
     """Put `net` (on a CPU) in the layout it runs fastest in for `inputs` = (x, t, cond), measured once per machine and
     network shape (see the module's docstring); returns the layout's name."""
-    if inputs[0].device.type != "cpu":
-        return "contiguous"
+    if inputs[0].device.type != "cpu" or not any(p.ndim == 4 for p in net.parameters()):
+        return "contiguous"  # a GPU's choice is its own; a network without convolutions has no layout to choose
     layout = forced_layout()
     key = layout_key(net, inputs, training, autocast_dtype)
     if layout is None:
