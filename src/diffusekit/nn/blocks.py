@@ -58,6 +58,11 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+def silu_of_fresh(x: torch.Tensor) -> torch.Tensor:
+    """SiLU of a tensor nothing else holds (a norm's output): in place where autograd does not need the input."""
+    return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm -> SiLU -> conv, plus a projection of the time embedding, twice, with a skip."""
 
@@ -74,12 +79,15 @@ class ResnetBlock2D(nn.Module):
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
-        h = self.conv1(self.nonlinearity(self.norm1(x)))
+        # diffusers' arithmetic, with fewer passes over memory: the adds go into the fresh convolution outputs
+        # (their backward does not need them), SiLU overwrites the fresh GroupNorm output where no backward
+        # follows, and a scale factor of 1 divides nothing. The values are bit for bit the same.
+        h = self.conv1(silu_of_fresh(self.norm1(x)))
         if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(self.nonlinearity(self.norm2(h))))
-        skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        return (skip + h) / self.output_scale_factor
+            h.add_(self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None])
+        h = self.conv2(self.dropout(silu_of_fresh(self.norm2(h))))
+        h.add_(self.conv_shortcut(x) if self.conv_shortcut is not None else x)
+        return h if self.output_scale_factor == 1 else h / self.output_scale_factor
 
 
 def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, query_chunk: int) -> torch.Tensor:
@@ -138,7 +146,8 @@ class SelfAttention2D(Attention):
         b, c, h, w = x.shape
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
         out = self.attend(tokens).transpose(1, 2).reshape(b, c, h, w)
-        return (out + x) / self.output_scale_factor
+        out = out + x
+        return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
 class GEGLU(nn.Module):
