@@ -10,9 +10,11 @@ process start (`diffusekit generate` as `make demo` runs it).
 
 Every part times diffusers as users run it (float32, contiguous, eager), diffusers in diffusekit's
 precision by hand (when that is not float32), and diffusekit's variants, each one change alone:
-`default` (what --precision auto gives on this CPU, channels-last memory), `contiguous` (without
-channels-last), `compiled` (torch.compile; its compile time is reported apart), `int8` (dynamic
-int8 Linear layers, part c). Variants run in alternating rounds, so that a change in the machine's
+`default` (what --precision auto gives on this CPU, in the memory layout layout.py measures for the
+network: the JSON's `layout_chosen`), `channels_last` and `contiguous` (each layout pinned),
+`compiled` (torch.compile; its compile time is reported apart), `int8` (dynamic int8 Linear layers,
+part c). The layout cache starts empty (a temporary DIFFUSEKIT_CACHE), so `default` is the choice a
+first use on this machine makes. Variants run in alternating rounds, so that a change in the machine's
 load slows all alike; the JSON holds every time, the medians, each ratio against diffusers' float32,
 the largest output difference against it, the peak memory of (c) and (d) (each variant in its own
 process), the CPU model and its flags. Run it on an otherwise idle machine.
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,8 +39,9 @@ from train_mnist import diffusers_twin
 
 from diffusekit.compiled import compile_network
 from diffusekit.config import load_preset
+from diffusekit.layout import LAYOUTS, apply_layout, choose_layout
 from diffusekit.losses import diffusion_loss
-from diffusekit.models import build_net
+from diffusekit.models import build_net, example_inputs
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.precision import cpu_info, dtype_name, inference_dtype, training_dtype
 from diffusekit.runtime import prepare_module, use_all_cores
@@ -126,7 +131,7 @@ def part_a(args) -> dict:
             return loss.detach()
         return run
 
-    copies = {name: build_net(config) for name in ("default", "contiguous", "compiled")}
+    copies = {name: build_net(config) for name in ("default", *LAYOUTS, "compiled")}
     for net in copies.values():
         net.load_state_dict(ours.state_dict())
     calls = {"diffusers_fp32": stepper(theirs, lambda x, t: theirs(x, t).sample)}
@@ -134,8 +139,10 @@ def part_a(args) -> dict:
         twin = diffusers_twin(config)
         twin.load_state_dict(ours.state_dict())
         calls[f"diffusers_{dtype_name(autocast)}"] = stepper(twin, lambda x, t: twin(x, t).sample, autocast)
-    calls["diffusekit_default"] = stepper(prepare_module(copies["default"], CPU), copies["default"], autocast)
-    calls["diffusekit_contiguous"] = stepper(copies["contiguous"], copies["contiguous"], autocast)
+    chosen = choose_layout(copies["default"].train(), example_inputs(config, batch, CPU), training=True, autocast_dtype=autocast)  # as train does
+    calls["diffusekit_default"] = stepper(copies["default"], copies["default"], autocast)
+    for name in LAYOUTS:
+        calls[f"diffusekit_{name}"] = stepper(apply_layout(copies[name], name), copies[name], autocast)
     compile_seconds = {}
     if args.compile:
         net = prepare_module(copies["compiled"], CPU)
@@ -148,7 +155,7 @@ def part_a(args) -> dict:
     times, _ = timed_rounds(calls, args.repeats)
     result = summarise(times, {}, per_call=args.train_steps * batch)
     return {"what": f"{args.train_steps} training steps of the mnist preset, batch {batch}; per_second = images/s",
-            "autocast": dtype_name(autocast), "compile_seconds": compile_seconds, **result}
+            "autocast": dtype_name(autocast), "layout_chosen": chosen, "compile_seconds": compile_seconds, **result}
 
 
 def part_b(args) -> dict:
@@ -184,11 +191,15 @@ def part_b(args) -> dict:
         twin = diffusers_twin(config).eval().to(low)
         twin.load_state_dict(ours.state_dict())
         calls[f"diffusers_{dtype_name(low)}"] = diffusers_loop(twin, low)
-    nets = {name: build_net(config).requires_grad_(False) for name in ("default", "contiguous", "compiled")}
+    nets = {name: build_net(config).requires_grad_(False) for name in ("default", *LAYOUTS, "compiled")}
     for net in nets.values():
         net.load_state_dict(ours.state_dict())
-    calls["diffusekit_default"] = ours_call(Pipeline(config, prepare_module(nets["default"], CPU), dtype=low))
-    calls["diffusekit_contiguous"] = ours_call(Pipeline(config, nets["contiguous"], dtype=low))
+    default = Pipeline(config, prepare_module(nets["default"], CPU), dtype=low)  # its first sample() measures the layout
+    calls["diffusekit_default"] = ours_call(default)
+    for name in LAYOUTS:
+        pipe = Pipeline(config, nets[name], dtype=low)
+        pipe.layouts[(n, None, "cpu")] = name  # pinned: use_fastest_layout takes it as already chosen
+        calls[f"diffusekit_{name}"] = ours_call(pipe)
     compile_seconds = {}
     if args.compile:
         pipe = Pipeline(config, prepare_module(nets["compiled"], CPU), dtype=low, compile=True)
@@ -199,7 +210,8 @@ def part_b(args) -> dict:
         calls["diffusekit_compiled"] = call
     times, outputs = timed_rounds(calls, args.repeats)
     return {"what": f"{n} mnist images at {steps} network calls (DPM-Solver++ 2M, trailing); per_second = images/s",
-            "precision": dtype_name(low), "compile_seconds": compile_seconds, **summarise(times, outputs, per_call=n)}
+            "precision": dtype_name(low), "layout_chosen": default.layouts[(n, None, "cpu")], "compile_seconds": compile_seconds,
+            **summarise(times, outputs, per_call=n)}
 
 
 # ----------------------------------------------------------------------------- (c) and (d): Stable Diffusion shapes
@@ -221,10 +233,13 @@ def part_c(args) -> dict:
         import copy
         twin = copy.deepcopy(theirs).to(low)
         calls[f"diffusers_{dtype_name(low)}"] = lambda: twin(x.to(low), t, encoder_hidden_states=context.to(low)).sample
-    net = ours.to(low)  # one copy of the weights for both layouts, converted (untimed) before each call
-    xl, cl = x.to(memory_format=CL).to(low), context.to(low)
-    calls["diffusekit_default"] = (lambda: net.to(memory_format=CL), lambda: net(xl, t, context=cl))
-    calls["diffusekit_contiguous"] = (lambda: net.to(memory_format=torch.contiguous_format), lambda: net(x.to(low), t, context=cl))
+    net = ours.to(low)  # one copy of the weights for every layout, converted (untimed) before each call
+    xl, cl = x.to(low), context.to(low)
+    with torch.inference_mode():
+        chosen = choose_layout(net, (x, t, {"context": context}))  # as Pipeline.sample does on first use
+    calls["diffusekit_default"] = (lambda: apply_layout(net, chosen), lambda: net(xl.contiguous(memory_format=LAYOUTS[chosen]), t, context=cl))
+    for name, fmt in LAYOUTS.items():
+        calls[f"diffusekit_{name}"] = (lambda name=name: apply_layout(net, name), lambda fmt=fmt: net(xl.contiguous(memory_format=fmt), t, context=cl))
     if args.int8:
         quantized = int8_linears(prepare_module(build_like(state, torch.float32), CPU))
         calls["diffusekit_int8"] = lambda: quantized(x.to(memory_format=CL), t, context=context)
@@ -235,7 +250,7 @@ def part_c(args) -> dict:
     with torch.inference_mode():
         times, outputs = timed_rounds(calls, args.repeats)
     return {"what": "one U-Net call, Stable Diffusion 1.5 shape (860M parameters, random weights), 256 px, batch 2, 77 tokens",
-            "precision": dtype_name(low), "compile_seconds": compile_seconds, **summarise(times, outputs),
+            "precision": dtype_name(low), "layout_chosen": chosen, "compile_seconds": compile_seconds, **summarise(times, outputs),
             "output_abs_max": float(outputs["diffusers_fp32"].abs().max())}
 
 
@@ -355,6 +370,7 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results/speed.json")
     args = parser.parse_args()
     threads = use_all_cores()
+    os.environ["DIFFUSEKIT_CACHE"] = tempfile.mkdtemp(prefix="speed-cache-")  # the layout is measured afresh, as on a first use
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe)))
         return
