@@ -96,3 +96,26 @@ def test_parity_with_diffusers_unet2dmodel(in_channels, channels, attention_leve
         got = ours(x, t, class_labels=labels)
     assert expected.abs().max() > 0.01
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_plain_matmul_attention_is_torchs_attention_and_serves_only_bf16_training():
+    """The plain-matmul attention that bf16 training on a CPU uses equals the fused kernel (float32: to 1e-6; with
+    a mask), its gradients too; sampling, float32 and long key sequences keep the fused kernel."""
+    import torch.nn.functional as F
+
+    from diffusekit.nn.blocks import matmul_attention, plain_matmuls_are_faster
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64, requires_grad=True) for n in (10, 7, 7))
+    mask = torch.rand(2, 1, 1, 7) > 0.3
+    mask[..., 0] = True  # every query sees a key
+    ours, theirs = matmul_attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (ours - theirs).abs().max() < 1e-10
+    grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (ours, theirs)]
+    assert all((a - b).abs().max() < 1e-10 for a, b in zip(*grads))
+    small = torch.randn(2, 2, 49, 8, dtype=torch.bfloat16, requires_grad=True)
+    large = torch.randn(2, 2, 1024, 8, dtype=torch.bfloat16, requires_grad=True)  # 1024 queries x 1024 keys
+    assert plain_matmuls_are_faster(small, small) and plain_matmuls_are_faster(large, small)  # few keys
+    assert not plain_matmuls_are_faster(small.float(), small.float()) and not plain_matmuls_are_faster(large, large)
+    with torch.no_grad():
+        assert not plain_matmuls_are_faster(small, small)
