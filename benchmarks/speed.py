@@ -11,7 +11,8 @@ process start (`diffusekit generate` as `make demo` runs it).
 Every part times diffusers as users run it (float32, contiguous, eager), diffusers in diffusekit's
 precision by hand (when that is not float32), and diffusekit's variants, each one change alone:
 `default` (what --precision auto gives on this CPU, in the memory layout layout.py measures for the
-network: the JSON's `layout_chosen`), `channels_last` and `contiguous` (each layout pinned),
+network: the JSON's `layout_chosen`), `channels_last`, `contiguous` and `channels_last_nchw_norms`
+(each layout of layout.LAYOUTS pinned),
 `compiled` (torch.compile; its compile time is reported apart), `int8` (dynamic int8 Linear layers,
 part c). The layout cache starts empty (a temporary DIFFUSEKIT_CACHE), so `default` is the choice a
 first use on this machine makes. Variants run in alternating rounds, so that a change in the machine's
@@ -237,8 +238,8 @@ def part_c(args) -> dict:
     xl, cl = x.to(low), context.to(low)
     with torch.inference_mode():
         chosen = choose_layout(net, (x, t, {"context": context}))  # as Pipeline.sample does on first use
-    calls["diffusekit_default"] = (lambda: apply_layout(net, chosen), lambda: net(xl.contiguous(memory_format=LAYOUTS[chosen]), t, context=cl))
-    for name, fmt in LAYOUTS.items():
+    calls["diffusekit_default"] = (lambda: apply_layout(net, chosen), lambda: net(xl.contiguous(memory_format=LAYOUTS[chosen][0]), t, context=cl))
+    for name, (fmt, _) in LAYOUTS.items():
         calls[f"diffusekit_{name}"] = (lambda name=name: apply_layout(net, name), lambda fmt=fmt: net(xl.contiguous(memory_format=fmt), t, context=cl))
     if args.int8:
         quantized = int8_linears(prepare_module(build_like(state, torch.float32), CPU))

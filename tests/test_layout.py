@@ -13,6 +13,7 @@ from conftest import assert_user_error, cli, tiny_config
 from diffusekit import layout
 from diffusekit.errors import DiffusekitWarning
 from diffusekit.models import build_net, example_inputs
+from diffusekit.nn.blocks import GroupNorm
 from diffusekit.pipeline import Pipeline
 
 CPU = torch.device("cpu")
@@ -40,16 +41,22 @@ def fixed_times(monkeypatch, times: dict, calls: list):
     monkeypatch.setattr(layout, "time_layouts", lambda net, call: calls.append(1) or dict(times))
 
 
-@pytest.mark.parametrize("faster", ["channels_last", "contiguous"])
-def test_the_faster_layout_is_measured_once_then_read_from_the_cache(cache, monkeypatch, faster):
+def norms_nchw(net) -> set[bool]:
+    return {m.nchw_inside for m in net.modules() if isinstance(m, GroupNorm)}
+
+
+@pytest.mark.parametrize("faster", list(layout.LAYOUTS))
+def test_the_fastest_layout_is_measured_once_then_read_from_the_cache(cache, monkeypatch, faster):
     net, inputs = net_and_inputs()
     calls = []
-    fixed_times(monkeypatch, {"channels_last": 1.0, "contiguous": 2.0} if faster == "channels_last" else {"channels_last": 2.0, "contiguous": 1.0}, calls)
-    assert layout.choose_layout(net, inputs) == faster and conv_layout(net) == faster and len(calls) == 1
+    fixed_times(monkeypatch, {name: 1.0 if name == faster else 2.0 for name in layout.LAYOUTS}, calls)
+    memory_format, nchw = layout.LAYOUTS[faster]
+    expected = "contiguous" if memory_format == torch.contiguous_format else "channels_last"
+    assert layout.choose_layout(net, inputs) == faster and conv_layout(net) == expected and norms_nchw(net) == {nchw} and len(calls) == 1
     entry = next(iter(json.loads(cache.read_text())["layouts"].values()))
     assert entry["layout"] == faster
-    layout.apply_layout(net, "contiguous" if faster == "channels_last" else "channels_last")
-    assert layout.choose_layout(net, inputs) == faster and conv_layout(net) == faster and len(calls) == 1  # the cache answered
+    layout.apply_layout(net, next(name for name in layout.LAYOUTS if name != faster))
+    assert layout.choose_layout(net, inputs) == faster and conv_layout(net) == expected and len(calls) == 1  # the cache answered
     layout.choose_layout(net, example_inputs(tiny_config(), 2, CPU))  # another batch shape: measured on its own
     assert len(calls) == 2 and len(json.loads(cache.read_text())["layouts"]) == 2
 
@@ -69,7 +76,7 @@ def test_a_real_measurement_leaves_the_rng_and_the_gradients_as_they_were(cache)
 def test_a_damaged_or_stale_cache_is_ignored_with_one_warning_and_rebuilt(cache, monkeypatch):
     net, inputs = net_and_inputs()
     calls = []
-    fixed_times(monkeypatch, {"channels_last": 2.0, "contiguous": 1.0}, calls)
+    fixed_times(monkeypatch, {"channels_last": 2.0, "contiguous": 1.0, "channels_last_nchw_norms": 3.0}, calls)
     cache.parent.mkdir(parents=True)
     for damaged in ("{not json", json.dumps({"version": 0, "layouts": {}}), json.dumps({"version": 1, "layouts": {"k": {"layout": "diagonal"}}})):
         cache.write_text(damaged)
@@ -97,18 +104,18 @@ def test_the_layout_can_be_forced_and_a_bad_value_is_one_error(cache, monkeypatc
     monkeypatch.setattr(layout, "time_layouts", lambda *a: pytest.fail("a forced layout is not measured"))
     for forced in layout.LAYOUTS:
         monkeypatch.setenv("DIFFUSEKIT_LAYOUT", forced)
-        assert layout.choose_layout(net, inputs) == forced and conv_layout(net) == forced
+        assert layout.choose_layout(net, inputs) == forced and norms_nchw(net) == {layout.LAYOUTS[forced][1]}
     code, out, _ = cli(capsys, "info", "--system")
     assert code == 0 and "DIFFUSEKIT_LAYOUT is set" in out
     monkeypatch.setenv("DIFFUSEKIT_LAYOUT", "diagonal")
-    assert_user_error(cli(capsys, "info", "--system"), "DIFFUSEKIT_LAYOUT='diagonal' is not one of channels_last, contiguous")
+    assert_user_error(cli(capsys, "info", "--system"), "DIFFUSEKIT_LAYOUT='diagonal' is not one of channels_last, contiguous, channels_last_nchw_norms")
 
 
 def test_pipelines_and_training_take_the_measured_layout_and_info_shows_it(cache, monkeypatch, capsys, image_folder, tmp_path):
     from diffusekit.train import DiffusionTrainer
 
     calls = []
-    fixed_times(monkeypatch, {"channels_last": 2.0, "contiguous": 1.0}, calls)
+    fixed_times(monkeypatch, {"channels_last": 2.0, "contiguous": 1.0, "channels_last_nchw_norms": 3.0}, calls)
     config = tiny_config(data__path=str(image_folder), train__max_steps=1)
     trainer = DiffusionTrainer(config, tmp_path / "run", progress=False)
     assert trainer.layout == "contiguous" and conv_layout(trainer.net) == "contiguous" and conv_layout(trainer.ema) == "contiguous"
@@ -126,3 +133,18 @@ def trainer_parts(trainer):
     from diffusekit.models import ModelParts
 
     return ModelParts(config=trainer.config, net=trainer.ema, vae=None, text_encoder=None, source=None, step=0)
+
+
+def test_every_layout_computes_the_same_network():
+    net, (x, t, cond) = net_and_inputs()
+    outputs = {}
+    with torch.no_grad():
+        for name in layout.LAYOUTS:
+            layout.apply_layout(net, name)
+            outputs[name] = net(x.contiguous(memory_format=layout.LAYOUTS[name][0]), t, **cond)
+    reference = outputs["contiguous"]
+    assert all((out - reference).abs().max() < 1e-5 for out in outputs.values())
+    layout.apply_layout(net, "channels_last_nchw_norms")
+    norm = next(m for m in net.modules() if isinstance(m, GroupNorm))
+    h = torch.randn(2, norm.num_channels, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert norm(h).is_contiguous(memory_format=torch.channels_last)  # the copy goes back to the convolutions' layout

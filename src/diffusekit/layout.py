@@ -6,9 +6,11 @@
 A CPU's convolutions run on NCHW ("contiguous") or NHWC ("channels_last") tensors, and which is faster
 depends on the CPU, the dtype and the network: on an AMD EPYC Zen 4 in bf16 the mnist U-Net runs
 13-40% faster contiguous while the SD-1.5-shaped U-Net runs a few % faster channels-last; on a Zen 2
-in fp32 channels-last wins or ties everywhere (docs/benchmarks.md). No rule read off a few CPUs covers
-the next one, so the first use of a network times it in both layouts, alternating, and keeps the faster
-one (the network is converted in place). The answer is cached per CPU model and flags, torch build,
+in fp32 channels-last wins or ties everywhere (docs/benchmarks.md). A third candidate keeps the
+convolutions channels-last but lets each GroupNorm work on an NCHW copy (nn/blocks.GroupNorm: the
+channels-last GroupNorm kernel is the slow part in bf16). No rule read off a few CPUs covers the next
+one, so the first use of a network times it in each layout, alternating, and keeps the fastest (the
+network is converted in place). The answer is cached per CPU model and flags, torch build,
 threads, dtype, network shape and input shape in `cache_dir()/layouts.json` (never in a run folder);
 a damaged or stale cache is ignored with one warning and rebuilt, and a cache that cannot be written
 costs only a new measurement next time. DIFFUSEKIT_LAYOUT=channels_last or contiguous skips the
@@ -30,7 +32,12 @@ from diffusekit.files import write_json_atomic
 from diffusekit.precision import cpu_info, dtype_name
 from diffusekit.runtime import cache_dir, warn
 
-LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+# name: (the memory format of weights and activations, whether GroupNorms normalise an NCHW copy: nn/blocks.GroupNorm)
+LAYOUTS = {
+    "channels_last": (torch.channels_last, False),
+    "contiguous": (torch.contiguous_format, False),
+    "channels_last_nchw_norms": (torch.channels_last, True),
+}
 LAYOUT_ENV = "DIFFUSEKIT_LAYOUT"
 CACHE_VERSION = 1
 ROUNDS = 3  # timed calls per layout, after one warm-up call each; the fastest call of each counts
@@ -49,7 +56,11 @@ def forced_layout() -> str | None:
 
 
 def apply_layout(net: torch.nn.Module, layout: str) -> torch.nn.Module:
-    return net.to(memory_format=LAYOUTS[layout])
+    memory_format, nchw_norms = LAYOUTS[layout]
+    for module in net.modules():
+        if hasattr(module, "nchw_inside"):
+            module.nchw_inside = nchw_norms
+    return net.to(memory_format=memory_format)
 
 
 def layout_key(net: torch.nn.Module, inputs: tuple, training: bool, autocast_dtype: torch.dtype | None) -> str:
@@ -92,7 +103,7 @@ def time_layouts(net: torch.nn.Module, call) -> dict[str, float]:
     """Seconds of call(memory_format) in each layout: one warm-up each, then ROUNDS alternating rounds; the fastest counts."""
     seconds = {name: [] for name in LAYOUTS}
     for round_ in range(ROUNDS + 1):
-        for name, fmt in LAYOUTS.items():
+        for name, (fmt, _) in LAYOUTS.items():
             apply_layout(net, name)
             start = time.perf_counter()
             call(fmt)

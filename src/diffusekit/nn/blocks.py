@@ -58,6 +58,20 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (the same parameters and state dict) that can normalise a channels-last input as an NCHW copy
+    (`nchw_inside`, set per network by layout.py): PyTorch's channels-last GroupNorm kernel is up to 10x slower
+    than its NCHW one in bf16 on an AMD EPYC Zen 4 (4.4 vs 0.4 ms at [64, 64, 28, 28]), more than two copies cost,
+    while the convolutions around it are fastest channels-last."""
+
+    nchw_inside = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nchw_inside and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
 def silu_of_fresh(x: torch.Tensor) -> torch.Tensor:
     """SiLU of a tensor nothing else holds (a norm's output): in place where autograd does not need the input."""
     return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
@@ -68,10 +82,10 @@ class ResnetBlock2D(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int = 32, dropout: float = 0.0, eps: float = 1e-5, output_scale_factor: float = 1.0):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nonlinearity = nn.SiLU()
@@ -158,7 +172,7 @@ class SelfAttention2D(Attention):
 
     def __init__(self, channels: int, heads: int, groups: int = 32, eps: float = 1e-5, dropout: float = 0.0, output_scale_factor: float = 1.0):
         super().__init__(channels, heads, bias=True, dropout=dropout)
-        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.group_norm = GroupNorm(groups, channels, eps=eps)
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -235,7 +249,7 @@ class Transformer2D(nn.Module):
 
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int = 32, layers: int = 1, linear_projection: bool = False, dropout: float = 0.0):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
         self.linear_projection = linear_projection
         projection = (lambda: nn.Linear(channels, channels)) if linear_projection else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = projection()

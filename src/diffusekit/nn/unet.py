@@ -25,6 +25,7 @@ from torch import nn
 from diffusekit.errors import UserError
 from diffusekit.nn.blocks import (
     Downsample2D,
+    GroupNorm,
     ResnetBlock2D,
     SelfAttention2D,
     TimestepEmbedding,
@@ -156,7 +157,7 @@ class UNet(nn.Module):
             attn = attention if level in attention_levels else None
             self.up_blocks.append(UpBlock(prev, ch, block_skips, temb, attn, level != 0, norm_groups, dropout, norm_eps))
             prev = ch
-        self.conv_norm_out = nn.GroupNorm(norm_groups, channels[0], eps=norm_eps)
+        self.conv_norm_out = GroupNorm(norm_groups, channels[0], eps=norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
 
