@@ -78,12 +78,15 @@ def write_preset(path: Path, values: dict) -> Path:
 
 @pytest.fixture(autouse=True)
 def _one_thread(monkeypatch):
-    """Keep torch on one thread: on a loaded 2-core machine two threads spin and crawl.
+    """Keep torch on one thread: on a loaded 2-core machine two threads spin and crawl. Pin the memory layout.
 
     Pipeline.from_pretrained asks for every core (as it should for users); here it gets one.
     """
     torch.set_num_threads(1)
     monkeypatch.setattr("diffusekit.pipeline.use_all_cores", lambda threads=0: 1)
+    # One memory layout for every test (what a timed first use picks would vary with the load and count extra network
+    # calls); tests/test_layout.py unsets it to test the measurement itself.
+    monkeypatch.setenv("DIFFUSEKIT_LAYOUT", "channels_last")
     yield
     torch.set_num_threads(1)
 

@@ -88,6 +88,7 @@ def test_a_damaged_or_stale_cache_is_ignored_with_one_warning_and_rebuilt(cache,
 
 
 def test_a_cache_folder_that_cannot_be_written_never_stops_a_command(tmp_path, monkeypatch, capsys, trained_run):
+    monkeypatch.delenv("DIFFUSEKIT_LAYOUT")
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("DIFFUSEKIT_CACHE", str(blocker / "cache"))  # its parent is a file: no folder can be made there (even as root)
