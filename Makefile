@@ -44,12 +44,12 @@ demo: demo-text demo-mnist
 
 demo-text: $(STAMP)
 	$(DK) generate "red apple" "grinning face" "rocket" "sun" "snowman" "pizza" "red heart" "dog face" \
-		--n 8 --steps 20 --seed 0 --out runs/demo/emoji.png
+		--n 8 --steps 20 --seed 0 --out runs/demo/emoji.png --overwrite
 	@echo "Text-to-image samples: runs/demo/emoji.png"
 
 demo-mnist: $(STAMP)
 	$(DK) train --preset mnist --out runs/demo/mnist --budget $(DEMO_BUDGET) --overwrite
-	$(DK) sample runs/demo/mnist --n 64 --steps 20 --sampler dpmpp_2m_sde --seed 0 --out runs/demo/mnist_grid.png
+	$(DK) sample runs/demo/mnist --n 64 --steps 20 --sampler dpmpp_2m_sde --seed 0 --out runs/demo/mnist_grid.png --overwrite
 	@echo "MNIST sample grid after $(DEMO_BUDGET) of training: runs/demo/mnist_grid.png"
 
 test: $(STAMP) browser

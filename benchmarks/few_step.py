@@ -147,7 +147,7 @@ def generate_seconds(model: Path, extra: list[str], repeats: int = 5) -> dict:
         for _ in range(repeats):
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "diffusekit", "generate", *PROMPTS, "--model", str(model), "--n", "8", "--seed", "0",
-                            "--out", str(Path(tmp) / "g.png"), *extra], check=True, capture_output=True)
+                            "--out", str(Path(tmp) / "g.png"), "--overwrite", *extra], check=True, capture_output=True)
             commands.append(time.perf_counter() - start)
     pipe = Pipeline.from_pretrained(model)
     steps = int(extra[extra.index("--steps") + 1]) if "--steps" in extra else None

@@ -308,7 +308,7 @@ def part_e(args) -> dict:
         for name, extra in variants.items():
             out = Path(f"/tmp/speed_demo_{name}.png")
             start = time.perf_counter()
-            subprocess.run([str(exe), "generate", *DEMO_PROMPTS, "--n", "8", "--steps", "20", "--seed", "0", "--out", str(out), *extra],
+            subprocess.run([str(exe), "generate", *DEMO_PROMPTS, "--n", "8", "--steps", "20", "--seed", "0", "--out", str(out), "--overwrite", *extra],
                            check=True, capture_output=True)
             times[name].append(time.perf_counter() - start)
             print(f"  {name:24s} round {round_}: {times[name][-1]:.2f} s", flush=True)

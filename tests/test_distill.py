@@ -299,7 +299,8 @@ def test_guided_consistency_distillation_of_a_latent_text_model(tmp_path, capsys
     out = tmp_path / "gen.png"
     code, stdout, err = cli(capsys, "generate", "left", "right", "--model", tmp_path / "lcm", "--n", "2", "--out", out)
     assert code == 0 and out.is_file() and "warning" not in err, err
-    assert_user_error(cli(capsys, "generate", "left", "--model", tmp_path / "lcm", "--n", "1", "--negative", "right", "--out", out), "no negative prompt")
+    assert_user_error(cli(capsys, "generate", "left", "--model", tmp_path / "lcm", "--n", "1", "--negative", "right", "--out", tmp_path / "neg.png"),
+                      "no negative prompt")
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -131,3 +131,49 @@ def test_any_image_folder_works_or_is_a_user_error(tmp_path_factory, files, size
         images, names, skipped = result
         assert images.shape == (len(names), channels, size, size) and images.dtype == torch.uint8
         assert len(names) + skipped == len(files)
+
+
+# ----------------------------------------------------------------------------- the parameters text of a PNG given to --from
+
+FIELDS = ["Steps", "Sampler", "Schedule type", "CFG scale", "Guidance rescale", "Eta", "Seed", "Image index", "Denoising strength",
+          "Mask blur", "Jump length", "Jump samples", "Precision", "Size", "Label", "Model hash", "Model"]
+FIELD_VALUES = st.one_of(
+    st.text(alphabet=st.characters(codec="utf-8", blacklist_characters=",\n\r\x00"), max_size=12),
+    st.integers(min_value=-2**70, max_value=2**70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.builds(lambda a, b: f"{a}x{b}", st.integers(-10, 10**6), st.integers(-10, 10**6)),
+    st.sampled_from(["8x8", "16x16", "4096x4096", "abcx32", "-32x-32", "1e400", "nan", "ddim", "euler", "karras", "trailing", "auto", "fp32",
+                     "2", "0.5", "1", "0", '"quoted, value"', "1" * 5000]),
+)
+PARAMETER_LINES = st.one_of(
+    st.text(max_size=80).filter(lambda t: "\x00" not in t),
+    st.builds(lambda prompt, fields: "\n".join([prompt, ", ".join(f"{k}: {v}" for k, v in fields)]),
+              st.text(alphabet=st.characters(codec="utf-8", blacklist_characters="\x00"), max_size=20),
+              st.lists(st.tuples(st.one_of(st.sampled_from(FIELDS), st.text(string.ascii_letters + " ", min_size=1, max_size=10)), FIELD_VALUES),
+                       min_size=3, max_size=8)),
+)
+
+
+@settings(FAST, max_examples=300)
+@given(text=PARAMETER_LINES, command=st.sampled_from(["generate", "edit"]))
+def test_any_parameters_text_given_to_from_works_or_is_a_user_error(text_pipeline, tmp_path_factory, text, command):
+    """--from reads the PNG's parameters and checks every value against the model (size, sampler, steps, ...)
+    before anything is allocated: the parse and the checks, without the sampling."""
+    from PIL import PngImagePlugin
+
+    from diffusekit.cli import build_parser
+    from diffusekit.cli.sampling import check_arguments, check_image_outputs, read_from
+
+    folder = Path(tmp_path_factory.mktemp("from"))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("L", (2, 2)).save(folder / "made.png", pnginfo=info)
+    words = [command, *(["init.png"] if command == "edit" else []), "--from", str(folder / "made.png"), "--out", str(folder / "out")]
+    args = build_parser().parse_args(words)
+
+    def parse_and_check():
+        read_from(args)
+        check_image_outputs(args)
+        check_arguments(args, text_pipeline)
+
+    works_or_user_error(parse_and_check)

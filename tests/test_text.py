@@ -183,7 +183,7 @@ def test_generate_cli_writes_images_and_rejects_a_prompt_for_an_unconditional_mo
     assert cli_main(["generate", "white on the left", "--model", str(tmp_path / "run"), "--n", "2", "--steps", "3",
                      "--negative", "white on the right", "--guidance", "3", "--out", str(out)]) == 0
     assert out.is_file()
-    assert cli_main(["generate", "a cat", "--model", str(trained_run), "--n", "1", "--steps", "2", "--out", str(out)]) == 2
+    assert cli_main(["generate", "a cat", "--model", str(trained_run), "--n", "1", "--steps", "2", "--out", str(tmp_path / "cat.png")]) == 2
     assert "not text-conditioned" in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 import typing
 from typing import TYPE_CHECKING
@@ -101,11 +102,54 @@ def check_sample(s: SampleConfig, timesteps: int) -> SampleConfig:
     _check(1 <= s.steps <= timesteps, f"sample.steps = {s.steps} (--steps) is out of range: this model has {timesteps} timesteps, so use 1 to {timesteps}")
     _check(s.n >= 1 and s.batch_size >= 1, f"the number of images ({s.n}) and sample.batch_size ({s.batch_size}) must be at least 1")
     _check(0 <= s.steps_offset < timesteps, f"sample.steps_offset must be in [0, diffusion.timesteps) = [0, {timesteps}), e.g. 1 as Stable Diffusion 1.x")
-    _check(s.guidance >= 0, f"the guidance scale (sample.guidance, --guidance) must be >= 0 (1: none), got {s.guidance}")
+    _check(math.isfinite(s.guidance) and s.guidance >= 0,
+           f"the guidance scale (sample.guidance, --guidance) must be a finite number >= 0 (1: none), got {s.guidance}")
     _check(0.0 <= s.guidance_rescale <= 1.0, f"the guidance rescale (sample.guidance_rescale) must be in [0, 1], got {s.guidance_rescale}")
-    _check(s.eta >= 0, f"eta (sample.eta, --eta) must be >= 0 (0: deterministic), got {s.eta}")
+    _check(math.isfinite(s.eta) and s.eta >= 0, f"eta (sample.eta, --eta) must be a finite number >= 0 (0: deterministic), got {s.eta}")
     check_seed("sample.seed", s.seed)
     return s
+
+
+MAX_IMAGE_SIDE = 4096  # pixels: beyond this a sampled image needs tens of GB whatever the model
+ACTIVATIONS = 8  # tensors of the first level's shape a network holds at once (skip connections, residuals)
+MAX_MASK_BLUR = 1000  # pixels
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def sampling_bytes(config, size: int, n: int, batch: int) -> int:
+    """A low estimate of the memory sampling n images of `size` takes: the network's first-level activations for a
+    batch (twice, for guidance) and the n finished images in float32."""
+    m, latent = config.model, size // (config.vae.downsample_factor if config.latent.vae else 1)
+    per_image = (latent // m.patch_size) ** 2 * m.hidden_size if m.type == "dit" else latent**2 * m.channels[0]
+    return 4 * (2 * min(batch, n) * ACTIVATIONS * per_image + n * config.data.channels * size**2)
+
+
+def check_image_size(config, size, multiple: int, what: str = "--size", n: int = 1, batch: int = 1) -> int:
+    """The one check of an image size asked for (--size, a PNG's Size): a whole number, a multiple of the model's
+    `multiple` (models.size_multiple), at most MAX_IMAGE_SIDE, and n images of it within this machine's memory."""
+    sizes = f"use a multiple of {multiple} from {multiple} to {MAX_IMAGE_SIDE} (this model was trained at {config.data.image_size})"
+    _check(isinstance(size, int) and not isinstance(size, bool), f"{what}: an image size is a whole number of pixels; {sizes}")
+    _check(multiple <= size <= MAX_IMAGE_SIDE, f"{what} is out of range: diffusekit makes images of at most {MAX_IMAGE_SIDE} pixels a side; {sizes}")
+    _check(size % multiple == 0, f"{what} is not a multiple of {multiple}, which this model's images must be "
+           f"(its autoencoder and network shrink them that many times); {sizes}")
+    needed, memory = sampling_bytes(config, size, n, batch), physical_memory()
+    _check(memory is None or needed <= memory, f"{what}: sampling {n} image(s) of {size}x{size}, {min(batch, n)} at once, needs about "
+           f"{needed / 2**30:.0f} GiB, more than this machine's {(memory or 0) / 2**30:.0f} GiB of memory; "
+           "use a smaller size, --batch-size or --n")
+    return size
+
+
+def check_mask_blur(blur) -> float:
+    _check(isinstance(blur, (int, float)) and not isinstance(blur, bool) and 0 <= blur <= MAX_MASK_BLUR,
+           f"the mask blur (--mask-blur) must be a number of pixels from 0 to {MAX_MASK_BLUR}, got {blur!r}")
+    return float(blur)
 
 
 NETWORKS = ("unet", "dit")

@@ -20,6 +20,7 @@ import torch
 
 from diffusekit.errors import UserError
 from diffusekit.flow import FlowSchedule
+from diffusekit.runtime import warn
 from diffusekit.schedule import NoiseSchedule
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -84,6 +85,14 @@ class Denoiser:
         if prediction not in PREDICTIONS:
             raise UserError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
         self.net, self.schedule, self.prediction = net, schedule, prediction
+        self.warned = False  # about a non-finite output: once per denoiser (a Pipeline keeps one)
+
+    def check_finite(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> None:
+        """One warning when the network turns a finite input into NaN or infinity (a broken model, LoRA or scale)."""
+        if not self.warned and not bool(torch.isfinite(output).all()) and bool(torch.isfinite(x).all()):
+            self.warned = True
+            warn(f"the network produced NaN or infinite values at timestep {float(t.max()):.0f}: the images will be blank; "
+                 "check the model's and the LoRAs' weights and scales (--lora FILE:SCALE)")
 
     @property
     def sigma_min(self) -> float:
@@ -100,4 +109,5 @@ class Denoiser:
         t = self.schedule.net_time(self.schedule.sigma_to_t(sigma))
         dtype = network_dtype(self.net)
         output = self.net(x_t.to(dtype), t, **cast_floats(cond, dtype)).to(x.dtype)
+        self.check_finite(output, x, t)
         return x0_from_prediction(self.prediction, output, x_t, alpha, s, self.schedule.process)

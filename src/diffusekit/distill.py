@@ -51,6 +51,7 @@ from diffusekit.errors import UserError
 from diffusekit.files import read_json, read_tensors
 from diffusekit.guidance import GuidedDenoiser
 from diffusekit.io.checkpoint import latest_checkpoint, load_config, load_weights, resolve_checkpoint, write_sampling_checkpoint
+from diffusekit.io.runs import check_run_request
 from diffusekit.losses import draw_t_and_noise
 from diffusekit.models import build_net, example_inputs
 from diffusekit.nn.state import load_state_dict_checked
@@ -137,9 +138,6 @@ def distill(teacher: str | Path | None, out: str | Path, *, method: str | None =
         ckpt, teacher_config = teacher_checkpoint(teacher)
         state = read_json(ckpt / "state.json", "training state")
         config = student_config(ckpt, teacher_config, method or "progressive", steps or 4, state.get("step"))
-        if config.diffusion.prediction == "eps":
-            warn("the teacher predicts eps, and so will its student: at few steps an eps student's x0 = (x - sigma eps) blows up its "
-                 "errors at high noise (Salimans & Ho 2022, sec. 4); a teacher trained with diffusion.prediction=v (the presets) distils better")
     changes = list(overrides)
     if resume and method is not None:
         changes.append(f"distill.method={method}")
@@ -150,6 +148,10 @@ def distill(teacher: str | Path | None, out: str | Path, *, method: str | None =
     if budget or not (resume or train_steps or any(o.startswith(("distill.stage_steps", "train.max_steps")) for o in overrides)):
         changes.append(f"train.budget={json.dumps(budget or DEFAULT_BUDGET)}")
     config = apply_overrides(config, changes)
+    check_run_request(out, config, resume, overwrite)  # before the timing below: --out is not the teacher, the flags agree
+    if not resume and config.diffusion.prediction == "eps":
+        warn("the teacher predicts eps, and so will its student: at few steps an eps student's x0 = (x - sigma eps) blows up its "
+             "errors at high noise (Salimans & Ho 2022, sec. 4); a teacher trained with diffusion.prediction=v (the presets) distils better")
     if not resume:
         config = with_stage_steps(config, train_steps)
     result = run_training(DistillTrainer, config, out, resume=resume, overwrite=overwrite, progress=progress)

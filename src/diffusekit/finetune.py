@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 
 from diffusekit.config import Config, EvalConfig, FinetuneConfig, TrainConfig, apply_overrides
 from diffusekit.data import ImageDataset, load_dataset, to_uint8
-from diffusekit.data.folder import load_folder, read_captions
+from diffusekit.data.folder import describe_captions, load_folder, read_captions
 from diffusekit.data.latents import latent_dataset
 from diffusekit.errors import UserError
 from diffusekit.files import read_cached_tensors, save_tensors_atomic
@@ -123,6 +123,7 @@ class FinetuneTrainer(DiffusionTrainer):
         self.check_base(weights_fingerprint(self.base.net))
         fc = self.config.finetune  # with the base's fingerprint
         new = load_dataset(self.config.data, self.progress)
+        print(describe_captions(self.config.data.path, len(new), new.captions))  # what was read, e.g. from 2 metadata.jsonl files
         self.new_count, prior = len(new), self.prior_data()
         dataset = new if prior is None else join(new, prior)
         if prior is not None:  # lambda N / N' per class image (the module docstring)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from diffusekit.compiled import compile_network
 from diffusekit.conditioning import conditions
 from diffusekit.config import Config, SampleConfig
-from diffusekit.config_checks import check_sample
+from diffusekit.config_checks import check_image_size, check_sample
 from diffusekit.denoiser import Denoiser, network_dtype
 from diffusekit.distill_losses import ConsistencyDenoiser
 from diffusekit.errors import UserError
@@ -36,7 +36,7 @@ from diffusekit.image_info import ImageOutput, describe, fingerprint, model_name
 from diffusekit.inpaint import KnownRegionDenoiser, default_strength, noised_start, sample_resampled, strength_start
 from diffusekit.io import diffusers
 from diffusekit.layout import apply_layout, choose_layout
-from diffusekit.models import ModelParts, example_inputs, image_shape, load_parts
+from diffusekit.models import ModelParts, example_inputs, image_shape, load_parts, size_multiple
 from diffusekit.nn.lora import fused_digests
 from diffusekit.nn.state import weights_fingerprint
 from diffusekit.nn.vae import AutoencoderKL
@@ -244,6 +244,8 @@ class Pipeline(LoRAMethods):
         settings = self.settings(n=n, steps=steps, sampler=sampler, spacing=spacing, seed=seed, guidance=guidance,
                                  guidance_rescale=guidance_rescale, eta=eta, variance=variance, batch_size=batch_size)
         sample_fn, options = get_sampler(settings.sampler), self.sampler_options(settings, eta, variance)
+        if size is not None:
+            self.check_size(size, settings, f"size={size!r}")
         sigmas = self.sigmas(settings.steps, settings.spacing, size).to(self.device)
         if not isinstance(first_index, int) or first_index < 0:
             raise UserError(f"the first image index must be a whole number >= 0, got {first_index!r}")
@@ -290,6 +292,11 @@ class Pipeline(LoRAMethods):
             out.append(self.decode(x) if self.vae is not None else x.clamp(-1, 1).cpu())
         bar.close()
         return torch.cat(out)
+
+    def check_size(self, size, settings: SampleConfig, what: str) -> int:
+        """An image size asked for (size=, --size, a PNG's Size), checked against the model's sizes and this machine's
+        memory for settings.n images, settings.batch_size at a time (config_checks.check_image_size), before any work."""
+        return check_image_size(self.config, size, size_multiple(self.config), what, settings.n, settings.batch_size)
 
     def use_fastest_layout(self, batch: int, size: int | None) -> None:
         """Put the network in the memory layout it runs fastest in for this batch shape on this CPU (layout.py:

@@ -64,6 +64,7 @@ def add_sampling_args(p: argparse.ArgumentParser, n: int, out: str) -> None:
                    "--seed 5 --index 3 --n 1 makes image 3 of seed 5 alone (each image of a seed is the same whatever --n)")
     p.add_argument("--size", type=positive_int, help="image size in pixels (default: the size the model was trained at)")
     p.add_argument("--out", default=out, help="a .png grid, or a folder for one PNG per image")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist (never an input of this command)")
     p.add_argument("--animate", metavar="GIF", help="also write the reverse process as an animated GIF")
     p.add_argument("--batch-size", type=positive_int, help="images sampled at once (default: the model's sample.batch_size, 64); the images do not depend on it")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")

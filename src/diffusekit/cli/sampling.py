@@ -3,9 +3,11 @@ reverse process as a GIF) from a model; `--from IMAGE.png` makes an image again 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from diffusekit.cli.options import add_lora_option, add_sampling_args, apply_loras, describe_speed, positive_int
+from diffusekit.config_checks import check_mask_blur
 from diffusekit.errors import UserError
 
 
@@ -17,12 +19,13 @@ def _sample(args) -> None:
     from diffusekit.pipeline import Pipeline
 
     recorded = read_from(args)
-    check_image_outputs(Path(args.out), args.animate)
+    check_image_outputs(args)
     pipe = Pipeline.from_pretrained(getattr(args, "checkpoint", None) or args.model or default_model(), weights=args.weights, device=args.device,
                                     dtype=args.precision, compile=args.compile)
     apply_loras(pipe, args.lora)
     if recorded is not None:
         check_recorded_model(recorded, pipe, args.source)
+    check_arguments(args, pipe)
     edit = {}
     if args.command == "edit":
         size = args.size or pipe.config.data.image_size
@@ -79,7 +82,22 @@ def read_from(args) -> dict | None:
             setattr(args, option, default)
     if args.n is None:
         args.n = 1 if source is not None else DEFAULT_N[args.command]
+    if args.command == "edit":
+        check_mask_blur(args.mask_blur)
     return recorded
+
+
+def check_arguments(args, pipe) -> None:
+    """The size and sampling settings asked for (by flags or --from), checked against the model before anything is allocated."""
+    from diffusekit.inpaint import default_strength, strength_start
+
+    settings = pipe.settings(n=args.n, steps=args.steps, sampler=args.sampler, spacing=args.spacing, seed=args.seed, guidance=args.guidance,
+                             guidance_rescale=args.guidance_rescale, eta=args.eta, batch_size=args.batch_size)
+    pipe.sampler_options(settings, args.eta, None)
+    if args.size is not None:
+        pipe.check_size(args.size, settings, getattr(args, "size_from", None) or f"--size {args.size}")
+    if args.command == "edit":
+        strength_start(settings.steps, default_strength(args.strength, bool(args.mask)))
 
 
 DEFAULT_N = {"sample": 64, "generate": 8, "edit": 1}
@@ -105,15 +123,26 @@ def read_recorded(args, source: Path) -> dict:
         if getattr(args, option, "not an option here") is None and field in recorded:
             kind = str if option in ("sampler", "spacing", "precision") else float if option in FLOAT_OPTIONS else int
             value = recorded[field]
-            if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool):
-                what = {int: "whole number", float: "number", str: "name"}[kind]
+            if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool) or (kind is int and value < 0):
+                what = {int: "whole number >= 0", float: "number", str: "name"}[kind]
                 raise UserError(f"'{source}' records {field}: {value!r}, which is not a {what}; fix it or give the option yourself")
             setattr(args, option, value)
     if args.label is None and isinstance(recorded.get("Label"), int):
         args.label = [recorded["Label"]]
-    if args.size is None and isinstance(recorded.get("Size"), str) and "x" in recorded["Size"]:
-        args.size = int(recorded["Size"].split("x")[0])
+    if args.size is None and "Size" in recorded:
+        args.size, args.size_from = recorded_size(recorded["Size"], source), f"the Size {recorded['Size']} that '{source}' records"
     return recorded
+
+
+def recorded_size(value, source) -> int:
+    """A PNG's "Size: WxH" as the one side of a square image (its range is checked with the model: check_arguments)."""
+    found = re.fullmatch(r"(\d{1,9})x(\d{1,9})", str(value).strip())
+    if found is None:
+        raise UserError(f"'{source}' records Size: {str(value)[:40]!r}, which is not WIDTHxHEIGHT in pixels (e.g. 32x32); "
+                        "fix it or give --size yourself")
+    if found[1] != found[2]:
+        raise UserError(f"'{source}' records Size: {value}, which is not square; diffusekit makes square images: give --size yourself")
+    return int(found[1])
 
 
 def check_recorded_model(recorded: dict, pipe, source) -> None:
@@ -129,14 +158,33 @@ def check_recorded_model(recorded: dict, pipe, source) -> None:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def check_image_outputs(out: Path, animate: str | None) -> None:
-    """Refuse, before any work, an --out (or --animate) that cannot be written as asked."""
+def check_image_outputs(args) -> None:
+    """Refuse, before any work, an --out (or --animate) that cannot be written as asked, that would replace a file
+    without --overwrite, or that is an input of this command (init image, mask, --from PNG: never, even with --overwrite)."""
+    from diffusekit.io.runs import overlap
+
+    out, animate = Path(args.out), args.animate
     if out.suffix.lower() in IMAGE_SUFFIXES and out.is_dir():
         raise UserError(f"--out '{out}' is a folder; give a new file name for a grid, or a folder name without an image suffix for one PNG per image")
     if out.suffix.lower() not in IMAGE_SUFFIXES and out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is an existing file, not a folder; give a .png name for a grid, or a folder for one PNG per image")
     if animate and Path(animate).is_dir():
         raise UserError(f"--animate '{animate}' is a folder; give a .gif file name")
+    written = output_files(out, args.index, args.n) + ([Path(animate)] if animate else [])
+    inputs = {"the init image": getattr(args, "init", None), "the mask": getattr(args, "mask", None), "--from": args.source}
+    for what, path in inputs.items():
+        clash = next((w for w in written if path is not None and overlap(w, Path(path))), None)
+        if clash is not None:
+            raise UserError(f"'{clash}' would be written over {what} '{path}', which this command reads; give another --out or --animate")
+    existing = [w for w in written if w.exists()]
+    if existing and not args.overwrite:
+        names = ", ".join(str(w) for w in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise UserError(f"{names} already exist{'s' if len(existing) == 1 else ''}; choose another --out (or --animate), or pass --overwrite to replace")
+
+
+def output_files(out: Path, start: int, n: int) -> list[Path]:
+    """The image files an --out means: the grid file, or the folder's sample_INDEX.png as images.save_images names them."""
+    return [out] if out.suffix.lower() in IMAGE_SUFFIXES else [out / f"sample_{start + i:05d}.png" for i in range(n)]
 
 
 def _write_images(images, out: Path, noun: str, texts: list[str], start: int = 0) -> None:

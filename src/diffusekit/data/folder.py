@@ -8,6 +8,7 @@ file is reported by path and skipped (and counted), or aborts the load, by optio
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -91,28 +92,56 @@ def load_folder(root: str | Path, size: int, channels: int, bad_images: str = "s
     return torch.from_numpy(np.stack(arrays)), names, skipped
 
 
-def read_captions(root: str | Path, names: list[str]) -> list[str] | None:
-    """Captions for the images `names` (relative paths): from ROOT/metadata.jsonl (the Hugging Face
-    imagefolder convention, lines of {"file_name": ..., "text": ...}) or from sidecar .txt files
-    (photo.png -> photo.txt). None when the folder has neither; "" for an image without one."""
-    root = Path(root)
-    metadata = root / "metadata.jsonl"
-    if metadata.is_file():
-        texts = {}
+def metadata_files(root: Path) -> list[Path]:
+    """Every metadata.jsonl in the folder and its subfolders (each one's file_name values are relative to its own folder)."""
+    return sorted(p for p in root.rglob("metadata.jsonl") if p.is_file())
+
+
+def read_metadata(root: Path) -> dict[str, str]:
+    """{image path relative to root: caption} from every metadata.jsonl (the Hugging Face imagefolder convention,
+    lines of {"file_name": ..., "text": ...}); a listed file that does not exist is a UserError naming it and its metadata.jsonl."""
+    texts, missing = {}, {}
+    for metadata in metadata_files(root):
         for number, raw in enumerate(metadata.read_bytes().splitlines(), 1):
             line = decode_caption(raw, f"{metadata} line {number}")
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                texts[str(Path(record["file_name"]))] = str(record["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
+                listed, text = metadata.parent / Path(record["file_name"]), str(record["text"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 raise UserError(f"{metadata} line {number} is not a JSON object with \"file_name\" and \"text\"; fix or remove that line") from None
-        return [texts.get(name, "") for name in names]
+            if not listed.is_file():
+                missing.setdefault(metadata, []).append(str(record["file_name"]))
+            texts[os.path.relpath(listed, root)] = text
+    if missing:
+        count, (first, names) = sum(map(len, missing.values())), next(iter(missing.items()))
+        raise UserError(f"{count} image file(s) listed in metadata.jsonl are missing: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} "
+                        f"(listed in {first}{f' and {len(missing) - 1} more metadata.jsonl' if len(missing) > 1 else ''}); "
+                        "add the images or remove their lines")
+    return texts
+
+
+def read_captions(root: str | Path, names: list[str]) -> list[str] | None:
+    """Captions for the images `names` (relative paths): from the metadata.jsonl files (read_metadata) or from
+    sidecar .txt files (photo.png -> photo.txt). None when the folder has neither; "" for an image without one."""
+    root = Path(root)
+    if metadata_files(root):
+        texts = read_metadata(root)
+        return [texts.get(os.path.normpath(name), "") for name in names]
     sidecars = [(root / name).with_suffix(".txt") for name in names]
     if not any(p.is_file() for p in sidecars):
         return None
     return [decode_caption(p.read_bytes(), str(p)).strip() if p.is_file() else "" for p in sidecars]
+
+
+def describe_captions(root: str | Path, count: int, captions: list[str] | None) -> str:
+    """One line on the images read and their captions, e.g. "read 8 images from data: 8 captioned, from 2 metadata.jsonl files"."""
+    sources = len(metadata_files(Path(root)))
+    where = f"{sources} metadata.jsonl file{'s' if sources != 1 else ''}" if sources else ".txt files beside them"
+    captioned = sum(bool(c) for c in captions or [])
+    said = f"{captioned} captioned, from {where}" if captions is not None else "no captions (no metadata.jsonl, no .txt beside the images)"
+    return f"read {count} images from {root}: {said}" + (f"; {count - captioned} without a caption" if captions and captioned < count else "")
 
 
 def decode_caption(raw: bytes, where: str) -> str:

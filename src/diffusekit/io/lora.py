@@ -40,7 +40,7 @@ from torch import nn
 from diffusekit.errors import UserError
 from diffusekit.files import save_tensors_atomic
 from diffusekit.io.lora_keys import PARTS, WHAT, classify, nearest_block, unplaceable
-from diffusekit.nn.lora import LAYERS, LoRA, adapter_names, attach, check_name, check_number, lora_modules, lora_shapes
+from diffusekit.nn.lora import LAYERS, LoRA, adapter_names, attach, check_name, check_number, check_update, lora_modules, lora_shapes
 from diffusekit.nn.text import TextEncoder
 from diffusekit.runtime import warn
 
@@ -202,6 +202,7 @@ def load_lora(path: str | Path, net: nn.Module, name: str | None = None, scale: 
             lora.down.copy_(entry.down)
             lora.up.copy_(entry.up)
             lora.scale = scale
+            check_update(lora, f"the LoRA file '{path}' (layer {entry.key})")
             made.append((layer, lora))
     for layer, lora in made:  # every check passed: now the networks change
         attach(layer, name, lora)

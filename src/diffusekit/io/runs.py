@@ -15,8 +15,46 @@ from diffusekit.files import write_text_atomic
 from diffusekit.io.checkpoint import LATEST, check_intact, latest_checkpoint, load_config, newest_intact_checkpoint
 
 
+def overlap(a: Path, b: Path) -> str | None:
+    """How the path a stands to b: "is" (the same file or folder), "holds" (b lies inside a), "lies inside" (a inside b),
+    or None when they are apart. Links and '..' are resolved first."""
+    ra, rb = Path(a).resolve(), Path(b).resolve()
+    if ra == rb or (ra.exists() and rb.exists() and ra.samefile(rb)):
+        return "is"
+    return "holds" if ra in rb.parents else "lies inside" if rb in ra.parents else None
+
+
+def run_inputs(config: Config, resume: bool) -> dict[str, str]:
+    """{what: path} a run reads from outside its folder: the image folder, a fine-tuning run's base model and class
+    images, and for a new run the autoencoder of a latent model and a distillation's teacher."""
+    data, f = config.data, config.finetune
+    paths = {"the image folder (data.path)": data.path if data.dataset == "folder" else ""}
+    if config.task == "finetune":
+        paths |= {"the base model": f.base, "the class images (--prior-data)": f.prior_path}
+    elif not resume:
+        paths |= {"the autoencoder (latent.vae)": config.latent.vae, "the teacher": config.distill.teacher}
+    return {what: str(home_run(Path(path))) for what, path in paths.items() if path and Path(path).exists()}
+
+
+def home_run(path: Path) -> Path:
+    """The run folder a checkpoint sits in (RUN/checkpoints/step_*), else the path itself."""
+    return path.parent.parent if path.parent.name == "checkpoints" else path
+
+
+def check_run_request(run_dir: Path, config: Config, resume: bool, overwrite: bool) -> None:
+    """--resume and --overwrite are one or the other; the run folder must be apart from every input (whatever the flags)."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: --resume continues the run in --out, --overwrite replaces it; give one of them")
+    for what, path in run_inputs(config, resume).items():
+        relation = overlap(run_dir, Path(path))
+        if relation is not None:
+            raise UserError(f"--out '{run_dir}' {relation} {what} '{path}', which this run reads; a run folder must be apart from its inputs: "
+                            "choose another --out (nothing was written or deleted)")
+
+
 def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) -> Path | None:
     """Check the run folder against the request (deleting nothing); returns the checkpoint to resume from, if any."""
+    check_run_request(run_dir, config, resume, overwrite)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out '{run_dir}' is a file; a run needs a folder: choose a new name (e.g. runs/NAME)")
     if resume:

@@ -54,6 +54,24 @@ def check_number(value, what: str) -> float:
     return float(value)
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def check_update(lora: "LoRA", what: str, scale: float | None = None) -> None:
+    """A UserError naming `what` unless A and B are finite and scale * alpha / r * B A stays within float32
+    (bounded by |factor| r max|B| max|A|): a LoRA that would turn the network's output into NaN or infinity."""
+    for name, tensor in (("down (A)", lora.down), ("up (B)", lora.up)):
+        if not torch.isfinite(tensor).all():
+            raise UserError(f"{what}: its {name} matrix holds NaN or infinite values (the file is damaged, or was trained into NaN); "
+                            "use another LoRA file")
+    scale = lora.scale if scale is None else scale
+    factor = scale * lora.alpha / lora.rank
+    bound = abs(factor) * lora.rank * float(lora.up.detach().abs().max()) * float(lora.down.detach().abs().max())
+    if not (abs(factor) <= FLOAT32_MAX and bound <= FLOAT32_MAX):
+        raise UserError(f"{what}: scale {scale:g} x alpha {lora.alpha:g} / rank {lora.rank} = {factor:g} makes its updates overflow "
+                        "float32 (the images would be NaN); use a scale near 1 (--lora FILE:SCALE), or fix the alpha in the file")
+
+
 def lora_shapes(layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(down A, up B) shapes of a rank-`rank` LoRA on `layer`."""
     if isinstance(layer, nn.Conv2d):
@@ -213,6 +231,8 @@ def set_scales(net: nn.Module, scales: dict[str, float]) -> None:
     """Each named LoRA's scale, e.g. set_scales(net, {"style": 0.8, "face": 0.5}); 0 switches one off."""
     for name, value in scales.items():
         value = check_number(value, f"the scale of LoRA {name!r}")
+        for lora in lora_modules(net, name).values():
+            check_update(lora, f"LoRA {name!r}", value)
         for lora in lora_modules(net, name).values():
             if lora.merged and value != lora.scale:
                 raise UserError(f"LoRA {name!r} is merged into the weights: unmerge(net, {name!r}) before changing its scale")
