@@ -26,8 +26,8 @@ from diffusekit.distributed import draw_for_global_batch
 from diffusekit.errors import UserError
 from diffusekit.files import read_tensors, write_json_atomic
 from diffusekit.images import save_grid
-from diffusekit.layout import choose_layout
 from diffusekit.io.checkpoint import latest_checkpoint, load_config, load_weights, resolve_checkpoint
+from diffusekit.layout import choose_layout
 from diffusekit.losses import diffusion_loss, draw_t_and_noise
 from diffusekit.models import build_net, build_text_encoder, build_vae, example_inputs, text_condition
 from diffusekit.nn.state import load_state_dict_checked

@@ -245,14 +245,6 @@ def check_intact(ckpt: Path) -> None:
         raise UserError(f"{problem}; the checkpoint '{ckpt}' cannot be used")
 
 
-def newest_intact_checkpoint(run_dir: Path, before: Path | None = None) -> Path | None:
-    """The newest checkpoint of a run (older than `before`, if given) whose files are all readable."""
-    for ckpt in reversed(list_checkpoints(Path(run_dir) / "checkpoints")):
-        if (before is None or checkpoint_step(ckpt) < checkpoint_step(before)) and checkpoint_damage(ckpt) is None:
-            return ckpt
-    return None
-
-
 def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
     """EMA weights by default; raw weights with which='model' (or when no EMA was saved)."""
     path = Path(ckpt) / WEIGHT_FILES[which]

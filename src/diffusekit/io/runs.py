@@ -12,7 +12,7 @@ from pathlib import Path
 from diffusekit.config import RESUMABLE_KEYS, RESUMABLE_SECTIONS, Config, diff_configs
 from diffusekit.errors import UserError
 from diffusekit.files import write_text_atomic
-from diffusekit.io.checkpoint import LATEST, check_intact, latest_checkpoint, load_config, newest_intact_checkpoint
+from diffusekit.io.checkpoint import latest_checkpoint, load_config
 
 
 def overlap(a: Path, b: Path) -> str | None:
@@ -73,16 +73,9 @@ def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool
 
 def checkpoint_to_resume(run_dir: Path, config: Config) -> Path:
     """The run's latest checkpoint, intact and trained with a config that `config` may continue."""
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = latest_checkpoint(run_dir)  # the newest intact one, with a warning if it passed a damaged one over
     if ckpt is None:
-        raise UserError(f"nothing to resume in '{run_dir}': it has no complete checkpoint; drop --resume to start a new run there")
-    try:
-        check_intact(ckpt)
-    except UserError as err:
-        intact = newest_intact_checkpoint(run_dir, before=ckpt)
-        fix = (f"the newest intact one is {intact.name}: write '{intact.name}' into {run_dir / 'checkpoints' / LATEST} and --resume again"
-               if intact else "no earlier checkpoint is intact: start a new run")
-        raise UserError(f"{err}; {fix}") from None
+        raise UserError(f"nothing to resume in '{run_dir}': it has no intact checkpoint; drop --resume to start a new run there")
     saved = load_config(ckpt)
     clashes = [(k, a, b) for k, a, b in diff_configs(saved, config) if k not in RESUMABLE_KEYS and k.split(".")[0] not in RESUMABLE_SECTIONS]
     if clashes:
