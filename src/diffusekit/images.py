@@ -14,7 +14,8 @@ import torch
 from PIL import Image, ImageFilter, PngImagePlugin, UnidentifiedImageError
 
 from diffusekit.data import to_float, to_uint8
-from diffusekit.data.folder import resize_center_crop, to_mode
+from diffusekit.config_checks import check_mask_blur
+from diffusekit.data.folder import MAX_INPUT_PIXELS, check_input_size, resize_center_crop, to_mode
 from diffusekit.errors import UserError
 from diffusekit.files import atomic_write
 
@@ -54,10 +55,15 @@ def save_grid(images: torch.Tensor, path: str | Path, ncols: int | None = None, 
     return atomic_save(upscale(to_pil(make_grid(images, ncols)), min_side), path, **png_options(path, parameters))
 
 
+def image_paths(folder: str | Path, start: int, n: int, prefix: str = "sample") -> list[Path]:
+    """The files save_images writes for images start .. start + n - 1: folder/prefix_00000.png, ..."""
+    return [Path(folder) / f"{prefix}_{start + i:05d}.png" for i in range(n)]
+
+
 def save_images(images: torch.Tensor, folder: str | Path, prefix: str = "sample", start: int = 0, parameters: list[str] | None = None) -> list[Path]:
-    """One PNG per image: folder/prefix_00000.png, ..., each with its own parameters text where given."""
+    """One PNG per image (image_paths), each with its own parameters text where given."""
     arrays = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
-    paths = [Path(folder) / f"{prefix}_{start + i:05d}.png" for i in range(len(arrays))]
+    paths = image_paths(folder, start, len(arrays), prefix)
     return [atomic_save(to_pil(a), path, **png_options(path, parameters[i] if parameters else None)) for i, (a, path) in enumerate(zip(arrays, paths))]
 
 
@@ -157,17 +163,13 @@ def read_parameters(path: str | Path) -> dict:
 
 # ----------------------------------------------------------------------------- images handed to us
 
-MAX_INPUT_PIXELS = 4096 * 4096  # a larger init image or mask is refused before it is decoded
-
-
 def open_image(source: str | Path | bytes, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
-    """A PNG, JPEG or WebP file or its bytes, decoded only after its header says it is at most `max_pixels`
-    (so a decompression bomb is refused without being unpacked); a UserError naming `what` otherwise."""
+    """A PNG, JPEG or WebP file or its bytes, decoded only after its header passes check_input_size
+    (so a decompression bomb or a long thin strip is refused without being unpacked); a UserError naming `what` otherwise."""
     data = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         image = Image.open(data, formats=["PNG", "JPEG", "WEBP"])
-        if image.width * image.height > max_pixels:
-            raise UserError(f"the {what} is {image.width}x{image.height} pixels, more than the {max_pixels} allowed; shrink it first")
+        check_input_size(image.width, image.height, what, max_pixels)
         image.load()
     except UnidentifiedImageError:
         raise UserError(f"the {what} is not a PNG, JPEG or WebP image") from None
@@ -177,7 +179,7 @@ def open_image(source: str | Path | bytes, what: str = "image", max_pixels: int 
 
 
 def image_tensor(image: Image.Image, size: int, channels: int) -> torch.Tensor:
-    """[1, C, size, size] in [-1, 1]: converted (alpha on white), the shorter side resized to `size`, centre-cropped."""
+    """[1, C, size, size] in [-1, 1]: converted (alpha on white), its centre square resized to `size`."""
     array = np.asarray(resize_center_crop(to_mode(image, channels), size), dtype=np.uint8)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return to_float(torch.from_numpy(array.copy()))[None]
@@ -189,8 +191,7 @@ def mask_tensor(mask: Image.Image, image: Image.Image, size: int, blur: float = 
     if mask.size != image.size:
         raise UserError(f"the mask is {mask.width}x{mask.height} pixels but the image is {image.width}x{image.height}; "
                         "draw the mask on the image itself, at its size")
-    if blur < 0:
-        raise UserError(f"mask blur must be >= 0 pixels, got {blur}")
+    blur = check_mask_blur(blur)
     if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:  # a painted layer: transparent = keep (black)
         rgba = mask.convert("RGBA")
         mask = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)

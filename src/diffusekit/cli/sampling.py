@@ -184,7 +184,9 @@ def check_image_outputs(args) -> None:
 
 def output_files(out: Path, start: int, n: int) -> list[Path]:
     """The image files an --out means: the grid file, or the folder's sample_INDEX.png as images.save_images names them."""
-    return [out] if out.suffix.lower() in IMAGE_SUFFIXES else [out / f"sample_{start + i:05d}.png" for i in range(n)]
+    from diffusekit.images import image_paths
+
+    return [out] if out.suffix.lower() in IMAGE_SUFFIXES else image_paths(out, start, n)
 
 
 def _write_images(images, out: Path, noun: str, texts: list[str], start: int = 0) -> None:

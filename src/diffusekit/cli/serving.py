@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
+import argparse
+import errno
+import socket
 from pathlib import Path
 
 from diffusekit.cli.options import add_lora_option, apply_loras, positive_int
 from diffusekit.errors import UserError
 from diffusekit.precision import PRECISIONS
+
+
+def api_key(text: str) -> str:
+    """--api-key: a key a header can carry (printable ASCII, no spaces at either end), never empty."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the key is empty, which would leave the API open to anyone; give a real key "
+                                         "(e.g. --api-key \"$(openssl rand -hex 16)\") or leave the option out")
+    if text != text.strip() or not (text.isascii() and text.isprintable()):
+        raise argparse.ArgumentTypeError("a key is printable ASCII without spaces at either end (an HTTP header carries no others)")
+    return text
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, or a UserError naming the port: the check before any model loads or anything is printed."""
+    sock = None
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait for TIME_WAIT
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as err:
+        if sock is not None:
+            sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use (another server?); choose another one with --port, "
+                            f"e.g. --port {port + 1 if port < 65535 else 7860}") from None
+        raise UserError(f"cannot listen on {host} port {port} ({err.strerror or err}); check --host and --port") from None
+    return sock
 
 
 def _serve(args) -> None:
@@ -19,18 +50,24 @@ def _serve(args) -> None:
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is not a TCP port; use 1 to 65535 (e.g. 7860)")
     loopback = args.host in LOOPBACK_HOSTS or args.host.startswith("127.")
-    if not loopback and not args.api_key:
-        warn(f"serving on {args.host} without --api-key: anyone who can reach this machine can use the server")
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_steps=args.max_steps, max_size=args.max_size,
                     max_upload_bytes=args.max_upload_mb * 2**20)
-    pipes = load_pipes(args.model or [], device=args.device, dtype=args.precision)
-    for pipe in pipes.values():  # every served model gets the --lora files, fused into its weights in memory
-        apply_loras(pipe, args.lora)
-    server = Server(pipes, limits, queue_size=args.queue, gallery=Gallery(args.gallery, Path(args.save) if args.save else None), api_key=args.api_key)
-    app = create_app(server, allowed_hosts=LOOPBACK_HOSTS + [args.host] if loopback else None)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {', '.join(pipes)} on http://{shown}:{args.port}/ (OpenAI API: http://{shown}:{args.port}/v1)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
+    with listen(args.host, args.port) as sock:  # bound before the models load and anything is printed; uvicorn serves on it
+        if not loopback and not args.api_key:
+            warn(f"serving on {args.host} without --api-key: anyone who can reach this machine can use the server")
+        pipes = load_pipes(args.model or [], device=args.device, dtype=args.precision)
+        for pipe in pipes.values():  # every served model gets the --lora files, fused into its weights in memory
+            apply_loras(pipe, args.lora)
+        gallery = Gallery(args.gallery, Path(args.save) if args.save else None)
+        server = Server(pipes, limits, queue_size=args.queue, gallery=gallery, api_key=args.api_key)
+        app = create_app(server, allowed_hosts=LOOPBACK_HOSTS + [args.host] if loopback else None)
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"serving {', '.join(pipes)} on http://{shown}:{args.port}/ (OpenAI API: http://{shown}:{args.port}/v1)", flush=True)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down and raises the signal again; a normal end (as uvicorn.run)
+            pass
 
 
 def register(sub) -> None:
@@ -40,7 +77,7 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only); "
                    "another one exposes the server, so give it an --api-key")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--api-key", help="require the header Authorization: Bearer KEY on the API (the page asks for it)")
+    p.add_argument("--api-key", type=api_key, help="require the header Authorization: Bearer KEY on the API (the page asks for it)")
     p.add_argument("--queue", type=positive_int, default=8, help="jobs that may wait per model; more get HTTP 429 with Retry-After")
     p.add_argument("--max-n", type=positive_int, default=8, help="images per request")
     p.add_argument("--max-steps", type=positive_int, default=100, help="sampling steps per request")

@@ -45,19 +45,38 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("L" if channels == 1 else "RGB")
 
 
+MAX_INPUT_PIXELS = 4096 * 4096  # an init image or mask handed to `edit` or the server; a training image: PIL's own limit
+MAX_INPUT_SIDE = 8192  # likewise
+MAX_INPUT_ASPECT = 8  # the longer side at most this many times the shorter (only the centre square is used)
+
+
+def check_input_size(width: int, height: int, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS, max_side: int = MAX_INPUT_SIDE) -> None:
+    """A UserError unless an image handed to us is at most `max_pixels`, `max_side` a side and MAX_INPUT_ASPECT : 1,
+    so that neither decoding nor resizing it can take much memory (read from the header, before any pixel is decoded)."""
+    shape = f"the {what} is {width}x{height} pixels"
+    if width * height > max_pixels:
+        raise UserError(f"{shape}, more than the {max_pixels} allowed; shrink it first")
+    if max(width, height) > max_side:
+        raise UserError(f"{shape}: a side is longer than the {max_side} allowed; shrink it first")
+    if max(width, height) > MAX_INPUT_ASPECT * min(width, height):
+        raise UserError(f"{shape}: one side is more than {MAX_INPUT_ASPECT} times the other (only its centre square is used); "
+                        "crop it closer to a square first")
+
+
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """The centre square of `image` resized to size x size, in one resize of that region (PIL's box): no
+    intermediate image larger than the input or the output."""
     w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side), reducing_gap=None)
 
 
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """uint8 array [C, size, size]; raises UserError naming the file if it cannot be read."""
+    """uint8 array [C, size, size]; raises UserError naming the file if it cannot be read or is absurdly shaped."""
     try:
         with Image.open(path) as image:
+            check_input_size(image.width, image.height, f"image '{path}'", Image.MAX_IMAGE_PIXELS or MAX_INPUT_PIXELS, max_side=2**31)
             image.load()
             image = resize_center_crop(to_mode(image, channels), size)
     except Image.DecompressionBombError as err:

@@ -20,6 +20,7 @@ import collections
 import contextlib
 import hmac
 import json
+import logging
 import re
 import threading
 import time
@@ -29,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from diffusekit.models import size_multiple
 from diffusekit.samplers import SAMPLERS
@@ -39,6 +41,8 @@ from diffusekit.version import __version__
 
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 ID = re.compile(r"[0-9a-f]{16}")
+HOST = re.compile(r"\[(?P<ipv6>[0-9a-f:.]*)\](?::\d{1,5})?|(?P<name>[^:\[\]]*)(?::\d{1,5})?|(?P<bare_ipv6>[0-9a-f:.]+)")
+LOG = logging.getLogger("uvicorn.error")  # uvicorn's own log: its format and --log-level
 KEEPALIVE_S = 1.0  # an idle event stream sends a comment this often, which is how a closed client is noticed
 MAX_JOBS_KEPT = 256  # finished jobs remembered (with their animations); the gallery keeps the images
 
@@ -115,13 +119,25 @@ async def read_json(request: Request, kind, limits: Limits):
         raise RequestError("send the body as JSON with the header Content-Type: application/json", status=415, code="unsupported_media_type")
     cap, body = limits.body_bytes(), bytearray()
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > cap:
-        raise RequestError(f"the request body is larger than the {mib(cap)} allowed; send smaller images", status=413, code="too_large")
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > cap:
-            raise RequestError(f"the request body is larger than the {mib(cap)} allowed; send smaller images", status=413, code="too_large")
+    too_large = RequestError(f"the request body is larger than the {mib(cap)} allowed; send smaller images", status=413, code="too_large")
+    if declared.isascii() and declared.isdecimal() and (len(declared) > 18 or int(declared) > cap):
+        raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > cap:
+                raise too_large
+    except ClientDisconnect:
+        where = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        LOG.warning(f"{where} went away after {len(body)} of {declared or '?'} bytes of its {request.method} {request.url.path[:80]} body")
+        raise RequestError("the client disconnected before sending the whole body", status=499, code="client_disconnected") from None
     return await run_in_threadpool(parse_body, bytes(body), kind)
+
+
+def host_name(header: str) -> str | None:
+    """The name in a Host header, lower-case, without brackets or port ("[::1]:7860" -> "::1"); None if malformed."""
+    match = HOST.fullmatch(header.strip().lower())
+    return match[match.lastgroup] if match else None
 
 
 class Guard:
@@ -135,10 +151,10 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        host = headers.get("host", "").rsplit(":", 1)[0].strip("[]").lower()
         refusal = None
-        if self.allowed_hosts is not None and host not in self.allowed_hosts:
-            refusal = RequestError(f"Host '{host[:60]}' is not this server's name; open http://127.0.0.1:PORT/", status=421, code="bad_host")
+        if self.allowed_hosts is not None and host_name(headers.get("host", "")) not in self.allowed_hosts:
+            refusal = RequestError(f"Host '{headers.get('host', '')[:60]}' is not this server's name; open http://127.0.0.1:PORT/",
+                                   status=421, code="bad_host")
         elif self.server.api_key and (scope["path"].startswith("/api/") or scope["path"].startswith("/v1/")):
             given = headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else headers.get("x-api-key", "")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 import secrets
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from diffusekit.schedule import SPACINGS
 
 @dataclass
 class Limits:
-    """Bounds on every request (the `diffusekit serve` options of the same names)."""
+    """Bounds on every request (most are the `diffusekit serve` options of the same names); GET /api/models lists them."""
 
     max_prompt_chars: int = 1000
     max_n: int = 8
@@ -34,6 +35,8 @@ class Limits:
     max_upload_bytes: int = 8 * 2**20  # one uploaded image, encoded
     max_upload_pixels: int = 2048 * 2048  # one uploaded image, decoded (larger ones are refused before decoding)
     max_jump_n_sample: int = 4
+    max_guidance: float = 30.0
+    max_eta: float = 1.0  # DDIM's eta: 0 deterministic, 1 the DDPM posterior
 
     def body_bytes(self) -> int:
         """The largest request body: an image and a mask in base64 (4/3 of their size) and the rest."""
@@ -56,7 +59,7 @@ class RequestError(Exception):
 class JobRequest(BaseModel):
     """POST /api/jobs: a generation, an image-to-image or an inpainting job."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompt: str = ""
     negative_prompt: str = ""
     model: str | None = None
@@ -82,7 +85,7 @@ class JobRequest(BaseModel):
 class OpenAIImageRequest(BaseModel):
     """POST /v1/images/generations, as OpenAI's Images API takes it (plus seed, negative_prompt, steps, guidance)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompt: str = Field(min_length=1)
     n: int = 1
     size: str | None = None
@@ -111,14 +114,53 @@ class OpenAIImageRequest(BaseModel):
                 "size": size, "steps": self.steps, "guidance": self.guidance}
 
 
+MAX_NUMBER_DIGITS = 100  # far more than any field takes, far less than Python's int-string limit
+
+
+def _json_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_NUMBER_DIGITS:
+        raise RequestError(f"the body holds a number of {digits} digits ({text[:20]}...); no field takes more than {MAX_NUMBER_DIGITS}",
+                           code="invalid_json")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise RequestError(f"the number {text[:40]} is too large for any field; send a finite number", code="invalid_json")
+    return value
+
+
+def _json_constant(name: str):
+    raise RequestError(f"{name} is not a JSON number; send a finite number", code="invalid_json")
+
+
+def check_text(data: dict) -> None:
+    """Every field name and text value must be Unicode that UTF-8 can carry (no lone surrogate such as "\\ud800")."""
+    for key, value in data.items():
+        for text in (key, value):
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    field = key.encode("utf-8", "backslashreplace").decode()
+                    raise RequestError(f"field '{field[:60]}' holds a lone surrogate ({text[err.start]!r}), which is not text; "
+                                       "send valid Unicode", field) from None
+
+
 def parse_body(raw: bytes, kind: type[BaseModel]) -> BaseModel:
     """A JSON body into `kind`; the first problem as a RequestError naming the field."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RequestError(f"the request body is not JSON ({err}); send a JSON object with Content-Type: application/json", code="invalid_json") from None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply; send a flat JSON object, e.g. {\"prompt\": \"red apple\"}",
+                           code="invalid_json") from None
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object, e.g. {\"prompt\": \"red apple\"}", code="invalid_json")
+    check_text(data)
     try:
         return kind.model_validate(data)
     except ValidationError as err:
@@ -139,9 +181,14 @@ def _check(ok: bool, message: str, param: str) -> None:
         raise RequestError(message, param)
 
 
+def _check_range(value: float | None, largest: float, param: str, meaning: str) -> None:
+    _check(value is None or 0 <= value <= largest, f"{param} = {value}: use 0 to {largest:g} ({meaning}; the server's limit)", param)
+
+
 def decode_upload(data: str, what: str, limits: Limits):
     """A base64 image (optionally a data: URL) into a PIL image, within the upload limits."""
-    payload = data.split(",", 1)[1] if data.startswith("data:") else data
+    _, comma, payload = data.partition(",") if data.startswith("data:") else ("", ",", data)
+    _check(bool(comma), f"the {what} is a data: URL without a comma; send data:image/png;base64,<the file's bytes in base64>", what)
     _check(len(payload) * 3 // 4 <= limits.max_upload_bytes, f"the {what} is larger than the {mib(limits.max_upload_bytes)} allowed; "
            "send a smaller image", what)
     try:
@@ -170,6 +217,8 @@ def check_job(req: JobRequest, pipe, limits: Limits, name: str = "") -> tuple[di
     _check(1 <= steps <= limits.max_steps, f"steps = {steps}: use 1 to {limits.max_steps} steps", "steps")
     seed = secrets.randbelow(2**32) if req.seed in (None, -1) else req.seed
     _check(0 <= seed <= MAX_SEED, f"seed = {seed}: a seed is a whole number from 0 to {MAX_SEED} (or -1 / null: random)", "seed")
+    _check_range(req.guidance, limits.max_guidance, "guidance", "1: no guidance")
+    _check_range(req.eta, limits.max_eta, "eta", "0: deterministic")
     _check(0 <= req.index <= 2**31, f"index = {req.index}: use a whole number from 0 to {2**31}", "index")
     multiple, largest = size_multiple(config), limits.size_limit(config)
     size = req.size if req.size is not None else config.data.image_size

@@ -50,6 +50,7 @@ async function loadModels() {
   fillSelect($("model"), data.models.map((m) => m.name));
   $("n").max = data.limits.max_n;
   $("steps").max = data.limits.max_steps;
+  $("guidance").max = data.limits.max_guidance;
   applyModel();
 }
 
