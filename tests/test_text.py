@@ -66,8 +66,8 @@ def test_the_packaged_minilm_runs_without_transformers_and_matches_transformers_
         hidden, mask = minilm.encode(prompts[:64])
     error = (hidden - expected).abs()
     assert torch.equal(mask, tokens["attention_mask"]) and error[mask.bool()].max() < 1e-5  # the tokens the U-Net attends to
-    # Padding too (cross-attention masks it). Measured: ours 1.0e-4 on an AMD EPYC Zen 4 (AVX-512), under 1e-4 on Zen 2
-    # (AVX2); transformers' own eager and sdpa kernels differ by 1.3e-4 (Zen 4) and 2e-5 (Zen 2) on the same tokens.
+    # Padding too (cross-attention masks it). Measured: ours 1.0e-4 on an AMD EPYC Zen 5 (AVX-512; Zen 4 likewise), under 1e-4 on Zen 2
+    # (AVX2); transformers' own eager and sdpa kernels differ by 1.3e-4 (Zen 5) and 2e-5 (Zen 2) on the same tokens.
     assert error.max() < 4e-4
     code = ("import sys; from diffusekit.cli import main; code = main(['generate', 'a cat', '--n', '1', '--steps', '2', '--out', sys.argv[1]]); "
             "assert code == 0 and 'transformers' not in sys.modules, 'transformers was imported'")

@@ -4,9 +4,9 @@
     layout = choose_layout(net, (x, t, cond), training=True, autocast_dtype=torch.bfloat16)  # forward + backward
 
 A CPU's convolutions run on NCHW ("contiguous") or NHWC ("channels_last") tensors, and which is faster
-depends on the CPU, the dtype and the network: on an AMD EPYC Zen 4 in bf16 the mnist U-Net runs
-13-40% faster contiguous while the SD-1.5-shaped U-Net runs a few % faster channels-last; on a Zen 2
-in fp32 channels-last wins or ties everywhere (docs/benchmarks.md). A third candidate keeps the
+depends on the CPU, the dtype and the network: in bf16 on an AMD EPYC Zen 4 / Zen 5 the mnist U-Net runs
+13-40% faster contiguous while the SD-1.5-shaped U-Net runs a few % faster channels-last; in fp32 (Zen 2,
+Zen 5) channels-last wins or ties everywhere (docs/benchmarks.md). A third candidate keeps the
 convolutions channels-last but lets each GroupNorm work on an NCHW copy (nn/blocks.GroupNorm: the
 channels-last GroupNorm kernel is the slow part in bf16). No rule read off a few CPUs covers the next
 one, so the first use of a network times it in each layout, alternating, and keeps the fastest (the
@@ -14,7 +14,8 @@ network is converted in place). The answer is cached per CPU model and flags, to
 threads, dtype, network shape and input shape in `cache_dir()/layouts.json` (never in a run folder);
 a damaged or stale cache is ignored with one warning and rebuilt, and a cache that cannot be written
 costs only a new measurement next time. DIFFUSEKIT_LAYOUT=channels_last or contiguous skips the
-measurement; on a GPU networks stay contiguous. `diffusekit info --system` lists the cached choices.
+measurement (or any other name of LAYOUTS); on a GPU networks stay contiguous. `diffusekit info --system` lists
+the cached choices.
 """
 
 from __future__ import annotations

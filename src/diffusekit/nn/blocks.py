@@ -61,7 +61,7 @@ class TimestepEmbedding(nn.Module):
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (the same parameters and state dict) that can normalise a channels-last input as an NCHW copy
     (`nchw_inside`, set per network by layout.py): PyTorch's channels-last GroupNorm kernel is up to 10x slower
-    than its NCHW one in bf16 on an AMD EPYC Zen 4 (4.4 vs 0.4 ms at [64, 64, 28, 28]), more than two copies cost,
+    than its NCHW one in bf16 on an AMD EPYC Zen 5 (4.4 vs 0.4 ms at [64, 64, 28, 28]), more than two copies cost,
     while the convolutions around it are fastest channels-last."""
 
     nchw_inside = False
@@ -115,7 +115,7 @@ def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 def plain_matmuls_are_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Training in bf16 on a CPU with few keys or a small score matrix: there PyTorch's fused attention kernel
-    spends most of its time in backward. Forward + backward under bf16 autocast on an AMD EPYC Zen 4 (torch 2.13):
+    spends most of its time in backward. Forward + backward under bf16 autocast on an AMD EPYC Zen 5 (torch 2.13):
     [64, 2, 49, 32] 8.2 ms fused vs 1.6 ms plain, [64, 2, 196, 32] 27 vs 13, [2, 8, 1024, 40] x 77 keys 6.6 vs 2.9,
     but [2, 8, 1024, 40] x 1024 keys 44 vs 75. Sampling keeps the fused kernel (more precise in bf16, as fast);
     float32 keeps it too (plain matmuls 1.4x slower there)."""
