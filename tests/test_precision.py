@@ -18,6 +18,8 @@ from diffusekit.pipeline import Pipeline
 
 # One bf16 U-Net call against fp32 on the same weights and inputs, relative to the output's spread:
 # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2%), and the errors of ~30 layers add up.
+# Measured: mean 0.013, max 0.085 on an AMD EPYC Zen 2 (bf16 emulated); mean 0.0127-0.0128, max 0.077-0.079 on a
+# Zen 5 (AVX512-BF16, native), in each of layout.py's three layouts.
 BF16_MEAN_TOLERANCE = 0.02  # mean |bf16 - fp32| / std(fp32)
 BF16_MAX_TOLERANCE = 0.15  # max |bf16 - fp32| / std(fp32)
 
@@ -105,7 +107,7 @@ def test_a_bf16_pipeline_keeps_the_sampler_in_float32_and_samples_close_to_fp32(
     a = ref.sample(4, steps=5, sampler="dpmpp_2m", seed=3)
     b = low.sample(4, steps=5, sampler="dpmpp_2m", seed=3, callback=lambda info: seen.append((info["x"].dtype, info["denoised"].dtype)))
     assert b.dtype == torch.float32 and set(seen) == {(torch.float32, torch.float32)}
-    assert (a - b).abs().mean() < 0.05 and not torch.equal(a, b)
+    assert (a - b).abs().mean() < 0.005 and not torch.equal(a, b)  # measured 6.2e-4 on a Zen 5 (native bf16)
 
 
 def test_the_model_hash_is_the_stored_weights_at_every_precision_layout_and_with_fused_loras(tmp_path):
