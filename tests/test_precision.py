@@ -26,7 +26,8 @@ BF16_MAX_TOLERANCE = 0.15  # max |bf16 - fp32| / std(fp32)
 
 @pytest.fixture
 def native_bf16(monkeypatch):
-    """Pretend (or deny) that this CPU has native bf16."""
+    """Pretend (or deny) that this CPU has native bf16 (and let the flags decide: no DIFFUSEKIT_AUTO_PRECISION)."""
+    monkeypatch.delenv("DIFFUSEKIT_AUTO_PRECISION", raising=False)
 
     def set_native(value: bool):
         info = {**precision.cpu_info(), "native_bf16": value}
