@@ -237,3 +237,14 @@ def test_ddpm_matches_diffusers_with_the_same_noise(variance):
     x = noise * (1 + sigmas[0] ** 2).sqrt().float()
     got = sample_ddpm(Denoiser(net, sched, "eps"), x, sigmas, generator=sample_generators(8, 2), variance=variance)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_the_declared_sampler_options_are_the_functions_own():
+    """SAMPLER_OPTIONS (what Pipeline.sample may pass a sampler) holds exactly the eta / variance parameters of each function."""
+    import inspect
+
+    from diffusekit.samplers import SAMPLER_OPTIONS, SAMPLERS
+
+    for name, fn in SAMPLERS.items():
+        own = {p for p in inspect.signature(fn).parameters if p in ("eta", "variance")}
+        assert own == set(SAMPLER_OPTIONS.get(name, ())), name

@@ -72,13 +72,17 @@ class KnownRegionDenoiser:
         return mask * x0 + (1 - mask) * self.known.to(x0.dtype)
 
 
+def check_resampling(jump_length, jump_n_sample) -> None:
+    if not (isinstance(jump_length, int) and isinstance(jump_n_sample, int) and jump_n_sample >= 1 and jump_length >= 1):
+        raise UserError(f"jump_length ({jump_length}) and jump_n_sample ({jump_n_sample}) must be at least 1 (jump_n_sample 1: no resampling)")
+
+
 def sample_resampled(sample_fn, denoiser, x, sigmas, cond=None, generator=None, callback=None, jump_length: int = 10,
                      jump_n_sample: int = 1, **options) -> torch.Tensor:
     """Run `sample_fn` down `sigmas` in chunks of `jump_length` steps, each walked `jump_n_sample` times:
     between the walks x is noised back up to the chunk's first sigma (RePaint's resampling, sec. 4.2).
     jump_n_sample = 1 is the plain sampler. The callback sees the step index within the whole schedule."""
-    if jump_n_sample < 1 or jump_length < 1:
-        raise UserError(f"jump_length ({jump_length}) and jump_n_sample ({jump_n_sample}) must be at least 1 (jump_n_sample 1: no resampling)")
+    check_resampling(jump_length, jump_n_sample)
     steps = len(sigmas) - 1
     if jump_n_sample == 1:
         return sample_fn(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, **options)

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,15 +24,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffusekit.compiled import compile_network
-from diffusekit.conditioning import conditions
 from diffusekit.config import Config, SampleConfig
 from diffusekit.config_checks import check_image_size, check_sample
 from diffusekit.denoiser import Denoiser, network_dtype
 from diffusekit.distill_losses import ConsistencyDenoiser
 from diffusekit.errors import UserError
-from diffusekit.guidance import GuidedDenoiser
 from diffusekit.image_info import ImageOutput, describe, fingerprint, model_name, with_fused_loras
-from diffusekit.inpaint import KnownRegionDenoiser, default_strength, noised_start, sample_resampled, strength_start
 from diffusekit.io import diffusers
 from diffusekit.layout import apply_layout, choose_layout
 from diffusekit.models import ModelParts, example_inputs, image_shape, load_parts, size_multiple
@@ -42,8 +38,9 @@ from diffusekit.nn.state import weights_fingerprint
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.pipeline_lora import LoRAMethods
 from diffusekit.precision import dtype_name, resolve_dtype
-from diffusekit.runtime import pick_device, prepare_module, randn, sample_generators, use_all_cores, warn
-from diffusekit.samplers import get_sampler
+from diffusekit.runtime import pick_device, prepare_module, use_all_cores, warn
+from diffusekit.samplers import SAMPLER_OPTIONS
+from diffusekit.sampling import SampleRequest, compose_denoiser, make_plan, run_sampler, start_latents
 from diffusekit.schedule import make_schedule
 
 LARGE_IMAGE_PIXELS = 256 * 256  # from this size on, the VAE decodes one image at a time
@@ -169,7 +166,7 @@ class Pipeline(LoRAMethods):
 
     def sampler_options(self, settings: SampleConfig, eta: float | None, variance: str | None) -> dict:
         """The keyword options of the chosen sampler: eta (given, or sample.eta for DDIM) and DDPM's variance."""
-        accepted = inspect.signature(get_sampler(settings.sampler)).parameters
+        accepted = SAMPLER_OPTIONS.get(settings.sampler, ())
         for name, value in (("eta", eta), ("variance", variance)):
             if value is not None and name not in accepted:
                 raise UserError(f"the {settings.sampler} sampler has no option '{name}'; drop it or pick a sampler that takes it")
@@ -241,54 +238,22 @@ class Pipeline(LoRAMethods):
         of the schedule is walked); jump_n_sample > 1 resamples every jump_length steps (RePaint).
         first_index: the index of the first image in the seed's stream, so that image i of a seed can be made alone.
         """
-        settings = self.settings(n=n, steps=steps, sampler=sampler, spacing=spacing, seed=seed, guidance=guidance,
-                                 guidance_rescale=guidance_rescale, eta=eta, variance=variance, batch_size=batch_size)
-        sample_fn, options = get_sampler(settings.sampler), self.sampler_options(settings, eta, variance)
-        if size is not None:
-            self.check_size(size, settings, f"size={size!r}")
-        sigmas = self.sigmas(settings.steps, settings.spacing, size).to(self.device)
-        if not isinstance(first_index, int) or first_index < 0:
-            raise UserError(f"the first image index must be a whole number >= 0, got {first_index!r}")
-        cond, uncond = conditions(self.config, self.text_encoder, self.device, n, labels, prompts, negative)
-        if uncond is None and guidance not in (None, 1.0):  # unconditional samples: nothing to guide towards
-            raise UserError("classifier-free guidance needs a condition: give a --label or a prompt")
-        scale = settings.guidance if uncond is not None else 1.0
-        guided_student = self.check_student(settings, scale, negative)
-        shape = image_shape(self.config, size)
-        if noise is not None and tuple(noise.shape) != (n, *shape):
-            raise UserError(f"noise has shape {list(noise.shape)}, but {n} samples need {[n, *shape]}")
-        if image is None and (strength is not None or mask is not None):
-            raise UserError("strength and a mask need an init image (image=...)")
-        known, mask = self.edit_inputs(image, mask, n, shape)
-        strength = default_strength(strength, mask is not None)
-        sigmas = sigmas[strength_start(settings.steps, strength):] if image is not None else sigmas
-        out, batch, walks = [], settings.batch_size, (len(sigmas) - 1) * jump_n_sample
-        self.use_fastest_layout(min(batch, n) * (2 if scale != 1.0 and not guided_student else 1), size)
-        bar = tqdm(total=n * walks, desc=f"sampling ({settings.sampler}, {walks} steps)", unit="step", disable=not progress, leave=False)
-        for start in range(0, n, batch):
-            count = min(batch, n - start)
-            part = slice(start, start + count)
-            gens = sample_generators(settings.seed, count, first_index + start)
-            start_noise = randn((count, *shape), generator=gens, device=self.device) if noise is None else noise[part].to(self.device)
-            batch_known = None if known is None else known[part] if len(known) > 1 else known
-            pure = 1 / self.schedule.coefficients(sigmas[:1])[0].float()  # pure noise on the process's scale, as x at sigmas[0]
-            x = start_noise * pure if batch_known is None else noised_start(batch_known, start_noise, sigmas, strength, pure)
-            batch_cond = {k: v[part] for k, v in cond.items()} if cond else None
-            denoiser = self.denoiser
-            if guided_student and batch_cond is not None:  # the guidance scale is an input: one call per step
-                batch_cond["guidance"] = torch.full((count,), float(scale), device=self.device)
-            elif scale != 1.0:
-                denoiser = GuidedDenoiser(self.denoiser, {k: v[part] for k, v in uncond.items()}, scale, settings.guidance_rescale)
-            if mask is not None:
-                denoiser = KnownRegionDenoiser(denoiser, batch_known, mask[part] if len(mask) > 1 else mask)
+        request = SampleRequest(n, steps, sampler, spacing, seed, labels, prompts, negative, guidance, guidance_rescale, eta, variance,
+                                batch_size, size, noise, image, mask, strength, jump_length, jump_n_sample, first_index)
+        plan = make_plan(self, request)  # the stages: sampling.py
+        self.use_fastest_layout(plan.network_batch, size)
+        bar = tqdm(total=n * plan.walks, desc=f"sampling ({plan.settings.sampler}, {plan.walks} steps)", unit="step", disable=not progress, leave=False)
+        out = []
+        for batch in plan.batches():
 
-            def on_step(info, start=start, count=count):
-                bar.update(count)
+            def on_step(info, batch=batch):
+                bar.update(batch.count)
                 if callback is not None:
-                    callback({**info, "start": start})
+                    callback({**info, "start": batch.start})
 
-            x = sample_resampled(sample_fn, denoiser, x, sigmas, cond=batch_cond, generator=gens, callback=on_step,
-                                 jump_length=jump_length, jump_n_sample=jump_n_sample, **options)
+            x = start_latents(self, plan, batch)
+            denoiser, cond = compose_denoiser(self, plan, batch)
+            x = run_sampler(plan, denoiser, x, cond, batch, on_step)
             out.append(self.decode(x) if self.vae is not None else x.clamp(-1, 1).cpu())
         bar.close()
         return torch.cat(out)

@@ -327,6 +327,11 @@ SAMPLERS = {
 }
 
 
+# The options a sampler takes beyond the common signature, as Pipeline.sample passes them (tests/test_samplers.py
+# holds this table to the functions' signatures).
+SAMPLER_OPTIONS = {"ddpm": ("variance",), "ddim": ("eta",), "euler_ancestral": ("eta",), "dpmpp_2m_sde": ("eta",)}
+
+
 def get_sampler(name: str):
     if name not in SAMPLERS:
         raise UserError(f"unknown sampler '{name}'; choose one of: {', '.join(SAMPLERS)}")
