@@ -12,15 +12,16 @@ import pytest
 import torch
 from conftest import TargetNet, assert_user_error, cli, random_images, tiny_config, tiny_schedule, write_images
 
-from diffusekit.denoiser import Denoiser
+from diffusekit.denoiser import ConsistencyDenoiser, Denoiser, boundary_scalings
 from diffusekit.distill import DistillTrainer, distill, stages
-from diffusekit.distill_losses import ConsistencyDenoiser, boundary_scalings, ddim_step, progressive_target, pseudo_huber
+from diffusekit.distill_losses import progressive_target, pseudo_huber
 from diffusekit.errors import DiffusekitWarning, UserError
 from diffusekit.files import read_tensors
 from diffusekit.guidance import GuidedDenoiser
 from diffusekit.io.checkpoint import latest_checkpoint
 from diffusekit.nn.unet import UNet
 from diffusekit.pipeline import Pipeline
+from diffusekit.sigmas import ddim_step
 from diffusekit.train import train
 
 FAST = ["train.threads=1", "train.log_every=1", "sample.n=4"]

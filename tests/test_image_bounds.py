@@ -14,8 +14,8 @@ from conftest import assert_user_error, cli
 from PIL import Image
 from test_bad_inputs import png_header_only
 
-from diffusekit.errors import UserError
 from diffusekit.data.folder import MAX_INPUT_ASPECT, MAX_INPUT_SIDE
+from diffusekit.errors import UserError
 from diffusekit.images import image_tensor, open_image
 
 

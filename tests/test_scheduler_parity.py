@@ -182,9 +182,9 @@ def test_unipc_bh1_matches_diffusers_down_to_sigma_min(order, lower_order_final)
 
 def test_consistency_sampling_matches_diffusers_lcm_scheduler():
     """Multistep consistency sampling over the consistency function f = c_skip x_t + c_out x0_hat (LCM's
-    boundary scaling, distill_losses.ConsistencyDenoiser) against diffusers' LCMScheduler: same network,
+    boundary scaling, denoiser.ConsistencyDenoiser) against diffusers' LCMScheduler: same network,
     timesteps and noise."""
-    from diffusekit.distill_losses import ConsistencyDenoiser
+    from diffusekit.denoiser import ConsistencyDenoiser
 
     scheduler = make(diffusers.LCMScheduler, timestep_spacing="trailing", original_inference_steps=50)
     scheduler.set_timesteps(4)

@@ -21,13 +21,12 @@ import torch
 from diffusekit.errors import UserError
 from diffusekit.flow import FlowSchedule
 from diffusekit.runtime import warn
-from diffusekit.schedule import NoiseSchedule
+from diffusekit.schedule import NoiseSchedule, sigma_to_alpha_sigma
+from diffusekit.sigmas import append_dims
 
 PREDICTIONS = ("eps", "x0", "v")
-
-
-def _expand(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return c.to(like.dtype).view(-1, *[1] * (like.ndim - 1))
+SIGMA_DATA = 0.5  # a consistency model's data scale (LCM, diffusers' LCMScheduler)
+TIMESTEP_SCALING = 10.0  # LCM's: c_skip ~ 0 from the first timestep on
 
 
 def prediction_target(prediction: str, x0, eps, alpha, s, process: str = "ddpm") -> torch.Tensor:
@@ -39,25 +38,25 @@ def prediction_target(prediction: str, x0, eps, alpha, s, process: str = "ddpm")
     if prediction == "v" and process == "flow":
         return eps - x0
     if prediction == "v":
-        return _expand(alpha, x0) * eps - _expand(s, x0) * x0
+        return append_dims(alpha, x0) * eps - append_dims(s, x0) * x0
     raise UserError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
 
 
 def x0_from_prediction(prediction: str, output, x_t, alpha, s, process: str = "ddpm") -> torch.Tensor:
     """The clean image implied by a network output at x_t = alpha * x0 + s * eps."""
     if prediction == "eps":
-        return (x_t - _expand(s, x_t) * output) / _expand(alpha, x_t)
+        return (x_t - append_dims(s, x_t) * output) / append_dims(alpha, x_t)
     if prediction == "x0":
         return output
     if prediction == "v" and process == "flow":
-        return x_t - _expand(s, x_t) * output
+        return x_t - append_dims(s, x_t) * output
     if prediction == "v":
-        return _expand(alpha, x_t) * x_t - _expand(s, x_t) * output
+        return append_dims(alpha, x_t) * x_t - append_dims(s, x_t) * output
     raise UserError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
 
 
 def eps_from_x0(x0, x_t, alpha, s) -> torch.Tensor:
-    return (x_t - _expand(alpha, x_t) * x0) / _expand(s, x_t)
+    return (x_t - append_dims(alpha, x_t) * x0) / append_dims(s, x_t)
 
 
 def network_dtype(net) -> torch.dtype:
@@ -105,9 +104,33 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         sigma = sigma.to(x.device, torch.float64).expand(x.shape[0])
         alpha, s = self.schedule.coefficients(sigma)
-        x_t = x * _expand(alpha, x)
+        x_t = x * append_dims(alpha, x)
         t = self.schedule.net_time(self.schedule.sigma_to_t(sigma))
         dtype = network_dtype(self.net)
         output = self.net(x_t.to(dtype), t, **cast_floats(cond, dtype)).to(x.dtype)
         self.check_finite(output, x, t)
         return x0_from_prediction(self.prediction, output, x_t, alpha, s, self.schedule.process)
+
+
+def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) at timesteps t (LCM's scalings, Luo et al. 2023): c_skip = s^2 / ((10 t)^2 + s^2),
+    c_out = 10 t / sqrt((10 t)^2 + s^2), s = SIGMA_DATA; c_skip = 1, c_out = 0 at t = 0."""
+    scaled = TIMESTEP_SCALING * t.to(torch.float64)
+    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
+    return c_skip, c_out
+
+
+class ConsistencyDenoiser:
+    """A consistency model f(x, sigma) = c_skip x_t + c_out D(x, sigma) behind the denoiser seam (x_t = x / sqrt(1 +
+    sigma^2), the DDPM scale, as LCM): f(x, sigma_min) = x, and f equals D's x0_hat everywhere but at the first
+    timesteps. Samplers see it as a denoiser whose x0_hat is f (a consistency student, distill_losses.py)."""
+
+    def __init__(self, denoiser, schedule: NoiseSchedule):
+        self.denoiser, self.schedule = denoiser, schedule
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        sigma = sigma.to(x.device, torch.float64).expand(x.shape[0])
+        c_skip, c_out = boundary_scalings(self.schedule.sigma_to_t(sigma))
+        alpha, _ = sigma_to_alpha_sigma(sigma)
+        return append_dims(c_skip * alpha, x) * x + append_dims(c_out, x) * self.denoiser(x, sigma, cond)

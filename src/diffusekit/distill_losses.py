@@ -13,11 +13,8 @@ x0 + (sigma_next / sigma)(x - x0) lands there too exactly when its x0 is
 
 Consistency distillation (Song et al. 2023, Algorithm 2): one teacher ODE step (DDIM) from
 sigma_{n+1} to sigma_n; the student's f(x_{n+1}, sigma_{n+1}) learns the target network's
-f(x^_n, sigma_n). f = c_skip x_t + c_out x0_hat meets the boundary condition f(x, sigma_min) = x
-through LCM's scalings (Luo et al. 2023): c_skip = s^2 / ((10 t)^2 + s^2), c_out = 10 t / sqrt((10 t)^2
-+ s^2), with t the timestep of sigma and s = sigma_data = 0.5 (diffusers' LCMScheduler uses the same),
-so that f equals the teacher's own x0_hat everywhere but at the first timesteps and a student
-initialised from the teacher starts as a one-step DDIM sampler. The distance is the pseudo-Huber
+f(x^_n, sigma_n), with f the consistency function of denoiser.ConsistencyDenoiser (LCM's boundary
+scalings), so that a student initialised from the teacher starts as a one-step DDIM sampler. The distance is the pseudo-Huber
 metric of Song & Dhariwal 2023 (iCT): sqrt(|a - b|^2 + c^2) - c, c = 0.00054 sqrt(d).
 
 Guidance distillation (Meng et al. 2023, their stage one): a student that takes the guidance scale w as an
@@ -31,20 +28,9 @@ import math
 import torch
 
 from diffusekit.errors import UserError
-from diffusekit.schedule import NoiseSchedule, sigma_to_alpha_sigma
+from diffusekit.sigmas import append_dims, ddim_step
 
-SIGMA_DATA = 0.5
-TIMESTEP_SCALING = 10.0  # LCM's: c_skip ~ 0 from the first timestep on
 CONSISTENCY_LOSSES = ("pseudo_huber", "l2")
-
-
-def _per_sample(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return c.to(like.dtype).reshape(-1, *[1] * (like.ndim - 1))
-
-
-def ddim_step(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0) from sigma to sigma_next, per sample."""
-    return x0 + _per_sample(sigma_next / sigma, x) * (x - x0)
 
 
 @torch.no_grad()
@@ -54,7 +40,7 @@ def progressive_target(teacher, x: torch.Tensor, sigma: torch.Tensor, sigma_mid:
     teacher DDIM steps (via sigma_mid) land. sigma, sigma_mid, sigma_next: [B], decreasing; sigma_next may be 0."""
     x_mid = ddim_step(x, teacher(x, sigma, cond), sigma, sigma_mid)
     x_next = ddim_step(x_mid, teacher(x_mid, sigma_mid, cond), sigma_mid, sigma_next)
-    ratio = _per_sample(sigma_next / sigma, x)
+    ratio = append_dims(sigma_next / sigma, x)
     return (x_next - ratio * x) / (1 - ratio)
 
 
@@ -68,28 +54,6 @@ def x0_loss(student_x0: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor)
     """The truncated-SNR weighted MSE between a student's x0_hat and its target, averaged over the batch."""
     per_sample = (student_x0.float() - target.float()).pow(2).flatten(1).mean(1)
     return (truncated_snr_weight(sigma).to(per_sample) * per_sample).mean()
-
-
-def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c_skip, c_out) at timesteps t (LCM's scalings): c_skip = 1, c_out = 0 at t = 0."""
-    scaled = TIMESTEP_SCALING * t.to(torch.float64)
-    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
-    c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
-    return c_skip, c_out
-
-
-class ConsistencyDenoiser:
-    """A consistency model f(x, sigma) = c_skip x_t + c_out D(x, sigma) behind the denoiser seam (x_t = x / sqrt(1 +
-    sigma^2), the DDPM scale, as LCM). Samplers see it as a denoiser whose x0_hat is f."""
-
-    def __init__(self, denoiser, schedule: NoiseSchedule):
-        self.denoiser, self.schedule = denoiser, schedule
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        sigma = sigma.to(x.device, torch.float64).expand(x.shape[0])
-        c_skip, c_out = boundary_scalings(self.schedule.sigma_to_t(sigma))
-        alpha, _ = sigma_to_alpha_sigma(sigma)
-        return _per_sample(c_skip * alpha, x) * x + _per_sample(c_out, x) * self.denoiser(x, sigma, cond)
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import math
 import torch
 
 from diffusekit.errors import UserError
+from diffusekit.sigmas import append_dims, karras_sigmas, logsnr_sigmas
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
 FLOW_SPACINGS = ("linspace", "trailing", "karras", "logsnr")
@@ -129,7 +130,7 @@ class FlowSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = (1 - t) x0 + t eps (SD3 eq. 2)."""
-        t = t.to(x0.dtype).view(-1, *[1] * (x0.ndim - 1))
+        t = append_dims(t, x0)
         return (1 - t) * x0 + t * noise
 
     def draw_t(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
@@ -159,14 +160,10 @@ class FlowSchedule:
             t = self.shifted(torch.linspace(1.0, self.t_min, steps, dtype=torch.float64))
         elif spacing == "trailing":
             t = self.shifted(1 - torch.arange(steps, dtype=torch.float64) / steps)
-        elif spacing in ("karras", "logsnr"):
-            lo, hi = self.sigma_min, self.sigma_max
-            ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-            if spacing == "karras":
-                sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-            else:
-                sigmas = torch.exp(math.log(hi) + ramp * (math.log(lo) - math.log(hi)))
-            t = sigma_to_t(sigmas)
+        elif spacing == "karras":
+            t = sigma_to_t(karras_sigmas(self.sigma_min, self.sigma_max, steps, rho))
+        elif spacing == "logsnr":
+            t = sigma_to_t(logsnr_sigmas(self.sigma_min, self.sigma_max, steps))
         else:
             raise UserError(f"step schedule '{spacing}' does not apply to a flow model (leading never starts at pure noise); "
                             f"use one of: {', '.join(FLOW_SPACINGS)}")

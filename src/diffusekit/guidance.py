@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from diffusekit.sigmas import append_dims
+
 
 def concat_cond(a: dict, b: dict) -> dict:
     """Batch two condition dicts with the same keys."""
@@ -43,6 +45,6 @@ class GuidedDenoiser:
         sigma2 = sigma.repeat(2) if sigma.ndim == 1 else sigma  # a per-sample sigma [B] covers both halves
         both = self.denoiser(torch.cat([x, x]), sigma2, concat_cond(cond, self.uncond))
         conditional, unconditional = both.chunk(2)
-        scale = self.scale.to(x).view(-1, *[1] * (x.ndim - 1)) if torch.is_tensor(self.scale) else self.scale
+        scale = append_dims(self.scale, x) if torch.is_tensor(self.scale) else self.scale
         guided = unconditional + scale * (conditional - unconditional)
         return rescale_guidance(guided, conditional, self.rescale) if self.rescale > 0 else guided

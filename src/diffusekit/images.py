@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, PngImagePlugin, UnidentifiedImageError
 
-from diffusekit.data import to_float, to_uint8
 from diffusekit.config_checks import check_mask_blur
+from diffusekit.data import to_float, to_uint8
 from diffusekit.data.folder import MAX_INPUT_PIXELS, check_input_size, resize_center_crop, to_mode
 from diffusekit.errors import UserError
 from diffusekit.files import atomic_write

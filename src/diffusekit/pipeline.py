@@ -26,8 +26,7 @@ from tqdm.auto import tqdm
 from diffusekit.compiled import compile_network
 from diffusekit.config import Config, SampleConfig
 from diffusekit.config_checks import check_image_size, check_sample
-from diffusekit.denoiser import Denoiser, network_dtype
-from diffusekit.distill_losses import ConsistencyDenoiser
+from diffusekit.denoiser import ConsistencyDenoiser, Denoiser, network_dtype
 from diffusekit.errors import UserError
 from diffusekit.image_info import ImageOutput, describe, fingerprint, model_name, with_fused_loras
 from diffusekit.io import diffusers

@@ -27,6 +27,7 @@ import torch
 from diffusekit.errors import UserError
 from diffusekit.flow import sigma_to_t
 from diffusekit.runtime import randn
+from diffusekit.sigmas import ddim_step
 
 
 def report(callback, i: int, sigmas: torch.Tensor, x: torch.Tensor, x0: torch.Tensor) -> None:
@@ -86,7 +87,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, cond=None, generator=None, callb
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = denoiser(x, sigma, cond)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x = x0 + (sigma_down / sigma).to(x.dtype) * (x - x0)  # = x + (x - x0) / sigma * (sigma_down - sigma), without cancellation
+        x = ddim_step(x, x0, sigma, sigma_down)
         if sigma_up > 0:
             x = x + sigma_up.to(x.dtype) * _noise_like(x, generator)
         report(callback, i, sigmas, x, x0)
@@ -112,7 +113,7 @@ def sample_heun(denoiser, x, sigmas, cond=None, generator=None, callback=None):
         x0 = denoiser(x, sigma, cond)
         slope = (x - x0) / sigma
         dt = (sigma_next - sigma).to(x.dtype)
-        x_euler = x0 + (sigma_next / sigma).to(x.dtype) * (x - x0)  # x + slope * dt, without cancellation at a large sigma
+        x_euler = ddim_step(x, x0, sigma, sigma_next)  # x + slope * dt, without cancellation at a large sigma
         if sigma_next == 0:
             x = x_euler
         else:

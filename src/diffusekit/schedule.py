@@ -20,6 +20,7 @@ import torch
 
 from diffusekit.errors import UserError
 from diffusekit.flow import FlowSchedule
+from diffusekit.sigmas import append_dims, karras_sigmas, logsnr_sigmas
 
 # abar_T = 0 (zero terminal SNR) would make sigma infinite; samplers use this
 # floor instead, as diffusers does (2**-24, i.e. sigma_max ~ 4096).
@@ -167,7 +168,7 @@ class NoiseSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Closed-form forward process, DDPM eq. 4: sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
-        alpha, sigma = (c.to(x0.dtype).view(-1, *[1] * (x0.ndim - 1)) for c in self.alpha_sigma(t))
+        alpha, sigma = (append_dims(c, x0) for c in self.alpha_sigma(t))
         return alpha * x0 + sigma * noise
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -206,12 +207,10 @@ class NoiseSchedule:
     def sampling_sigmas(self, steps: int, spacing: str = "trailing", rho: float = 7.0, steps_offset: int = 0) -> torch.Tensor:
         """steps + 1 decreasing sigmas ending in 0: the sampler evaluates the network at the first `steps`.
         steps_offset shifts "leading" timesteps (Stable Diffusion 1.x samples with 1)."""
-        if spacing == "karras":  # Karras et al. 2022 eq. 5, uniform in sigma^(1/rho)
-            ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-            lo, hi = self.sigma_min ** (1 / rho), self.sigma_max ** (1 / rho)
-            sigmas = (hi + ramp * (lo - hi)) ** rho
-        elif spacing == "logsnr":  # uniform in log-SNR = -2 log sigma
-            sigmas = torch.linspace(math.log(self.sigma_max), math.log(self.sigma_min), steps, dtype=torch.float64).exp()
+        if spacing == "karras":
+            sigmas = karras_sigmas(self.sigma_min, self.sigma_max, steps, rho)
+        elif spacing == "logsnr":
+            sigmas = logsnr_sigmas(self.sigma_min, self.sigma_max, steps)
         else:
             sigmas = self.sigmas[self.timesteps(steps, spacing, steps_offset)]
         return torch.cat([sigmas, sigmas.new_zeros(1)])
