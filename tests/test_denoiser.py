@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TargetNet, tiny_schedule
+from conftest import TargetNet, tiny_config, tiny_schedule
 from diffusers import DDPMScheduler
 
 from diffusekit.denoiser import PREDICTIONS, Denoiser, eps_from_x0, prediction_target, x0_from_prediction
@@ -111,14 +111,15 @@ def test_unknown_weighting_is_refused():
 
 
 class LossTargetNet(torch.nn.Module):
-    """Returns the exact target for the batch x0 at integer timesteps (what diffusion_loss trains on)."""
+    """Returns the exact target for the batch x0 at integer timesteps (what diffusion_loss trains on), with the
+    coefficients of their sigmas (a zero-terminal-SNR schedule's last sigma is finite: 4096)."""
 
     def __init__(self, x0, schedule, prediction, scale: float = 1.0):
         super().__init__()
         self.x0, self.schedule, self.prediction, self.scale = x0, schedule, prediction, scale
 
     def forward(self, x_t, t):
-        alpha, s = self.schedule.alpha_sigma(t.long())
+        alpha, s = self.schedule.coefficients(self.schedule.t_to_sigma(t.long()))
         eps = (x_t.double() - alpha.view(-1, 1, 1, 1) * self.x0.double()) / s.view(-1, 1, 1, 1)
         return self.scale * prediction_target(self.prediction, self.x0.double(), eps, alpha, s).float()
 
@@ -135,3 +136,27 @@ def test_loss_of_the_exact_target_is_zero(prediction, weighting):
 
     assert loss(1.0).item() < 1e-9
     assert loss(0.5).item() > 1e-3  # a wrong output does cost something
+
+
+@pytest.mark.parametrize("process, prediction, weighting", [
+    ("ddpm", "eps", "uniform"), ("ddpm", "eps", "min_snr"), ("ddpm", "v", "min_snr"), ("ddpm", "x0", "uniform"), ("flow", "v", "uniform"),
+])
+def test_the_loss_through_the_denoiser_equals_the_prediction_space_loss(process, prediction, weighting):
+    """EDM's form (the x0 error of D(x0 + sigma eps, sigma), weighted by lambda(sigma)) against the formulation it
+    replaced, written out here: the weighted MSE of the network's own output against its target at
+    x_t = alpha x0 + s eps and timestep t, on the same draws and weights of a real (random) U-Net."""
+    from diffusekit.flow import FlowSchedule
+    from diffusekit.models import build_net
+
+    schedule = FlowSchedule(100, sampling="logit_normal") if process == "flow" else tiny_schedule()
+    torch.manual_seed(0)
+    net = build_net(tiny_config()).eval()
+    x0, noise = torch.rand(16, 1, 8, 8) * 2 - 1, torch.randn(16, 1, 8, 8)
+    t = schedule.draw_t(16, torch.Generator().manual_seed(1), "cpu")
+    with torch.no_grad():
+        alpha, s = schedule.alpha_sigma(t)
+        target = prediction_target(prediction, x0, noise, alpha, s, schedule.process)
+        output = net(schedule.q_sample(x0, t, noise), schedule.net_time(t))
+        old = (loss_weights(weighting, prediction, schedule.snr(t)) * (output - target).pow(2).flatten(1).mean(1)).mean()
+        new = diffusion_loss(net, schedule, x0, prediction=prediction, weighting=weighting, sigma=schedule.t_to_sigma(t), noise=noise)
+    torch.testing.assert_close(new.double(), old.double(), rtol=1e-4, atol=0)

@@ -52,7 +52,8 @@ def data_loss(net, pipe: Pipeline, images: torch.Tensor) -> float:
     x0 = images.repeat(8, 1, 1, 1)
     t = torch.randint(0, pipe.schedule.num_timesteps, (len(x0),), generator=g)
     with torch.no_grad():
-        return diffusion_loss(net, pipe.schedule, x0, prediction=pipe.config.diffusion.prediction, t=t, noise=torch.randn(x0.shape, generator=g)).item()
+        return diffusion_loss(net, pipe.schedule, x0, prediction=pipe.config.diffusion.prediction, sigma=pipe.schedule.t_to_sigma(t),
+                              noise=torch.randn(x0.shape, generator=g)).item()
 
 
 def test_only_the_lora_trains_it_learns_and_the_base_stays_as_it_was(trained_run, new_images, tmp_path):
@@ -119,8 +120,9 @@ def test_prior_images_are_the_base_models_samples_weighted_as_dreambooth(trained
     x0, t, noise = torch.randn(3, 1, 8, 8), torch.tensor([5, 50, 90]), torch.randn(3, 1, 8, 8)
     weights, net, schedule = torch.tensor([1.0, 0.0, 2.0]), trainer.unet, trainer.schedule
     with torch.no_grad():
-        each = [diffusion_loss(net, schedule, x0[i : i + 1], t=t[i : i + 1], noise=noise[i : i + 1]) for i in range(3)]
-        weighted = diffusion_loss(net, schedule, x0, t=t, noise=noise, sample_weights=weights)
+        sigma = schedule.t_to_sigma(t)
+        each = [diffusion_loss(net, schedule, x0[i : i + 1], sigma=sigma[i : i + 1], noise=noise[i : i + 1]) for i in range(3)]
+        weighted = diffusion_loss(net, schedule, x0, sigma=sigma, noise=noise, sample_weights=weights)
     assert torch.allclose(weighted, sum(w * e for w, e in zip(weights, each)) / 3)
 
 

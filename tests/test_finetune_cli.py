@@ -44,7 +44,8 @@ def test_sample_with_loras_at_scales(capsys, trained_run, tuned_run, tmp_path):
     assert cli(capsys, *sample, "--out", tmp_path / "base.png")[0] == 0
     code, out, _ = cli(capsys, *sample, "--lora", f"{tuned_run}:0", "--out", tmp_path / "zero.png")
     assert code == 0 and f"LoRA lora from {tuned_run} at scale 0" in out
-    assert cli(capsys, *sample, "--lora", tuned_run / "lora.safetensors", "--lora", f"{tuned_run}:-0.5", "--out", tmp_path / "two.png")[0] == 0
+    # net scale 1 - 2.5 = -1.5: in bf16 a net 0.5 of this 3-step LoRA can round away below a pixel level
+    assert cli(capsys, *sample, "--lora", tuned_run / "lora.safetensors", "--lora", f"{tuned_run}:-2.5", "--out", tmp_path / "two.png")[0] == 0
     from PIL import Image
 
     pixels = {name: np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("base", "zero", "two")}

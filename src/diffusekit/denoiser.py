@@ -80,11 +80,11 @@ class Denoiser:
     samplers' arithmetic never sees the lower precision.
     """
 
-    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule | FlowSchedule, prediction: str):
+    def __init__(self, net: torch.nn.Module, schedule: NoiseSchedule | FlowSchedule, prediction: str, warn_non_finite: bool = True):
         if prediction not in PREDICTIONS:
             raise UserError(f"unknown prediction type '{prediction}'; use one of {PREDICTIONS}")
         self.net, self.schedule, self.prediction = net, schedule, prediction
-        self.warned = False  # about a non-finite output: once per denoiser (a Pipeline keeps one)
+        self.warned = not warn_non_finite  # about a non-finite output: once per denoiser (a Pipeline keeps one; training has train.on_nan)
 
     def check_finite(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> None:
         """One warning when the network turns a finite input into NaN or infinity (a broken model, LoRA or scale)."""

@@ -52,7 +52,7 @@ from diffusekit.files import read_json, read_tensors
 from diffusekit.guidance import GuidedDenoiser
 from diffusekit.io.checkpoint import latest_checkpoint, load_config, load_weights, resolve_checkpoint, write_sampling_checkpoint
 from diffusekit.io.runs import check_run_request
-from diffusekit.losses import draw_t_and_noise
+from diffusekit.losses import draw_sigma_and_noise
 from diffusekit.models import build_net, example_inputs
 from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.optim import ema_update
@@ -282,8 +282,8 @@ class DistillTrainer(DiffusionTrainer):
     def draws(self, x0: torch.Tensor, stage: Stage) -> dict[str, torch.Tensor]:
         """Everything random in a step, drawn for the whole batch before it is split into micro-batches."""
         if stage.kind == "guidance":
-            t, noise = draw_t_and_noise(self.schedule, x0, self.generator, self.rank, self.world)
-            out = {"sigma": self.schedule.sigmas.to(self.device)[t], "noise": noise}
+            sigma, noise = draw_sigma_and_noise(self.schedule, x0, self.generator, self.rank, self.world)
+            out = {"sigma": sigma, "noise": noise}
         else:
             intervals = stage.student_steps if stage.kind == "halve" else self.config.distill.solver_steps
             out = {"interval": (self.uniform(len(x0)) * intervals).long().clamp(max=intervals - 1), "noise": self.normal(x0)}

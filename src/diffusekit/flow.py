@@ -142,6 +142,10 @@ class FlowSchedule:
             t = u if self.sampling == "uniform" else 1 - u - self.mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)  # SD3 eq. 20
         return self.shifted(t)
 
+    def draw_sigma(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """n training noise levels: sigma = t / (1 - t) of draw_t (float64)."""
+        return t_to_sigma(self.draw_t(n, generator, device))
+
     # ------------------------------------------------------------------ inference steps
 
     def sampling_sigmas(self, steps: int, spacing: str = "linspace", rho: float = 7.0, steps_offset: int = 0) -> torch.Tensor:

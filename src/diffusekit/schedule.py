@@ -154,6 +154,10 @@ class NoiseSchedule:
         """n training timesteps, uniform over 0..T-1 (DDPM eq. 14)."""
         return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
 
+    def draw_sigma(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """n training noise levels: the sigmas of uniform timesteps (float64)."""
+        return self.sigmas.to(device)[self.draw_t(n, generator, device)]
+
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         abar = self.alphas_cumprod.to(t.device)[t]
         return abar / (1 - abar)
@@ -178,6 +182,9 @@ class NoiseSchedule:
         return _interp(log_sigma, self.log_sigmas.to(sigma.device), t)
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma at timesteps t: the table's own value at whole timesteps (an integer tensor), else interpolated in log sigma."""
+        if not t.is_floating_point():
+            return self.sigmas.to(t.device)[t]
         grid = torch.arange(self.num_timesteps, dtype=torch.float64, device=t.device)
         return _interp(t.to(torch.float64), grid, self.log_sigmas.to(t.device)).exp()
 

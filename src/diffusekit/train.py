@@ -28,7 +28,7 @@ from diffusekit.files import read_tensors, write_json_atomic
 from diffusekit.images import save_grid
 from diffusekit.io.checkpoint import latest_checkpoint, load_config, load_weights, resolve_checkpoint
 from diffusekit.layout import choose_layout
-from diffusekit.losses import diffusion_loss, draw_t_and_noise
+from diffusekit.losses import diffusion_loss, draw_sigma_and_noise
 from diffusekit.models import build_net, build_text_encoder, build_vae, example_inputs, text_condition
 from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.nn.text import CaptionEmbeddings
@@ -150,10 +150,10 @@ class DiffusionTrainer(Trainer):
     def train_step(self) -> dict[str, float]:
         dc = self.config.diffusion
         x0, cond, weights = self.next_batch()
-        t, noise = draw_t_and_noise(self.schedule, x0, self.generator, self.rank, self.world)  # for the whole batch, then split
+        sigma, noise = draw_sigma_and_noise(self.schedule, x0, self.generator, self.rank, self.world)  # for the whole batch, then split
         loss = self.backward_over_micro_batches(x0, cond, lambda part, x0_part, part_cond: diffusion_loss(
             self.train_net, self.schedule, x0_part, prediction=dc.prediction, weighting=dc.loss_weighting,
-            snr_gamma=dc.snr_gamma, cond=part_cond, t=t[part], noise=noise[part],
+            snr_gamma=dc.snr_gamma, cond=part_cond, sigma=sigma[part], noise=noise[part],
             sample_weights=weights[part] if weights is not None else None))
         self.finish_step(len(x0), stepped=self.optimizer_step())
         return {"loss": loss}

@@ -44,7 +44,7 @@ class LatentDataset:
         """z = mean + std * eps for the items idx (eps from the generator, on its device).
 
         With `world` processes, idx is rank `rank`'s share of a global batch: eps is drawn for the
-        whole global batch and this rank's rows kept (as losses.draw_t_and_noise does).
+        whole global batch and this rank's rows kept (as losses.draw_sigma_and_noise does).
         """
         mean, std = self.mean[idx], self.std[idx]
         noise = draw_for_global_batch(lambda n: torch.randn((n, *mean.shape[1:]), generator=generator, device=generator.device), len(idx), rank, world)
