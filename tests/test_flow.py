@@ -209,12 +209,19 @@ def test_flow_samplers_match_diffusers(sampler, cls_name, shift, steps):
 
 
 def test_flow_euler_is_euler_in_sigma():
-    """An Euler step of the probability-flow ODE is the same in t on x_t and in sigma on x (DDIM's invariance)."""
+    """An Euler step of the probability-flow ODE is the same in t on x_t (SD3's x_t' = x_t + (t' - t) v, written out
+    here) and in sigma on x (DDIM's invariance), so flow_euler is the euler sampler."""
+    from diffusekit.flow import sigma_to_t
+
     schedule = FlowSchedule(T, 3.0)
     sigmas = schedule.sampling_sigmas(6, "linspace")
     denoiser = Denoiser(wobbly, schedule, "v")
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * (1 + sigmas[0]).float()
-    torch.testing.assert_close(SAMPLERS["flow_euler"](denoiser, x, sigmas), SAMPLERS["euler"](denoiser, x, sigmas), rtol=0, atol=1e-5)
+    ts, x_t = sigma_to_t(sigmas), x / (1 + sigmas[0]).float()
+    for i in range(len(sigmas) - 1):
+        x0 = denoiser(x_t * (1 + sigmas[i]).float(), sigmas[i])
+        x_t = x_t + (ts[i + 1] - ts[i]).float() * (x_t - x0) / ts[i].float()  # v = (x_t - x0_hat) / t
+    torch.testing.assert_close(SAMPLERS["flow_euler"](denoiser, x, sigmas), x_t * (1 + sigmas[-1]).float(), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("sampler", sorted(set(SAMPLERS) - {"consistency"}))  # it takes a consistency function, not a denoiser

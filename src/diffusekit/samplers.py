@@ -272,24 +272,10 @@ def sample_consistency(denoiser, x, sigmas, cond=None, generator=None, callback=
     return x
 
 
-def _flow_velocity(denoiser, x_t, sigma, t, cond):
+def _flow_velocity(denoiser, x_t, sigma, t, cond):  # Heun's average is in flow time, so it steps x_t = x / (1 + sigma)
     """(v, x0_hat) at flow time t for x_t = (1 - t) x0 + t eps, i.e. x = x_t (1 + sigma): v = (x_t - x0_hat) / t."""
     x0 = denoiser(x_t * (1 + sigma).to(x_t.dtype), sigma, cond)
     return (x_t - x0) / t.to(x_t.dtype), x0
-
-
-@torch.no_grad()
-def sample_flow_euler(denoiser, x, sigmas, cond=None, generator=None, callback=None):
-    """Euler in flow time t (SD3, FLUX; diffusers' FlowMatchEulerDiscreteScheduler): x_t' = x_t + (t' - t) v
-    with x_t = x / (1 + sigma) and t = sigma / (1 + sigma) (flow.py). For any denoiser this is the update
-    of sample_euler (an Euler step of the probability-flow ODE does not depend on the scaling), in SD3's terms."""
-    ts = sigma_to_t(sigmas)
-    x_t = x / (1 + sigmas[0]).to(x.dtype)
-    for i in range(len(sigmas) - 1):
-        v, x0 = _flow_velocity(denoiser, x_t, sigmas[i], ts[i], cond)
-        x_t = x_t + (ts[i + 1] - ts[i]).to(x.dtype) * v
-        report(callback, i, sigmas, x_t * (1 + sigmas[i + 1]).to(x.dtype), x0)
-    return x_t * (1 + sigmas[-1]).to(x.dtype)
 
 
 @torch.no_grad()
@@ -323,7 +309,9 @@ SAMPLERS = {
     "unipc": sample_unipc,
     "unipc_bh1": sample_unipc_bh1,
     "consistency": sample_consistency,
-    "flow_euler": sample_flow_euler,
+    # Euler in flow time t (SD3, FLUX; diffusers' FlowMatchEulerDiscreteScheduler), x_t' = x_t + (t' - t) v, is this
+    # same step in sigma: an Euler step of the probability-flow ODE does not depend on the scaling (tests/test_flow.py).
+    "flow_euler": sample_euler,
     "flow_heun": sample_flow_heun,
 }
 
