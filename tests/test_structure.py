@@ -31,19 +31,11 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def type_checking_only(tree: ast.Module) -> set[ast.AST]:
-    """The import statements under `if TYPE_CHECKING:` (annotations only: never executed)."""
-    blocks = [n for n in ast.walk(tree) if isinstance(n, ast.If) and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING"]
-    return {node for block in blocks for stmt in block.body for node in ast.walk(stmt)}
-
-
 def imported_modules(path: Path) -> set[str]:
-    """diffusekit modules `path` imports, at the top or inside functions."""
+    """diffusekit modules `path` imports, at the top, inside functions or under `if TYPE_CHECKING:` (a cycle of
+    annotations is a cycle a reader follows too)."""
     found, tree = set(), ast.parse(path.read_text())
-    skipped = type_checking_only(tree)
     for node in ast.walk(tree):
-        if node in skipped:
-            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.startswith("diffusekit")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("diffusekit") and node.level == 0:

@@ -1,4 +1,7 @@
-"""Checks of a Config: the types of values read from TOML, JSON and --set, ranges and consistency; one ConfigError naming the key, the problem and the fix."""
+"""Checks of a Config: the types of values read from TOML, JSON and --set, ranges and consistency; one ConfigError naming the key, the problem and the fix.
+
+config.py imports this module (it checks every config it builds), so the checks take its dataclasses (a config.Config,
+a config.SampleConfig) without importing them: no import cycle, not even for annotations."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import math
 import os
 import tomllib
 import typing
-from typing import TYPE_CHECKING
 
 from diffusekit.denoiser import PREDICTIONS
 from diffusekit.distill_losses import CONSISTENCY_LOSSES
@@ -17,9 +19,6 @@ from diffusekit.nn.vae import check_vae_config
 from diffusekit.runtime import parse_duration
 from diffusekit.samplers import SAMPLERS
 from diffusekit.schedule import BETA_SCHEDULES, SPACINGS
-
-if TYPE_CHECKING:
-    from diffusekit.config import Config, SampleConfig
 
 
 def _choice(key: str, value: str, choices) -> None:
@@ -94,7 +93,7 @@ def check_seed(key: str, seed: int) -> None:
     _check(0 <= seed <= MAX_SEED, f"{key} = {seed} is out of range: a seed is a whole number from 0 to {MAX_SEED} (2^63 - 1)")
 
 
-def check_sample(s: SampleConfig, timesteps: int) -> SampleConfig:
+def check_sample(s, timesteps: int):
     """The sampling settings (sample.*, or what a call to Pipeline.sample replaced in them) for a model of `timesteps` steps."""
     _choice("sample.sampler", s.sampler, SAMPLERS)
     _choice("sample.spacing", s.spacing, SPACINGS)
@@ -155,7 +154,7 @@ def check_mask_blur(blur) -> float:
 NETWORKS = ("unet", "dit")
 
 
-def check_distill(config: Config) -> None:
+def check_distill(config) -> None:
     """The distill section: a method, and a student step count the method can reach from the teacher's schedule."""
     d, timesteps = config.distill, config.diffusion.timesteps
     _choice("distill.method", d.method, ("", "progressive", "consistency"))
@@ -260,8 +259,8 @@ def check_process(config) -> None:
            f"use one of: {', '.join(FLOW_SPACINGS)} (linspace is diffusers' FlowMatchEulerDiscreteScheduler)")
 
 
-def validate(config: Config) -> Config:
-    """Range and consistency checks; returns the config unchanged."""
+def validate(config):
+    """Range and consistency checks of a config.Config; returns it unchanged."""
     m, d, data, t, s = config.model, config.diffusion, config.data, config.train, config.sample
     _choice("model.type", m.type, NETWORKS)
     (check_unet if m.type == "unet" else check_dit)(m)
