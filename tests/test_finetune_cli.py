@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_finetune import squares
 
-from diffusekit.io.checkpoint import latest_checkpoint
-from diffusekit.models import default_model, load_parts
+from diffusekit.io.checkpoint import latest_checkpoint, load_parts
+from diffusekit.models import default_model
 from diffusekit.nn.state import weights_fingerprint
 from diffusekit.train import train
 

@@ -21,8 +21,8 @@ from diffusekit.config import config_to_dict
 from diffusekit.config_checks import MAX_IMAGE_SIDE, check_image_size
 from diffusekit.data.folder import describe_captions, read_captions
 from diffusekit.errors import DiffusekitWarning, UserError
+from diffusekit.io.checkpoint import load_parts
 from diffusekit.io.lora import METADATA_KEY, save_lora
-from diffusekit.models import load_parts
 from diffusekit.nn.lora import inject_lora
 from diffusekit.pipeline import Pipeline
 

@@ -1,9 +1,10 @@
 """The model factory: a Config -> its networks, for training, loading and export alike.
 
-    parts = load_parts("runs/emoji-ldm")       # a run or checkpoint: config + networks with their weights
+    parts = build_parts(config, weights, vae_weights, source)   # a config's networks with given weights
     net = build_net(config)                     # the denoising network of a config (U-Net or DiT), freshly initialised
 
-A diffusers folder becomes the same ModelParts through io/diffusers.py (read_parts);
+A diffusekit checkpoint becomes ModelParts through io/checkpoint.py (load_parts), a diffusers folder through
+io/diffusers.py (read_parts): io/ reads files and calls this factory, which reads none;
 pipeline.Pipeline puts parts on a device and samples them.
 """
 
@@ -17,8 +18,6 @@ import torch
 
 from diffusekit.config import Config
 from diffusekit.errors import UserError
-from diffusekit.files import read_json, read_tensors
-from diffusekit.io.checkpoint import load_config, load_weights, resolve_checkpoint
 from diffusekit.nn.dit import DiT
 from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.nn.unet import UNet
@@ -132,21 +131,6 @@ def build_parts(config: Config, net_weights: dict, vae_weights: dict | None, sou
         vae = build_vae(config)
         load_state_dict_checked(vae, vae_weights, source=str(source))
     return ModelParts(config, net, vae, build_text_encoder(config), source, step)
-
-
-def load_parts(path: str | Path, weights: str = "ema") -> ModelParts:
-    """A diffusekit run or checkpoint folder: its config, and its EMA (or raw, weights="model") weights."""
-    ckpt = resolve_checkpoint(path)
-    config = load_config(ckpt)
-    if config.task == "finetune":
-        model = f" --model {config.finetune.base}" if config.finetune.base else ""  # "": the shipped demo model
-        raise UserError(f"'{path}' is a LoRA fine-tuning run, not a whole model: sample its base model with the LoRA, "
-                        f"e.g. diffusekit generate PROMPT{model} --lora {path}")
-    if config.task != "diffusion":
-        raise UserError(f"'{path}' holds an {config.task} (from train-vae), not a diffusion model: sample from a diffusion run")
-    vae_weights = read_tensors(ckpt / "vae.safetensors") if config.latent.vae else None
-    state = read_json(ckpt / "state.json", "training state")
-    return build_parts(config, load_weights(ckpt, weights), vae_weights, ckpt, state.get("step"))
 
 
 def default_model() -> Path:

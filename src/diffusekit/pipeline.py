@@ -30,8 +30,9 @@ from diffusekit.denoiser import ConsistencyDenoiser, Denoiser, network_dtype
 from diffusekit.errors import UserError
 from diffusekit.image_info import ImageOutput, describe, fingerprint, model_name, with_fused_loras
 from diffusekit.io import diffusers
+from diffusekit.io.checkpoint import load_parts
 from diffusekit.layout import apply_layout, choose_layout
-from diffusekit.models import ModelParts, example_inputs, image_shape, load_parts, size_multiple
+from diffusekit.models import ModelParts, example_inputs, image_shape, size_multiple
 from diffusekit.nn.lora import fused_digests
 from diffusekit.nn.state import weights_fingerprint
 from diffusekit.nn.vae import AutoencoderKL

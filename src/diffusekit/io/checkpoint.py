@@ -18,6 +18,8 @@ A checkpoint damaged later (a file cut short, a garbled `latest`) is passed over
 latest_checkpoint, which resuming and sampling both use, takes the newest intact one
 with one warning. The damaged folder is kept; when training reaches its step again it
 is renamed step_N.damaged to make room for the new checkpoint.
+
+load_parts reads a run or checkpoint folder into models.ModelParts (the config's networks with their weights).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from diffusekit.config import Config, config_from_dict
 from diffusekit.distributed import launched_rank
 from diffusekit.errors import UserError
 from diffusekit.files import TEMP_PREFIX, fsync_folder, make_temp_folder, read_json, read_tensors, save_tensors_atomic, write_text_atomic
+from diffusekit.models import ModelParts, build_parts
 from diffusekit.runtime import warn
 
 LATEST = "latest"
@@ -277,3 +280,18 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> d
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def load_parts(path: str | Path, weights: str = "ema") -> ModelParts:
+    """A diffusekit run or checkpoint folder: its config, and its EMA (or raw, weights="model") weights."""
+    ckpt = resolve_checkpoint(path)
+    config = load_config(ckpt)
+    if config.task == "finetune":
+        model = f" --model {config.finetune.base}" if config.finetune.base else ""  # "": the shipped demo model
+        raise UserError(f"'{path}' is a LoRA fine-tuning run, not a whole model: sample its base model with the LoRA, "
+                        f"e.g. diffusekit generate PROMPT{model} --lora {path}")
+    if config.task != "diffusion":
+        raise UserError(f"'{path}' holds an {config.task} (from train-vae), not a diffusion model: sample from a diffusion run")
+    vae_weights = read_tensors(ckpt / "vae.safetensors") if config.latent.vae else None
+    state = read_json(ckpt / "state.json", "training state")
+    return build_parts(config, load_weights(ckpt, weights), vae_weights, ckpt, state.get("step"))
