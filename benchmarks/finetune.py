@@ -45,12 +45,13 @@ from PIL import Image, ImageDraw, ImageFont
 from text_alignment import retrieval
 
 from diffusekit.data import load_dataset, to_float
+from diffusekit.devices import use_all_cores
+from diffusekit.durations import parse_duration
 from diffusekit.finetune import base_config, finetune, finetune_config
 from diffusekit.images import save_grid
 from diffusekit.metrics import embed, fd_from_features, get_feature_extractor
 from diffusekit.models import default_model
 from diffusekit.pipeline import Pipeline
-from diffusekit.runtime import parse_duration, use_all_cores
 
 FONT = Path("/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf")  # Debian: fonts-symbola
 # 24 alchemical symbols that look unlike one another (offsets from U+1F700; "air" is drawn as "fire", so it is left out)

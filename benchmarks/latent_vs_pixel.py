@@ -20,10 +20,10 @@ import torch
 
 from diffusekit.config import apply_overrides, load_preset
 from diffusekit.data import load_dataset, to_float
+from diffusekit.devices import prepare_module, use_all_cores
 from diffusekit.evaluate import evaluate_checkpoint, evaluate_reconstructions
 from diffusekit.losses import diffusion_loss
 from diffusekit.models import build_net, image_shape
-from diffusekit.runtime import prepare_module, use_all_cores
 from diffusekit.schedule import NoiseSchedule
 from diffusekit.train import resolve_latent_config, train
 
@@ -67,8 +67,8 @@ def main() -> None:
     vae_pipe_config = cfgs["latent"]
     data = load_dataset(vae_pipe_config.data, progress=False)
     from diffusekit.io.checkpoint import load_weights, resolve_checkpoint
-    from diffusekit.nn.state import load_state_dict_checked
     from diffusekit.models import build_vae
+    from diffusekit.nn.state import load_state_dict_checked
 
     vae = build_vae(vae_pipe_config).eval()
     load_state_dict_checked(vae, load_weights(resolve_checkpoint(args.vae), "ema"), args.vae)

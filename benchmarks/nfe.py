@@ -18,10 +18,11 @@ import json
 import time
 from pathlib import Path
 
+from plots import pyplot, save
+
+from diffusekit.devices import use_all_cores
 from diffusekit.evaluate import evaluate_images, real_data_floor
 from diffusekit.pipeline import Pipeline
-from diffusekit.runtime import use_all_cores
-from plots import pyplot, save
 
 SAMPLERS = ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m")
 SCHEDULE_SAMPLERS = ("heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m")  # also measured with the other step schedules

@@ -31,18 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from nfe import nfe_of, steps_for
+from plots import pyplot, save
+from text_alignment import emoji_prompt_samples, retrieval
 
 from diffusekit.config import apply_overrides, load_preset
+from diffusekit.devices import use_all_cores
 from diffusekit.evaluate import evaluate_images, real_data_floor
 from diffusekit.metrics import embed, get_feature_extractor
 from diffusekit.models import build_net
 from diffusekit.pipeline import Pipeline
-from diffusekit.runtime import use_all_cores
 from diffusekit.train import train
 from diffusekit.train_vae import train_vae
-from nfe import nfe_of, steps_for
-from plots import pyplot, save
-from text_alignment import emoji_prompt_samples, retrieval
 
 FLOW_SETS = ("diffusion.process=flow", "diffusion.loss_weighting=uniform", "diffusion.timestep_sampling=logit_normal")
 

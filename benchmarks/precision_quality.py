@@ -21,11 +21,11 @@ import torch
 from text_alignment import retrieval
 
 from diffusekit.data import load_dataset, to_float
+from diffusekit.devices import use_all_cores
 from diffusekit.evaluate import evaluate_images, real_data_floor
 from diffusekit.metrics import embed, get_feature_extractor
 from diffusekit.pipeline import Pipeline
 from diffusekit.precision import cpu_info
-from diffusekit.runtime import use_all_cores
 
 PRECISIONS = ("fp32", "bf16")
 

@@ -13,11 +13,13 @@ import argparse
 import json
 from pathlib import Path
 
-from diffusekit.config import apply_overrides, load_preset
-from diffusekit.evaluate import evaluate_checkpoint, real_data_floor
-from diffusekit.runtime import format_duration, use_all_cores
-from diffusekit.train import train
 from plots import pyplot, save
+
+from diffusekit.config import apply_overrides, load_preset
+from diffusekit.devices import use_all_cores
+from diffusekit.durations import format_duration
+from diffusekit.evaluate import evaluate_checkpoint, real_data_floor
+from diffusekit.train import train
 
 
 def plot(points: list[dict], floor_fd: float, path: Path) -> None:

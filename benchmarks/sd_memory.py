@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-
-from diffusekit.nn.vae import AutoencoderKL
-from diffusekit.runtime import prepare_module, use_all_cores
 from sd_speed import sd15_unet
+
+from diffusekit.devices import prepare_module, use_all_cores
+from diffusekit.nn.vae import AutoencoderKL
 
 SD15_VAE = {"channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4, "norm_groups": 32, "scale_factor": 0.18215}
 GIB = 2**30

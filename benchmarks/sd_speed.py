@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from diffusekit.config import ModelConfig
+from diffusekit.devices import use_all_cores
 from diffusekit.io.diffusers import unet_fields
 from diffusekit.nn.unet import UNet
-from diffusekit.runtime import use_all_cores
 
 SD15_UNET = {
     "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],

@@ -40,12 +40,12 @@ from train_mnist import diffusers_twin
 
 from diffusekit.compiled import compile_network
 from diffusekit.config import load_preset
+from diffusekit.devices import prepare_module, use_all_cores
 from diffusekit.layout import LAYOUTS, apply_layout, choose_layout
 from diffusekit.losses import diffusion_loss
 from diffusekit.models import build_net, example_inputs
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.precision import cpu_info, dtype_name, inference_dtype, training_dtype
-from diffusekit.runtime import prepare_module, use_all_cores
 from diffusekit.schedule import NoiseSchedule
 
 CPU = torch.device("cpu")

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from diffusekit.data import load_dataset, to_float
+from diffusekit.devices import use_all_cores
 from diffusekit.evaluate import evaluate_checkpoint
 from diffusekit.images import save_grid
 from diffusekit.metrics import embed, get_feature_extractor
 from diffusekit.pipeline import Pipeline
-from diffusekit.runtime import use_all_cores
 
 UNSEEN = ["a red car", "a happy cat", "a blue heart", "a green tree", "a pizza with cheese", "an angry sun", "a yellow star", "a sad robot"]
 

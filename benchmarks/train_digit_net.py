@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 
 from diffusekit.data import to_float
 from diffusekit.data.mnist import load_mnist
+from diffusekit.devices import use_all_cores
 from diffusekit.files import write_json_atomic
 from diffusekit.nn.digits import HELDOUT_SEED, DigitNet, digit_net_weights_path, heldout_split
-from diffusekit.runtime import use_all_cores
 
 
 def random_affine(images: torch.Tensor, generator: torch.Generator, degrees: float = 12.0, scale: float = 0.1, shift_px: float = 2.0) -> torch.Tensor:

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from diffusekit.config import apply_overrides, load_preset
+from diffusekit.devices import prepare_module, use_all_cores
+from diffusekit.durations import parse_duration
 from diffusekit.losses import diffusion_loss
 from diffusekit.models import build_net
-from diffusekit.runtime import parse_duration, prepare_module, use_all_cores
 from diffusekit.schedule import NoiseSchedule
 from diffusekit.train import train
 

@@ -17,9 +17,9 @@ from conftest import assert_user_error, cli, random_images, snapshot, tiny_confi
 from PIL import Image
 
 from diffusekit.config import Config, apply_overrides, config_from_dict, config_to_dict, diff_configs, load_preset, preset_names
+from diffusekit.durations import parse_duration
 from diffusekit.errors import ConfigError, UserError
 from diffusekit.nn.unet import UNet
-from diffusekit.runtime import parse_duration
 
 # ----------------------------------------------------------------------------- presets
 

@@ -353,7 +353,7 @@ def test_exported_students_sample_in_diffusers_as_in_diffusekit(teacher, tmp_pat
     """DDPMPipeline with the exported scheduler (DDIM, or LCMScheduler for a consistency student) draws the same images
     from the same seed: at 2 steps of T = 100 LCM's timesteps on the 10-point grid are diffusekit's trailing ones."""
     diffusers = pytest.importorskip("diffusers")
-    from diffusekit.runtime import derive_seed
+    from diffusekit.seeds import derive_seed
 
     distill(teacher, tmp_path / "student", method=method, steps=2, train_steps=2, overrides=[*FAST, "distill.start_steps=4", "distill.solver_steps=10"],
             progress=False)

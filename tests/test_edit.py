@@ -10,8 +10,8 @@ from diffusekit.errors import UserError
 from diffusekit.inpaint import KnownRegionDenoiser, sample_resampled, strength_start
 from diffusekit.models import ModelParts, build_net
 from diffusekit.pipeline import Pipeline
-from diffusekit.runtime import sample_generators
 from diffusekit.samplers import SAMPLERS
+from diffusekit.seeds import sample_generators
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from diffusekit.denoiser import Denoiser
 from diffusekit.errors import UserError
 from diffusekit.nn.unet import UNet
 from diffusekit.pipeline import Pipeline
-from diffusekit.runtime import sample_generators
 from diffusekit.samplers import SAMPLERS, get_sampler, sample_ddim, sample_ddpm
 from diffusekit.schedule import NoiseSchedule
+from diffusekit.seeds import sample_generators
 
 # every registered sampler with its default options, plus the options that make another method
 EXTRA_CASES = {"ddpm[fixed_large]": ("ddpm", {"variance": "fixed_large"}), "ddim[eta=0.5]": ("ddim", {"eta": 0.5}), "ddim[eta=1]": ("ddim", {"eta": 1.0})}

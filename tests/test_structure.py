@@ -14,7 +14,7 @@ PACKAGE = ROOT / "src" / "diffusekit"
 
 # docs/architecture.md's layers, bottom to top; a module may import its own layer and the ones below.
 LAYERS = {
-    1: ["errors", "files", "runtime", "precision", "layout", "compiled", "sigmas", "flow", "schedule", "denoiser", "losses", "samplers", "guidance", "inpaint", "distributed",
+    1: ["errors", "files", "devices", "seeds", "durations", "precision", "layout", "compiled", "sigmas", "flow", "schedule", "denoiser", "losses", "samplers", "guidance", "inpaint", "distributed",
         "optim", "version", "distill_losses"],
     2: ["nn"],
     3: ["config", "config_checks", "models", "io", "data", "images"],

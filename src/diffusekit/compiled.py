@@ -16,8 +16,7 @@ import time
 
 import torch
 
-from diffusekit.errors import UserError
-from diffusekit.runtime import warn
+from diffusekit.errors import UserError, warn
 
 
 class CompiledNetwork(torch.nn.Module):

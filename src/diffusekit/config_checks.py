@@ -12,11 +12,11 @@ import typing
 
 from diffusekit.denoiser import PREDICTIONS
 from diffusekit.distill_losses import CONSISTENCY_LOSSES
+from diffusekit.durations import parse_duration
 from diffusekit.errors import ConfigError
 from diffusekit.flow import FLOW_SPACINGS, TIMESTEP_SAMPLINGS
 from diffusekit.losses import WEIGHTINGS
 from diffusekit.nn.vae import check_vae_config
-from diffusekit.runtime import parse_duration
 from diffusekit.samplers import SAMPLERS
 from diffusekit.schedule import BETA_SCHEDULES, SPACINGS
 

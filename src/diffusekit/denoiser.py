@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from diffusekit.errors import UserError
+from diffusekit.errors import UserError, warn
 from diffusekit.flow import FlowSchedule
-from diffusekit.runtime import warn
 from diffusekit.schedule import NoiseSchedule, sigma_to_alpha_sigma
 from diffusekit.sigmas import append_dims
 

@@ -46,8 +46,10 @@ import torch
 from diffusekit import distributed
 from diffusekit.config import Config, apply_overrides, config_from_dict, config_to_dict
 from diffusekit.denoiser import ConsistencyDenoiser, Denoiser
+from diffusekit.devices import pick_device, prepare_module, use_all_cores
 from diffusekit.distill_losses import consistency_loss, progressive_target, x0_loss
-from diffusekit.errors import UserError
+from diffusekit.durations import parse_duration
+from diffusekit.errors import UserError, warn
 from diffusekit.files import read_json, read_tensors
 from diffusekit.guidance import GuidedDenoiser
 from diffusekit.io.checkpoint import latest_checkpoint, load_config, load_weights, resolve_checkpoint, write_sampling_checkpoint
@@ -57,7 +59,6 @@ from diffusekit.models import build_net, example_inputs
 from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.optim import ema_update
 from diffusekit.pipeline import Pipeline
-from diffusekit.runtime import parse_duration, pick_device, prepare_module, use_all_cores, warn
 from diffusekit.sigmas import ddim_step
 from diffusekit.train import DiffusionTrainer
 from diffusekit.trainer import TrainResult, run_training

@@ -18,7 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from diffusekit.runtime import physical_cores, pick_device
+from diffusekit.devices import physical_cores, pick_device
 
 # How long a rank waits for the others in a collective before giving up. Rank 0 alone
 # writes checkpoints, sample grids and evaluations while the others wait, so be generous.

@@ -1,9 +1,12 @@
-"""The one exception type for mistakes a user can make and fix.
+"""The one exception type for mistakes a user can make and fix, and the warning category (with `warn`).
 
 The CLI prints its message (no traceback) and exits with code 2. Library code
 raises it for bad input: a missing file, a corrupt image, a wrong config value,
 an incompatible checkpoint. Bugs stay ordinary exceptions with tracebacks.
 """
+
+
+import warnings
 
 
 class UserError(Exception):
@@ -21,3 +24,8 @@ class DiffusekitWarning(UserWarning):
         warnings.filterwarnings("ignore", category=DiffusekitWarning)
 
     The CLI prints each one as a line "warning: ..." on stderr."""
+
+
+def warn(message: str) -> None:
+    """A DiffusekitWarning: the CLI prints it as one 'warning: ...' line, a program may filter it."""
+    warnings.warn(message, DiffusekitWarning, stacklevel=2)

@@ -21,9 +21,8 @@ import torch
 from diffusekit.data import to_float
 from diffusekit.data.mnist import digit_caption
 from diffusekit.errors import UserError
-from diffusekit.files import read_cached_tensors, save_tensors_atomic, write_json_atomic
+from diffusekit.files import cache_dir, read_cached_tensors, save_tensors_atomic, write_json_atomic
 from diffusekit.metrics import class_histogram, compare_features, embed, fd_from_features, get_feature_extractor, label_accuracy, psnr, ssim
-from diffusekit.runtime import cache_dir
 
 NUM_DIGITS = 10
 

@@ -132,3 +132,8 @@ def read_cached_tensors(path: str | Path) -> dict[str, torch.Tensor] | None:
         return load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError):
         return None
+
+
+def cache_dir() -> Path:
+    """Where derived data is cached (renderings, reference features, latents): $DIFFUSEKIT_CACHE or ~/.cache/diffusekit."""
+    return Path(os.environ.get("DIFFUSEKIT_CACHE", Path.home() / ".cache" / "diffusekit"))

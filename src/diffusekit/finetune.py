@@ -41,8 +41,9 @@ from diffusekit.config import Config, EvalConfig, FinetuneConfig, TrainConfig, a
 from diffusekit.data import ImageDataset, load_dataset, to_uint8
 from diffusekit.data.folder import describe_captions, load_folder, read_captions
 from diffusekit.data.latents import latent_dataset
-from diffusekit.errors import UserError
-from diffusekit.files import read_cached_tensors, save_tensors_atomic
+from diffusekit.devices import prepare_module
+from diffusekit.errors import UserError, warn
+from diffusekit.files import cache_dir, read_cached_tensors, save_tensors_atomic
 from diffusekit.io import diffusers
 from diffusekit.io.checkpoint import latest_checkpoint, load_config, resolve_checkpoint
 from diffusekit.io.lora import BASE_FINGERPRINT, BASE_NAME, RUN_FILE, save_lora, text_model
@@ -50,7 +51,6 @@ from diffusekit.models import default_model, text_condition
 from diffusekit.nn.lora import LoRAWeights, inject_lora
 from diffusekit.nn.state import weights_fingerprint
 from diffusekit.pipeline import Pipeline, load_model
-from diffusekit.runtime import cache_dir, prepare_module, warn
 from diffusekit.schedule import make_schedule
 from diffusekit.train import DiffusionTrainer
 from diffusekit.trainer import TrainResult, run_training

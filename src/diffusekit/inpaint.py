@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from diffusekit.errors import UserError
-from diffusekit.runtime import randn
+from diffusekit.seeds import randn
 
 
 def default_strength(strength: float | None, masked: bool) -> float:

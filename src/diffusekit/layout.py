@@ -28,10 +28,9 @@ import time
 import torch
 
 from diffusekit.denoiser import cast_floats, network_dtype
-from diffusekit.errors import UserError
-from diffusekit.files import write_json_atomic
+from diffusekit.errors import UserError, warn
+from diffusekit.files import cache_dir, write_json_atomic
 from diffusekit.precision import cpu_info, dtype_name
-from diffusekit.runtime import cache_dir, warn
 
 # name: (the memory format of weights and activations, whether GroupNorms normalise an NCHW copy: nn/blocks.GroupNorm)
 LAYOUTS = {

@@ -27,7 +27,8 @@ from diffusekit.compiled import compile_network
 from diffusekit.config import Config, SampleConfig
 from diffusekit.config_checks import check_image_size, check_sample
 from diffusekit.denoiser import ConsistencyDenoiser, Denoiser, network_dtype
-from diffusekit.errors import UserError
+from diffusekit.devices import pick_device, prepare_module, use_all_cores
+from diffusekit.errors import UserError, warn
 from diffusekit.image_info import ImageOutput, describe, fingerprint, model_name, with_fused_loras
 from diffusekit.io import diffusers
 from diffusekit.io.checkpoint import load_parts
@@ -38,7 +39,6 @@ from diffusekit.nn.state import weights_fingerprint
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.pipeline_lora import LoRAMethods
 from diffusekit.precision import dtype_name, resolve_dtype
-from diffusekit.runtime import pick_device, prepare_module, use_all_cores, warn
 from diffusekit.samplers import SAMPLER_OPTIONS
 from diffusekit.sampling import SampleRequest, compose_denoiser, make_plan, run_sampler, start_latents
 from diffusekit.schedule import make_schedule

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from diffusekit.errors import warn
 from diffusekit.io.lora import load_lora, recorded_base, text_model
 from diffusekit.nn import lora
-from diffusekit.runtime import warn
 
 
 class LoRAMethods:

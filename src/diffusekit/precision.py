@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from diffusekit.errors import UserError
-from diffusekit.runtime import available_cores, physical_cores, warn
+from diffusekit.devices import available_cores, physical_cores
+from diffusekit.errors import UserError, warn
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

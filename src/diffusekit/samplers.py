@@ -7,7 +7,7 @@ the loop walks down the decreasing `sigmas`, which end at 0. After every step,
 `callback(info)` gets a dict with k-diffusion's keys: "i" (the step), "steps" (their
 number), "sigma" (where the network predicted "denoised", the x0_hat), "sigma_next" (the
 level the new "x" is at). `generator` is None, a torch.Generator or a list of per-sample
-generators (see runtime.randn). The flow samplers step in flow time t = sigma / (1 + sigma)
+generators (see seeds.randn). The flow samplers step in flow time t = sigma / (1 + sigma)
 on x_t = x / (1 + sigma) (flow.py), as SD3 and FLUX users know them; they run any denoiser.
 
 Steps are written as x0_hat + (sigma' / sigma)(x - x0_hat) rather than x + slope * (sigma' - sigma): the same
@@ -26,7 +26,7 @@ import torch
 
 from diffusekit.errors import UserError
 from diffusekit.flow import sigma_to_t
-from diffusekit.runtime import randn
+from diffusekit.seeds import randn
 from diffusekit.sigmas import ddim_step
 
 

@@ -22,8 +22,8 @@ from diffusekit.errors import UserError
 from diffusekit.guidance import GuidedDenoiser
 from diffusekit.inpaint import KnownRegionDenoiser, check_resampling, default_strength, noised_start, sample_resampled, strength_start
 from diffusekit.models import image_shape
-from diffusekit.runtime import randn, sample_generators
 from diffusekit.samplers import get_sampler
+from diffusekit.seeds import randn, sample_generators
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 from diffusekit.config import Config
 from diffusekit.data import load_dataset, to_float
 from diffusekit.data.latents import latent_dataset
+from diffusekit.devices import prepare_module
 from diffusekit.distributed import draw_for_global_batch
 from diffusekit.errors import UserError
 from diffusekit.files import read_tensors, write_json_atomic
@@ -33,7 +34,6 @@ from diffusekit.models import build_net, build_text_encoder, build_vae, example_
 from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.nn.text import CaptionEmbeddings
 from diffusekit.pipeline import Pipeline
-from diffusekit.runtime import prepare_module
 from diffusekit.schedule import make_schedule
 from diffusekit.trainer import Trainer, TrainResult, run_training
 

@@ -21,13 +21,13 @@ import torch
 
 from diffusekit.config import Config, config_to_dict
 from diffusekit.data import load_dataset, to_float
+from diffusekit.devices import prepare_module
 from diffusekit.errors import ConfigError
 from diffusekit.files import write_json_atomic
 from diffusekit.images import save_grid
 from diffusekit.nn.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.optim import make_optimizer
-from diffusekit.runtime import prepare_module
 from diffusekit.trainer import Trainer, TrainResult, run_training
 
 SCALE_IMAGES = 1024  # images encoded to measure the latent scale

@@ -41,13 +41,14 @@ from diffusekit import distributed, training_state
 from diffusekit.compiled import compile_network, unwrap
 from diffusekit.config import Config, config_to_dict
 from diffusekit.data import BatchStream
-from diffusekit.errors import UserError
+from diffusekit.devices import pick_device, prepare_module, use_all_cores
+from diffusekit.durations import parse_duration
+from diffusekit.errors import UserError, warn
 from diffusekit.files import write_json_atomic
 from diffusekit.io.checkpoint import checkpoint_name, remove_stale_temp_files
 from diffusekit.io.runs import clear_run_dir, drop_records_after, prepare_run_dir
 from diffusekit.optim import ema_decay_at, ema_update, lr_at, make_optimizer
 from diffusekit.precision import training_dtype
-from diffusekit.runtime import parse_duration, pick_device, prepare_module, use_all_cores, warn
 
 wall_clock = time.monotonic  # what train.checkpoint_minutes are measured on (tests replace it)
 

@@ -17,11 +17,10 @@ import torch
 from safetensors import SafetensorError
 
 from diffusekit import distributed
-from diffusekit.errors import UserError
+from diffusekit.errors import UserError, warn
 from diffusekit.files import read_json, read_tensors
 from diffusekit.io.checkpoint import flatten_optimizer_state, latest_checkpoint, save_checkpoint, unflatten_optimizer_state
 from diffusekit.nn.state import load_state_dict_checked
-from diffusekit.runtime import warn
 
 
 def state_tensors(trainer) -> dict[str, dict[str, torch.Tensor]]:

@@ -92,9 +92,9 @@ def _info(args) -> None:
 
 
 def _system(args) -> None:
+    from diffusekit.devices import use_all_cores
     from diffusekit.layout import LAYOUT_ENV, cached_choices, forced_layout
     from diffusekit.precision import system_summary
-    from diffusekit.runtime import use_all_cores
 
     use_all_cores()
     summary = system_summary() | {"layouts": cached_choices(), "layout_forced": forced_layout()}

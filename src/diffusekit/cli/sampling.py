@@ -146,7 +146,7 @@ def recorded_size(value, source) -> int:
 
 
 def check_recorded_model(recorded: dict, pipe, source) -> None:
-    from diffusekit.runtime import warn
+    from diffusekit.errors import warn
 
     made_by = recorded.get("Model hash")
     if made_by is not None and str(made_by) != pipe.fingerprint:

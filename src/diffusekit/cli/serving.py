@@ -43,7 +43,7 @@ def listen(host: str, port: int) -> socket.socket:
 def _serve(args) -> None:
     import uvicorn
 
-    from diffusekit.runtime import warn
+    from diffusekit.errors import warn
     from diffusekit.serve import LOOPBACK_HOSTS, Limits, Server, create_app, load_pipes
     from diffusekit.serve.jobs import Gallery
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from diffusekit.distributed import draw_for_global_batch
 from diffusekit.errors import UserError
-from diffusekit.runtime import derive_seed
+from diffusekit.seeds import derive_seed
 
 
 @dataclass

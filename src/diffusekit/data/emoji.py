@@ -34,8 +34,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 from tqdm.auto import tqdm
 
 from diffusekit.errors import UserError
-from diffusekit.files import read_cached_tensors, save_tensors_atomic, write_json_atomic
-from diffusekit.runtime import cache_dir
+from diffusekit.files import cache_dir, read_cached_tensors, save_tensors_atomic, write_json_atomic
 
 DEBIAN_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 FONT_ENV = "DIFFUSEKIT_EMOJI_FONT"

@@ -17,8 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from diffusekit.errors import UserError
-from diffusekit.runtime import warn
+from diffusekit.errors import UserError, warn
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 

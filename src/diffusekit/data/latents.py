@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 
 from diffusekit.data import ImageDataset, to_float
 from diffusekit.distributed import draw_for_global_batch
-from diffusekit.files import read_cached_tensors, save_tensors_atomic, write_json_atomic
-from diffusekit.runtime import cache_dir
+from diffusekit.files import cache_dir, read_cached_tensors, save_tensors_atomic, write_json_atomic
 
 SHARD_SIZE = 1024
 

@@ -36,10 +36,9 @@ from safetensors import SafetensorError, safe_open
 
 from diffusekit.config import Config, config_from_dict
 from diffusekit.distributed import launched_rank
-from diffusekit.errors import UserError
+from diffusekit.errors import UserError, warn
 from diffusekit.files import TEMP_PREFIX, fsync_folder, make_temp_folder, read_json, read_tensors, save_tensors_atomic, write_text_atomic
 from diffusekit.models import ModelParts, build_parts
-from diffusekit.runtime import warn
 
 LATEST = "latest"
 WEIGHT_FILES = {"ema": "ema.safetensors", "model": "model.safetensors"}

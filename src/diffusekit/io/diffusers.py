@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from diffusekit.config import Config, config_from_dict
-from diffusekit.errors import ConfigError, UserError
+from diffusekit.errors import ConfigError, UserError, warn
 from diffusekit.files import read_json as read_json_object
 from diffusekit.files import read_tensors
 from diffusekit.io.diffusers_keys import (
@@ -52,7 +52,6 @@ from diffusekit.io.diffusers_keys import (
 )
 from diffusekit.models import ModelParts, build_parts, image_shape
 from diffusekit.nn.vae import VAEConfig
-from diffusekit.runtime import warn
 
 # ----------------------------------------------------------------------------- the U-Net
 

@@ -37,12 +37,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from diffusekit.errors import UserError
+from diffusekit.errors import UserError, warn
 from diffusekit.files import save_tensors_atomic
 from diffusekit.io.lora_keys import PARTS, WHAT, classify, nearest_block, unplaceable
 from diffusekit.nn.lora import LAYERS, LoRA, adapter_names, attach, check_name, check_number, check_update, lora_modules, lora_shapes
 from diffusekit.nn.text import TextEncoder
-from diffusekit.runtime import warn
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 BASE_FINGERPRINT, BASE_NAME = "diffusekit.base_fingerprint", "diffusekit.base"  # header entries of the LoRAs finetune writes

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from diffusekit.errors import UserError
-from diffusekit.files import read_cached_tensors, save_tensors_atomic
+from diffusekit.errors import UserError, warn
+from diffusekit.files import cache_dir, read_cached_tensors, save_tensors_atomic
 from diffusekit.nn.bert import load_bert
-from diffusekit.runtime import cache_dir, warn
 
 DEFAULT_ENCODER = "minilm"
 

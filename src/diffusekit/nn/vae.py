@@ -30,7 +30,7 @@ from torch import nn
 
 from diffusekit.errors import ConfigError, UserError
 from diffusekit.nn.blocks import Downsample2D, ResnetBlock2D, SelfAttention2D, Upsample2D
-from diffusekit.runtime import randn
+from diffusekit.seeds import randn
 
 NORM_EPS = 1e-6  # every GroupNorm of diffusers' VAE
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' (and LDM's) clamp of the posterior log-variance

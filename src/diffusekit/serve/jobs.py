@@ -18,10 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffusekit.errors import UserError
+from diffusekit.errors import UserError, warn
 from diffusekit.files import atomic_write
 from diffusekit.images import gif_bytes, make_grid, png_bytes, to_pil
-from diffusekit.runtime import warn
 
 PREVIEW_EVERY_S = 0.2  # at most five previews a second: a decode and a PNG each
 FINISHED = ("done", "failed", "cancelled")
