@@ -260,14 +260,24 @@ def check_process(config) -> None:
 
 
 def validate(config):
-    """Range and consistency checks of a config.Config; returns it unchanged."""
-    m, d, data, t, s = config.model, config.diffusion, config.data, config.train, config.sample
+    """Range and consistency checks of a config.Config, section by section; returns it unchanged."""
+    for check in (check_model, check_diffusion, check_data, check_train, check_sampling, check_text, check_vae_loss, check_distill,
+                  check_guidance_embedding, check_finetune, check_eval):
+        check(config)
+    return config
+
+
+def check_model(config) -> None:
+    m = config.model
     _choice("model.type", m.type, NETWORKS)
     (check_unet if m.type == "unet" else check_dit)(m)
     _check(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
     _check(m.num_classes >= 0, "model.num_classes must be 0 (unconditional) or the number of classes")
     _check(m.cross_attention_dim >= 0, "model.cross_attention_dim must be >= 0 (0: no text)")
 
+
+def check_diffusion(config) -> None:
+    d = config.diffusion
     _choice("diffusion.schedule", d.schedule, BETA_SCHEDULES)
     _choice("diffusion.prediction", d.prediction, PREDICTIONS)
     _choice("diffusion.loss_weighting", d.loss_weighting, WEIGHTINGS)
@@ -281,6 +291,10 @@ def validate(config):
         "nothing about x0 (Lin et al. 2023, sec. 3.2)",
     )
 
+
+def check_data(config) -> None:
+    """The task, the dataset and the image size, which must pass through the autoencoder and the network."""
+    data = config.data
     _choice("task", config.task, ("diffusion", "autoencoder", "finetune"))
     _choice("data.dataset", data.dataset, ("mnist", "folder", "emoji", "none"))
     _choice("data.bad_images", data.bad_images, ("skip", "abort"))
@@ -302,6 +316,9 @@ def validate(config):
     _check(data.dataset != "folder" or bool(data.path), "data.dataset = 'folder' needs data.path, e.g. --set data.path=my_images/")
     _check(data.limit >= 0, "data.limit must be 0 (all) or a positive count")
 
+
+def check_train(config) -> None:
+    t = config.train
     check_seed("train.seed", t.seed)
     _check(t.batch_size >= 1 and t.grad_accumulation >= 1, "train.batch_size and train.grad_accumulation must be at least 1")
     _check(t.lr > 0, "train.lr must be positive")
@@ -319,23 +336,35 @@ def validate(config):
     if t.budget:
         parse_duration(t.budget)
 
-    check_sample(s, d.timesteps)
-    _check(config.eval.steps <= d.timesteps, f"eval.steps = {config.eval.steps} cannot exceed diffusion.timesteps = {d.timesteps} (a sampler takes at most one step per timestep)")
 
-    tx = config.text
+def check_sampling(config) -> None:
+    timesteps = config.diffusion.timesteps
+    check_sample(config.sample, timesteps)
+    _check(config.eval.steps <= timesteps, f"eval.steps = {config.eval.steps} cannot exceed diffusion.timesteps = {timesteps} (a sampler takes at most one step per timestep)")
+
+
+def check_text(config) -> None:
+    m, tx = config.model, config.text
     _check(not tx.encoder or m.cross_attention_dim > 0, f"text.encoder = {tx.encoder!r} needs model.cross_attention_dim = the encoder's width (384 for minilm)")
     _check(not m.cross_attention_dim or bool(tx.encoder), "model.cross_attention_dim > 0 needs a text encoder: set text.encoder (e.g. minilm)")
     _check(not (tx.encoder and m.num_classes), "a model is conditioned on class labels or on text, not both: set model.num_classes=0 or text.encoder=\"\"")
     _check(tx.max_length >= 2 and 0.0 <= tx.caption_dropout < 1.0, "text.max_length must be >= 2 and text.caption_dropout in [0, 1)")
 
+
+def check_vae_loss(config) -> None:
     v = config.vae_loss
     _check(min(v.l1, v.l2, v.kl, v.disc_weight) >= 0 and v.l1 + v.l2 > 0, "vae_loss weights must be >= 0, with l1 + l2 > 0")
     _check(v.disc_start >= 0 and v.disc_channels >= 1 and v.disc_layers >= 1, "vae_loss.disc_start must be >= 0, disc_channels and disc_layers >= 1")
 
-    check_distill(config)
+
+def check_guidance_embedding(config) -> None:
+    m = config.model
     _check(m.guidance_embedding >= 0 and m.guidance_embedding % 2 == 0, "model.guidance_embedding must be 0 (none) or an even width, e.g. 256")
     _check(not m.guidance_embedding or m.type == "unet", "model.guidance_embedding (a guidance-distilled student's) is the U-Net's; a DiT has none: set it to 0")
-    f = config.finetune
+
+
+def check_finetune(config) -> None:
+    f, tx, t = config.finetune, config.text, config.train
     _check(f.rank >= 1 and f.alpha >= 0 and 0.0 <= f.dropout < 1.0, "finetune.rank must be >= 1 (--lora-rank), finetune.alpha >= 0 (0: = rank) and finetune.dropout in [0, 1)")
     _check(bool(f.targets) and all(f.targets), "finetune.targets needs at least one layer name or preset (attention, ff, proj, conv), e.g. --lora-targets attention")
     _check(f.prior_images >= 0 and f.prior_weight >= 0, "finetune.prior_images and finetune.prior_weight must not be negative")
@@ -344,8 +373,9 @@ def validate(config):
     _check(not f.text_encoder or t.grad_accumulation == 1, "finetune.text_encoder (--text-encoder) trains with train.grad_accumulation = 1")
     check_seed("finetune.prior_seed", f.prior_seed)
 
+
+def check_eval(config) -> None:
     e = config.eval
     _check(e.every >= 0 and e.n >= 10 and e.steps >= 1, "eval.every must be >= 0, eval.n >= 10 and eval.steps >= 1")
     _choice("eval.sampler", e.sampler, SAMPLERS)
     _choice("eval.features", e.features, ("", "mnist", "random", "inception"))
-    return config
