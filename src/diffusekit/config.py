@@ -317,20 +317,24 @@ def config_from_dict(values: dict, where: str = "config") -> Config:
     return validate(update_config(Config(), values, where))
 
 
-def apply_overrides(config: Config, assignments: list[str]) -> Config:
-    """Apply `--set section.key=value` strings."""
+def apply_overrides(config: Config, assignments=(), values: dict | None = None, where: str = "the command line") -> Config:
+    """Apply `--set section.key=value` strings, then `values` ({"train.max_steps": 500}: Python values a command's own
+    flags give, set as they are, with no text round trip; they win over --set), then check the whole config once."""
+    changes = []
     for text in assignments:
         if "=" not in text:
             raise ConfigError(f"--set expects key=value, got '{text}'; e.g. --set train.lr=2e-4")
         key, raw = (part.strip() for part in text.split("=", 1))
+        changes.append((key, parse_cli_value(raw), "--set"))
+    changes += [(key, value, where) for key, value in (values or {}).items() if value is not None]
+    for key, value, source in changes:
         if key not in all_keys():
-            raise _unknown_key(key, all_keys(), "--set")
-        value = parse_cli_value(raw)
+            raise _unknown_key(key, all_keys(), source)
         if key in TOP_LEVEL_KEYS:
-            config = update_config(config, {key: str(value)}, "--set")
+            config = update_config(config, {key: str(value)}, source)
             continue
         section, name = key.split(".", 1)
-        config = update_config(config, {section: {name: value}}, "--set")
+        config = update_config(config, {section: {name: value}}, source)
     return validate(config)
 
 

@@ -35,7 +35,6 @@ students of its earlier stages in RUN/students/N-steps/.
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -140,16 +139,12 @@ def distill(teacher: str | Path | None, out: str | Path, *, method: str | None =
         ckpt, teacher_config = teacher_checkpoint(teacher)
         state = read_json(ckpt / "state.json", "training state")
         config = student_config(ckpt, teacher_config, method or "progressive", steps or 4, state.get("step"))
-    changes = list(overrides)
-    if resume and method is not None:
-        changes.append(f"distill.method={method}")
-    if resume and steps is not None:
-        changes.append(f"distill.steps={steps}")
-    if resume and train_steps:  # the new total (a progressive run trains its last stage on)
-        changes.append(f"train.max_steps={train_steps}")
-    if budget or not (resume or train_steps or any(o.startswith(("distill.stage_steps", "train.max_steps")) for o in overrides)):
-        changes.append(f"train.budget={json.dumps(budget or DEFAULT_BUDGET)}")
-    config = apply_overrides(config, changes)
+    timed = budget or not (resume or train_steps or any(o.startswith(("distill.stage_steps", "train.max_steps")) for o in overrides))
+    config = apply_overrides(config, list(overrides), {
+        "distill.method": method if resume else None, "distill.steps": steps if resume else None,
+        "train.max_steps": train_steps if resume and train_steps else None,  # the new total (a progressive run trains its last stage on)
+        "train.budget": (budget or DEFAULT_BUDGET) if timed else None,
+    })
     check_run_request(out, config, resume, overwrite)  # before the timing below: --out is not the teacher, the flags agree
     if not resume and config.diffusion.prediction == "eps":
         warn("the teacher predicts eps, and so will its student: at few steps an eps student's x0 = (x - sigma eps) blows up its "

@@ -78,9 +78,10 @@ def base_config(base: str | Path | None) -> Config:
     return config
 
 
-def finetune_config(base: str | Path | None, data: str | Path, overrides=()) -> Config:
+def finetune_config(base: str | Path | None, data: str | Path, overrides=(), values: dict | None = None) -> Config:
     """A fine-tuning run's config: the base model's networks, diffusion and sampling settings, the image folder
-    `data` (captions as `train` reads them), fine-tuning's training defaults, then the `--set` overrides."""
+    `data` (captions as `train` reads them), fine-tuning's training defaults, then the `--set` overrides and the
+    command's own flags (`values`, config.apply_overrides)."""
     config = base_config(base)
     if config.model.num_classes:
         raise UserError(f"'{base_path(base)}' is class-conditional, and an image folder has no class labels; "
@@ -91,7 +92,7 @@ def finetune_config(base: str | Path | None, data: str | Path, overrides=()) -> 
         train=replace(TrainConfig(), **FINETUNE_TRAIN), sample=replace(config.sample, n=GRID_IMAGES), eval=EvalConfig(),
         finetune=FinetuneConfig(base=str(base or "")),
     )
-    return apply_overrides(config, list(overrides))
+    return apply_overrides(config, list(overrides), values)
 
 
 def finetune(config: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from diffusekit.cli.options import add_run_options, positive_int
@@ -21,24 +20,14 @@ def _finetune(args) -> None:
             raise UserError("finetune needs --data FOLDER (images with captions: metadata.jsonl or a .txt beside each image)")
         data = load_config(ckpt).data.path  # --resume: the run's own folder of images
     out = Path(args.out or f"runs/lora-{Path(data).resolve().name}")
-    overrides = [f"finetune.rank={args.lora_rank}", f"finetune.prior_weight={args.prior_weight}"]
-    if args.lora_alpha is not None:
-        overrides.append(f"finetune.alpha={args.lora_alpha}")
-    if args.lora_targets:
-        overrides.append(f"finetune.targets={json.dumps([t.strip() for t in args.lora_targets.split(',') if t.strip()])}")
-    if args.text_encoder:
-        overrides.append("finetune.text_encoder=true")
-    if args.prior_prompt:
-        overrides.append(f"finetune.prior_prompts={json.dumps(args.prior_prompt)}")
-    if args.prior_images:
-        overrides.append(f"finetune.prior_images={args.prior_images}")
-    if args.prior_data:
-        overrides.append(f"finetune.prior_path={json.dumps(args.prior_data)}")
-    if args.budget:
-        overrides.append(f"train.budget={json.dumps(args.budget)}")
-    if args.steps is not None:
-        overrides.append(f"train.max_steps={args.steps}")
-    config = finetune_config(args.base, data, [*overrides, *(args.set or [])])
+    flags = {
+        "finetune.rank": args.lora_rank, "finetune.prior_weight": args.prior_weight, "finetune.alpha": args.lora_alpha,
+        "finetune.targets": [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None,
+        "finetune.text_encoder": args.text_encoder or None, "finetune.prior_prompts": args.prior_prompt or None,
+        "finetune.prior_images": args.prior_images or None, "finetune.prior_path": args.prior_data, "train.budget": args.budget or None,
+        "train.max_steps": args.steps,
+    }
+    config = finetune_config(args.base, data, args.set or [], flags)
     result = finetune(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     model = f" --model {args.base}" if args.base else ""
     use = f'generate "PROMPT"{model}' if config.text.encoder else f"sample {args.base}"
@@ -53,7 +42,7 @@ def register(sub) -> None:
                    help="the model to fine-tune: a diffusekit run or checkpoint, or a diffusers / Stable Diffusion folder (default: the shipped demo model)")
     p.add_argument("--data", metavar="FOLDER", help="images with captions, as `train` reads them (metadata.jsonl or a .txt beside each image)")
     p.add_argument("--out", help="run folder (default runs/lora-FOLDER)")
-    p.add_argument("--lora-rank", type=positive_int, default=8, help="rank r of each low-rank update (default 8)")
+    p.add_argument("--lora-rank", type=positive_int, help="rank r of each low-rank update (default 8: finetune.rank)")
     p.add_argument("--lora-alpha", type=float, help="alpha: the update is (alpha / r) B A (default: alpha = r)")
     p.add_argument("--lora-targets", metavar="LIST",
                    help="layers to adapt: presets attention (default), ff, proj, conv, or module-name suffixes, comma-separated")
@@ -62,6 +51,6 @@ def register(sub) -> None:
                    help="prior preservation (DreamBooth): a class prompt the base model draws --prior-images for (repeatable)")
     p.add_argument("--prior-images", type=positive_int, help="how many class images the base model generates before training")
     p.add_argument("--prior-data", metavar="DIR", help="or a folder of class images (with captions, or one --prior-prompt for all)")
-    p.add_argument("--prior-weight", type=float, default=1.0, help="weight lambda of the class images' loss (default 1)")
+    p.add_argument("--prior-weight", type=float, help="weight lambda of the class images' loss (default 1: finetune.prior_weight)")
     add_run_options(p)  # --resume continues with the same BASE (it is checked)
     p.set_defaults(func=_finetune)

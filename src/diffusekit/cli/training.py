@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from diffusekit.cli.options import add_run_options, positive_int
@@ -29,12 +28,7 @@ def _train(args) -> None:
         config = load_config(ckpt)
     else:
         config = load_preset(args.preset)
-    overrides = list(args.set or [])
-    if args.budget:
-        overrides.append(f"train.budget={json.dumps(args.budget)}")
-    if args.steps is not None:
-        overrides.append(f"train.max_steps={args.steps}")
-    config = apply_overrides(config, overrides)
+    config = apply_overrides(config, args.set or [], {"train.budget": args.budget or None, "train.max_steps": args.steps})
     result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if launched_rank() == 0:  # under torchrun: once, not once per process
         print(f"run: {result.run_dir}  step {result.step}  checkpoint: {result.checkpoint}")
