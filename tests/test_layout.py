@@ -149,3 +149,18 @@ def test_every_layout_computes_the_same_network():
     norm = next(m for m in net.modules() if isinstance(m, GroupNorm))
     h = torch.randn(2, norm.num_channels, 6, 6).contiguous(memory_format=torch.channels_last)
     assert norm(h).is_contiguous(memory_format=torch.channels_last)  # the copy goes back to the convolutions' layout
+
+
+def test_a_pipeline_switches_layouts_between_batch_shapes_only_when_they_differ(cache, monkeypatch):
+    answers = iter([{"channels_last": 2.0, "contiguous": 1.0, "channels_last_nchw_norms": 3.0},
+                    {"channels_last": 1.0, "contiguous": 2.0, "channels_last_nchw_norms": 3.0}])
+    monkeypatch.setattr(layout, "time_layouts", lambda net, call: next(answers))
+    net, _ = net_and_inputs()
+    pipe = Pipeline(tiny_config(), net)
+    applied = []
+    real_apply = layout.apply_layout
+    monkeypatch.setattr("diffusekit.pipeline.apply_layout", lambda n, name: applied.append(name) or real_apply(n, name))
+    for n, expected in ((2, "contiguous"), (2, "contiguous"), (3, "channels_last"), (2, "contiguous")):
+        pipe.sample(n, steps=1, seed=0)
+        assert conv_layout(pipe.net) == expected
+    assert applied == ["contiguous"]  # measured shapes are left in their layout; only the return to batch 2 converts again

@@ -75,6 +75,7 @@ class Pipeline(LoRAMethods):
         self.denoiser = self.make_denoiser()
         self.checkpoint, self.step = checkpoint, step
         self.layouts: dict[tuple, str] = {}  # (batch, size, device) -> the network's memory layout for it (use_fastest_layout)
+        self.layout_now: str | None = None  # the layout the network is in (None: as placed)
         self.name = model_name(checkpoint)
 
     def make_denoiser(self):
@@ -119,7 +120,7 @@ class Pipeline(LoRAMethods):
     def to(self, device: torch.device | str) -> "Pipeline":
         """Move the networks (U-Net, VAE, text encoder) to `device`, as pipe.to("cuda") in diffusers."""
         self.device = pick_device(str(device), option="--device ")
-        self.net = prepare_module(self.net, self.device)
+        self.net, self.layout_now = prepare_module(self.net, self.device), None
         if self.sampling_net is not self.net:  # compiled for the old device: compile again
             self.sampling_net = compile_network(self.net)
         self.denoiser = self.make_denoiser()
@@ -271,7 +272,10 @@ class Pipeline(LoRAMethods):
         key = (batch, size, self.device.type)
         if key not in self.layouts:
             self.layouts[key] = choose_layout(self.net, example_inputs(self.config, batch, self.device, size))
-        apply_layout(self.net, self.layouts[key])
+            self.layout_now = self.layouts[key]  # choose_layout leaves the network in it
+        if self.layout_now != self.layouts[key]:  # converting every weight again on each call would cost time for nothing
+            self.layout_now = self.layouts[key]
+            apply_layout(self.net, self.layout_now)
 
     def edit_inputs(self, image, mask, n: int, shape) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(x0 of the init image [1 or n, *shape], the mask at the U-Net's resolution [1 or n, 1, h, w]) of an edit.
