@@ -30,7 +30,7 @@ import torch
 
 from diffusekit import distributed
 from diffusekit.config import apply_overrides, load_preset
-from diffusekit.train import DiffusionTrainer
+from diffusekit.diffusion_training import DiffusionTrainer
 
 LAYOUTS = [(1, 1), (1, 2), (2, 1)]  # (processes, threads per process)
 

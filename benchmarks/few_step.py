@@ -42,13 +42,13 @@ from text_alignment import retrieval
 from diffusekit.config import apply_overrides, load_preset
 from diffusekit.data import load_dataset, to_float
 from diffusekit.devices import use_all_cores
+from diffusekit.diffusion_training import train
 from diffusekit.distill import distill
 from diffusekit.evaluate import evaluate_images, real_data_floor
 from diffusekit.files import read_json
 from diffusekit.metrics import embed, get_feature_extractor
 from diffusekit.models import default_model
 from diffusekit.pipeline import Pipeline
-from diffusekit.train import train
 
 SMOKE_STEPS = 6  # optimizer steps of each distillation in --smoke (2 per progressive stage)
 SMOKE_SETS = ["train.batch_size=16", "sample.n=8"]

@@ -21,11 +21,11 @@ import torch
 from diffusekit.config import apply_overrides, load_preset
 from diffusekit.data import load_dataset, to_float
 from diffusekit.devices import prepare_module, use_all_cores
+from diffusekit.diffusion_training import resolve_latent_config, train
 from diffusekit.evaluate import evaluate_checkpoint, evaluate_reconstructions
 from diffusekit.losses import diffusion_loss
 from diffusekit.models import build_net, image_shape
 from diffusekit.schedule import NoiseSchedule
-from diffusekit.train import resolve_latent_config, train
 
 UNCONDITIONAL = ['text.encoder=""', "model.cross_attention_dim=0", "sample.guidance=1.0"]
 

@@ -35,14 +35,14 @@ from nfe import nfe_of, steps_for
 from plots import pyplot, save
 from text_alignment import emoji_prompt_samples, retrieval
 
+from diffusekit.autoencoder_training import train_vae
 from diffusekit.config import apply_overrides, load_preset
 from diffusekit.devices import use_all_cores
+from diffusekit.diffusion_training import train
 from diffusekit.evaluate import evaluate_images, real_data_floor
 from diffusekit.metrics import embed, get_feature_extractor
 from diffusekit.models import build_net
 from diffusekit.pipeline import Pipeline
-from diffusekit.train import train
-from diffusekit.train_vae import train_vae
 
 FLOW_SETS = ("diffusion.process=flow", "diffusion.loss_weighting=uniform", "diffusion.timestep_sampling=logit_normal")
 

@@ -17,9 +17,9 @@ from plots import pyplot, save
 
 from diffusekit.config import apply_overrides, load_preset
 from diffusekit.devices import use_all_cores
+from diffusekit.diffusion_training import train
 from diffusekit.durations import format_duration
 from diffusekit.evaluate import evaluate_checkpoint, real_data_floor
-from diffusekit.train import train
 
 
 def plot(points: list[dict], floor_fd: float, path: Path) -> None:

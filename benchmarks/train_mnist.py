@@ -21,11 +21,11 @@ import torch
 
 from diffusekit.config import apply_overrides, load_preset
 from diffusekit.devices import prepare_module, use_all_cores
+from diffusekit.diffusion_training import train
 from diffusekit.durations import parse_duration
 from diffusekit.losses import diffusion_loss
 from diffusekit.models import build_net
 from diffusekit.schedule import NoiseSchedule
-from diffusekit.train import train
 
 
 def diffusers_twin(config):

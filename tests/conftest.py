@@ -178,7 +178,7 @@ def image_folder(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A tiny run trained for 2 steps (shared by the tests that only read it)."""
-    from diffusekit.train import train
+    from diffusekit.diffusion_training import train
 
     root = tmp_path_factory.mktemp("trained")
     write_images(root / "images", random_images(16, seed=1))

@@ -22,14 +22,14 @@ import pytest
 import torch
 from conftest import TINY, assert_user_error, cli, tiny_config, write_preset
 
+import diffusekit.diffusion_training as train_module
 import diffusekit.files as files_module
-import diffusekit.train as train_module
 from diffusekit.cli import main
+from diffusekit.diffusion_training import train
 from diffusekit.errors import DiffusekitWarning, UserError
 from diffusekit.files import read_tensors
 from diffusekit.io.checkpoint import latest_checkpoint
 from diffusekit.pipeline import Pipeline
-from diffusekit.train import train
 
 EVERY = 3  # checkpoint_every in the killed runs
 

@@ -13,6 +13,7 @@ import torch
 from conftest import TargetNet, assert_user_error, cli, random_images, tiny_config, tiny_schedule, write_images
 
 from diffusekit.denoiser import ConsistencyDenoiser, Denoiser, boundary_scalings
+from diffusekit.diffusion_training import train
 from diffusekit.distill import DistillTrainer, distill, stages
 from diffusekit.distill_losses import progressive_target, pseudo_huber
 from diffusekit.errors import DiffusekitWarning, UserError
@@ -22,7 +23,6 @@ from diffusekit.io.checkpoint import latest_checkpoint
 from diffusekit.nn.unet import UNet
 from diffusekit.pipeline import Pipeline
 from diffusekit.sigmas import ddim_step
-from diffusekit.train import train
 
 FAST = ["train.threads=1", "train.log_every=1", "sample.n=4"]
 
@@ -282,7 +282,7 @@ def test_guidance_distillation_of_a_class_conditional_teacher(tmp_path):
 
 def test_guided_consistency_distillation_of_a_latent_text_model(tmp_path, capsys):
     """A tiny autoencoder, a latent text-to-image teacher on two captions, its consistency student; generate from the CLI."""
-    from diffusekit.train_vae import train_vae
+    from diffusekit.autoencoder_training import train_vae
 
     left, right = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)
     left[:, :4], right[:, 4:] = 255, 255
@@ -308,7 +308,7 @@ def test_guided_consistency_distillation_of_a_latent_text_model(tmp_path, capsys
 
 
 def test_bad_distillation_inputs_are_one_clear_error(teacher, tmp_path, capsys):
-    from diffusekit.train_vae import train_vae
+    from diffusekit.autoencoder_training import train_vae
 
     write_images(tmp_path / "rgb", random_images(4, channels=3))
     vae = {"vae__channels": [8, 16], "vae__layers_per_block": 1, "vae__latent_channels": 2, "vae__norm_groups": 4}

@@ -22,10 +22,10 @@ from conftest import TINY, random_images, tiny_config, write_images, write_prese
 from safetensors.torch import load_file, save_file
 
 from diffusekit import distributed
+from diffusekit.diffusion_training import DiffusionTrainer, train
 from diffusekit.errors import DiffusekitWarning, UserError
 from diffusekit.files import read_tensors
 from diffusekit.io.checkpoint import latest_checkpoint
-from diffusekit.train import DiffusionTrainer, train
 
 STEPS = 4  # checkpoints at STEPS / 2 and STEPS
 ONE = {"train__batch_size": 8, "train__grad_accumulation": 1}  # 1 process: global batch 8
@@ -47,7 +47,7 @@ def state_of(trainer) -> dict[str, torch.Tensor]:
 
 def _poison_step_2_on_rank_1(monkeypatch_target):
     """Make diffusion_loss NaN in step 2 on rank 1 only (its 3rd call: 2 micro-batches a step); every rank must skip that step."""
-    import diffusekit.train as train_module
+    import diffusekit.diffusion_training as train_module
 
     real, calls = train_module.diffusion_loss, []
 
@@ -62,7 +62,7 @@ def _poison_step_2_on_rank_1(monkeypatch_target):
 
 def _worker(rank: int, world: int, port: int, out: Path, jobs: list[tuple[str, str, dict, bool, bool]]) -> None:
     """One rank of the spawned runs. Rank 1 gets a run folder of its own, which must stay empty."""
-    import diffusekit.train as train_module
+    import diffusekit.diffusion_training as train_module
 
     os.environ.update(distributed.one_machine_env(rank, world, port))
     torch.set_num_threads(1)
@@ -177,7 +177,7 @@ def test_torchrun_runs_the_cli(runs, tmp_path):
 
 
 def test_autoencoder_training_refuses_several_processes(monkeypatch, image_folder, tmp_path):
-    from diffusekit.train_vae import VAETrainer
+    from diffusekit.autoencoder_training import VAETrainer
 
     monkeypatch.setattr(distributed, "world", lambda: 2)
     with pytest.raises(UserError, match="train-vae.*one process only.*without torchrun"):

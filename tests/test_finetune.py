@@ -14,13 +14,13 @@ import torch
 from conftest import max_diff, snapshot, tiny_config, write_images
 from safetensors import safe_open
 
+from diffusekit.diffusion_training import train
 from diffusekit.errors import DiffusekitWarning, UserError
 from diffusekit.files import read_tensors
 from diffusekit.finetune import FinetuneTrainer, finetune, finetune_config
 from diffusekit.losses import diffusion_loss
 from diffusekit.nn.state import weights_fingerprint
 from diffusekit.pipeline import Pipeline
-from diffusekit.train import train
 
 LORA_KEY = re.compile(r"(unet|text_encoder)\..+\.lora_[AB]\.weight")
 

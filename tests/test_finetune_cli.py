@@ -16,10 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_finetune import squares
 
+from diffusekit.diffusion_training import train
 from diffusekit.io.checkpoint import latest_checkpoint, load_parts
 from diffusekit.models import default_model
 from diffusekit.nn.state import weights_fingerprint
-from diffusekit.train import train
 
 FAST = ["--quiet", "--lora-rank", "2", "--set", "train.threads=1", "--set", "sample.steps=2", "--set", "sample.n=4", "--set", "train.batch_size=4"]
 

@@ -15,12 +15,12 @@ from test_learning import on_both_modes, patterns
 from test_text import TEXT_MODEL, two_caption_folder
 from test_train_resume import assert_same_tensors, checkpoint_tensors
 
+from diffusekit.diffusion_training import train
 from diffusekit.errors import ConfigError, UserError
 from diffusekit.io.checkpoint import latest_checkpoint
 from diffusekit.models import build_net
 from diffusekit.nn.dit import DiT
 from diffusekit.pipeline import Pipeline
-from diffusekit.train import train
 
 # a flow model keeps the default betas (tiny_config's are DDPM options, refused under flow)
 FLOW = {"diffusion__process": "flow", "diffusion__prediction": "v", "diffusion__beta_start": 1e-4, "diffusion__beta_end": 0.02,

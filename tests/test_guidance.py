@@ -46,7 +46,7 @@ def test_rescale_matches_the_conditional_std_at_phi_one_and_is_identity_at_zero(
 
 
 def test_label_dropout_replaces_the_configured_share_with_the_null_class(tmp_path):
-    from diffusekit.train import DiffusionTrainer
+    from diffusekit.diffusion_training import DiffusionTrainer
 
     config = Config(
         model=ModelConfig(channels=(8, 16), attention_levels=(), mid_attention=False, norm_groups=4, num_classes=10),

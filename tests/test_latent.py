@@ -9,16 +9,16 @@ import pytest
 import torch
 from conftest import random_images, tiny_config, write_images
 
+from diffusekit.autoencoder_training import latent_scale, train_vae
 from diffusekit.cli import main as cli_main
 from diffusekit.data import ImageDataset
 from diffusekit.data import latents as latents_module
 from diffusekit.data.latents import latent_dataset
+from diffusekit.diffusion_training import train
 from diffusekit.errors import UserError
 from diffusekit.metrics import psnr, ssim
 from diffusekit.nn.vae import AutoencoderKL
 from diffusekit.pipeline import Pipeline
-from diffusekit.train import train
-from diffusekit.train_vae import latent_scale, train_vae
 
 TINY_VAE = {"channels": [8, 16], "layers_per_block": 1, "latent_channels": 2, "norm_groups": 4}
 
@@ -136,8 +136,8 @@ def test_psnr_and_ssim_against_closed_forms():
 
 
 def test_discriminator_step_uses_only_its_own_loss(tmp_path):
+    from diffusekit.autoencoder_training import VAETrainer
     from diffusekit.nn.discriminator import hinge_d_loss
-    from diffusekit.train_vae import VAETrainer
 
     write_images(tmp_path / "images", random_images(8, channels=3, seed=5))
     config = vae_config(tmp_path / "images", vae_loss__disc_weight=0.5, vae_loss__disc_start=0, vae_loss__disc_channels=8,

@@ -113,7 +113,7 @@ def test_the_layout_can_be_forced_and_a_bad_value_is_one_error(cache, monkeypatc
 
 
 def test_pipelines_and_training_take_the_measured_layout_and_info_shows_it(cache, monkeypatch, capsys, image_folder, tmp_path):
-    from diffusekit.train import DiffusionTrainer
+    from diffusekit.diffusion_training import DiffusionTrainer
 
     calls = []
     fixed_times(monkeypatch, {"channels_last": 2.0, "contiguous": 1.0, "channels_last_nchw_norms": 3.0}, calls)

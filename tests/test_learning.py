@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import tiny_config, write_images
 
+from diffusekit.diffusion_training import train
 from diffusekit.nn.unet import UNet
 from diffusekit.pipeline import Pipeline
-from diffusekit.train import train
 
 
 def patterns() -> np.ndarray:

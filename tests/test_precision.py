@@ -158,7 +158,7 @@ def test_torch_dtype_is_diffusers_name_for_it(trained_run):
 
 
 def test_bf16_training_keeps_float32_master_weights(image_folder, tmp_path):
-    from diffusekit.train import DiffusionTrainer
+    from diffusekit.diffusion_training import DiffusionTrainer
 
     trainer = DiffusionTrainer(tiny_config(data__path=str(image_folder), train__precision="bf16", train__max_steps=2), tmp_path / "run", progress=False)
     assert trainer.autocast_dtype == torch.bfloat16

@@ -13,12 +13,12 @@ from conftest import tiny_config, write_images
 
 from diffusekit.cli import main as cli_main
 from diffusekit.data.folder import read_captions
+from diffusekit.diffusion_training import train
 from diffusekit.errors import DiffusekitWarning, UserError
 from diffusekit.guidance import GuidedDenoiser
 from diffusekit.nn.text import CaptionEmbeddings, TextEncoder
 from diffusekit.nn.unet import UNet
 from diffusekit.pipeline import Pipeline
-from diffusekit.train import train
 
 TEXT_MODEL = {"model__cross_attention_dim": 384, "model__attention_levels": [0, 1], "text__encoder": "minilm", "text__max_length": 16}
 

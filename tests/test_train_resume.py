@@ -12,12 +12,12 @@ from conftest import assert_user_error, cli, tiny_config, write_preset
 
 import diffusekit.trainer as trainer_module
 from diffusekit.config import apply_overrides, config_to_dict
+from diffusekit.diffusion_training import DiffusionTrainer, train
 from diffusekit.errors import ConfigError, DiffusekitWarning, UserError
 from diffusekit.files import read_tensors
 from diffusekit.io.checkpoint import latest_checkpoint
 from diffusekit.optim import ema_decay_at, ema_update, lr_at
 from diffusekit.pipeline import Pipeline
-from diffusekit.train import DiffusionTrainer, train
 
 CHECKPOINT_FILES = {"config.json", "state.json", "model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors"}
 

@@ -46,6 +46,7 @@ from diffusekit import distributed
 from diffusekit.config import Config, apply_overrides, config_from_dict, config_to_dict
 from diffusekit.denoiser import ConsistencyDenoiser, Denoiser
 from diffusekit.devices import pick_device, prepare_module, use_all_cores
+from diffusekit.diffusion_training import DiffusionTrainer
 from diffusekit.distill_losses import consistency_loss, progressive_target, x0_loss
 from diffusekit.durations import parse_duration
 from diffusekit.errors import UserError, warn
@@ -59,7 +60,6 @@ from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.optim import ema_update
 from diffusekit.pipeline import Pipeline
 from diffusekit.sigmas import ddim_step
-from diffusekit.train import DiffusionTrainer
 from diffusekit.trainer import TrainResult, run_training
 
 METHODS = ("progressive", "consistency")

@@ -42,6 +42,7 @@ from diffusekit.data import ImageDataset, load_dataset, to_uint8
 from diffusekit.data.folder import describe_captions, load_folder, read_captions
 from diffusekit.data.latents import latent_dataset
 from diffusekit.devices import prepare_module
+from diffusekit.diffusion_training import DiffusionTrainer
 from diffusekit.errors import UserError, warn
 from diffusekit.files import cache_dir, read_cached_tensors, save_tensors_atomic
 from diffusekit.io import diffusers
@@ -52,7 +53,6 @@ from diffusekit.nn.lora import LoRAWeights, inject_lora
 from diffusekit.nn.state import weights_fingerprint
 from diffusekit.pipeline import Pipeline, load_model
 from diffusekit.schedule import make_schedule
-from diffusekit.train import DiffusionTrainer
 from diffusekit.trainer import TrainResult, run_training
 
 ADAPTER = "finetune"  # the name of the LoRA being trained

@@ -14,9 +14,9 @@ def _train(args) -> None:
     from diffusekit.io.checkpoint import latest_checkpoint, load_config
 
     if args.command == "train-vae":
-        from diffusekit.train_vae import train_vae as train
+        from diffusekit.autoencoder_training import train_vae as train
     else:
-        from diffusekit.train import train
+        from diffusekit.diffusion_training import train
 
     if args.preset is None and not (args.resume and args.out):
         raise UserError("train needs --preset NAME (see `diffusekit presets`), or --resume with --out of an existing run")
