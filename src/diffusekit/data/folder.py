@@ -115,11 +115,11 @@ def metadata_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("metadata.jsonl") if p.is_file())
 
 
-def read_metadata(root: Path) -> dict[str, str]:
-    """{image path relative to root: caption} from every metadata.jsonl (the Hugging Face imagefolder convention,
-    lines of {"file_name": ..., "text": ...}); a listed file that does not exist is a UserError naming it and its metadata.jsonl."""
+def read_metadata(root: Path, files: list[Path]) -> dict[str, str]:
+    """{image path relative to root: caption} from the metadata.jsonl `files` under root (the Hugging Face imagefolder
+    convention, lines of {"file_name": ..., "text": ...}); a listed file that does not exist is a UserError naming it and its metadata.jsonl."""
     texts, missing = {}, {}
-    for metadata in metadata_files(root):
+    for metadata in files:
         for number, raw in enumerate(metadata.read_bytes().splitlines(), 1):
             line = decode_caption(raw, f"{metadata} line {number}")
             if not line.strip():
@@ -144,8 +144,9 @@ def read_captions(root: str | Path, names: list[str]) -> list[str] | None:
     """Captions for the images `names` (relative paths): from the metadata.jsonl files (read_metadata) or from
     sidecar .txt files (photo.png -> photo.txt). None when the folder has neither; "" for an image without one."""
     root = Path(root)
-    if metadata_files(root):
-        texts = read_metadata(root)
+    files = metadata_files(root)  # one walk of the folder
+    if files:
+        texts = read_metadata(root, files)
         return [texts.get(os.path.normpath(name), "") for name in names]
     sidecars = [(root / name).with_suffix(".txt") for name in names]
     if not any(p.is_file() for p in sidecars):
