@@ -49,13 +49,13 @@ MAX_INPUT_SIDE = 8192  # likewise
 MAX_INPUT_ASPECT = 8  # the longer side at most this many times the shorter (only the centre square is used)
 
 
-def check_input_size(width: int, height: int, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS, max_side: int = MAX_INPUT_SIDE) -> None:
-    """A UserError unless an image handed to us is at most `max_pixels`, `max_side` a side and MAX_INPUT_ASPECT : 1,
+def check_input_size(width: int, height: int, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS, max_side: int | None = MAX_INPUT_SIDE) -> None:
+    """A UserError unless an image handed to us is at most `max_pixels`, `max_side` a side (None: any) and MAX_INPUT_ASPECT : 1,
     so that neither decoding nor resizing it can take much memory (read from the header, before any pixel is decoded)."""
     shape = f"the {what} is {width}x{height} pixels"
     if width * height > max_pixels:
         raise UserError(f"{shape}, more than the {max_pixels} allowed; shrink it first")
-    if max(width, height) > max_side:
+    if max_side is not None and max(width, height) > max_side:
         raise UserError(f"{shape}: a side is longer than the {max_side} allowed; shrink it first")
     if max(width, height) > MAX_INPUT_ASPECT * min(width, height):
         raise UserError(f"{shape}: one side is more than {MAX_INPUT_ASPECT} times the other (only its centre square is used); "
@@ -75,7 +75,7 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     """uint8 array [C, size, size]; raises UserError naming the file if it cannot be read or is absurdly shaped."""
     try:
         with Image.open(path) as image:
-            check_input_size(image.width, image.height, f"image '{path}'", Image.MAX_IMAGE_PIXELS or MAX_INPUT_PIXELS, max_side=2**31)
+            check_input_size(image.width, image.height, f"image '{path}'", Image.MAX_IMAGE_PIXELS or MAX_INPUT_PIXELS, max_side=None)
             image.load()
             image = resize_center_crop(to_mode(image, channels), size)
     except Image.DecompressionBombError as err:
