@@ -30,7 +30,8 @@ import torch
 
 from diffusekit import distributed
 from diffusekit.config import apply_overrides, load_preset
-from diffusekit.diffusion_training import DiffusionTrainer
+from diffusekit.diffusion_training import DiffusionRecipe
+from diffusekit.trainer import Trainer
 
 LAYOUTS = [(1, 1), (1, 2), (2, 1)]  # (processes, threads per process)
 
@@ -50,7 +51,7 @@ def measure(rank: int, world: int, threads: int, port: int, args, out: Path) -> 
         per_rank = preset.train.batch_size // world
         config = apply_overrides(preset, [*args.set, "train.device=cpu", f"train.threads={threads}", f"train.batch_size={per_rank}"])
         with tempfile.TemporaryDirectory() as run_dir:  # the trainer writes nothing outside run()
-            trainer = DiffusionTrainer(config, run_dir, progress=False)
+            trainer = Trainer(config, run_dir, DiffusionRecipe, progress=False)
             trainer.net.train()
             for i in range(args.warmup + args.steps):
                 if i == args.warmup:

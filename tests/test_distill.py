@@ -14,7 +14,7 @@ from conftest import TargetNet, assert_user_error, cli, random_images, tiny_conf
 
 from diffusekit.denoiser import ConsistencyDenoiser, Denoiser, boundary_scalings
 from diffusekit.diffusion_training import train
-from diffusekit.distill import DistillTrainer, distill, stages
+from diffusekit.distill import DistillRecipe, distill, stages
 from diffusekit.distill_losses import progressive_target, pseudo_huber
 from diffusekit.errors import DiffusekitWarning, UserError
 from diffusekit.files import read_tensors
@@ -23,6 +23,7 @@ from diffusekit.io.checkpoint import latest_checkpoint
 from diffusekit.nn.unet import UNet
 from diffusekit.pipeline import Pipeline
 from diffusekit.sigmas import ddim_step
+from diffusekit.trainer import Trainer
 
 FAST = ["train.threads=1", "train.log_every=1", "sample.n=4"]
 
@@ -342,7 +343,7 @@ def test_distill_trainer_needs_its_stage_steps(teacher, tmp_path):
 
     ckpt, config = teacher_checkpoint(teacher)
     with pytest.raises(UserError, match="stage_steps"):
-        DistillTrainer(student_config(ckpt, config, "progressive", 2, 12), tmp_path / "x", progress=False)
+        Trainer(student_config(ckpt, config, "progressive", 2, 12), tmp_path / "x", DistillRecipe, progress=False)
 
 
 # ----------------------------------------------------------------------------- export

@@ -22,10 +22,11 @@ from conftest import TINY, random_images, tiny_config, write_images, write_prese
 from safetensors.torch import load_file, save_file
 
 from diffusekit import distributed
-from diffusekit.diffusion_training import DiffusionTrainer, train
+from diffusekit.diffusion_training import DiffusionRecipe, train
 from diffusekit.errors import DiffusekitWarning, UserError
 from diffusekit.files import read_tensors
 from diffusekit.io.checkpoint import latest_checkpoint
+from diffusekit.trainer import Trainer
 
 STEPS = 4  # checkpoints at STEPS / 2 and STEPS
 ONE = {"train__batch_size": 8, "train__grad_accumulation": 1}  # 1 process: global batch 8
@@ -71,7 +72,7 @@ def _worker(rank: int, world: int, port: int, out: Path, jobs: list[tuple[str, s
             run_dir = out / run if rank == 0 else out / f"{run}-rank{rank}"
             real = _poison_step_2_on_rank_1(train_module) if poison else train_module.diffusion_loss
             try:
-                trainer = DiffusionTrainer(tiny_config(**sets), run_dir, progress=False)
+                trainer = Trainer(tiny_config(**sets), run_dir, DiffusionRecipe, progress=False)
                 result = trainer.run(resume_from=latest_checkpoint(out / run) if resume else None)
             finally:
                 train_module.diffusion_loss = real
@@ -177,8 +178,8 @@ def test_torchrun_runs_the_cli(runs, tmp_path):
 
 
 def test_autoencoder_training_refuses_several_processes(monkeypatch, image_folder, tmp_path):
-    from diffusekit.autoencoder_training import VAETrainer
+    from diffusekit.autoencoder_training import AutoencoderRecipe
 
     monkeypatch.setattr(distributed, "world", lambda: 2)
     with pytest.raises(UserError, match="train-vae.*one process only.*without torchrun"):
-        VAETrainer(tiny_config(data__path=str(image_folder), task="autoencoder"), tmp_path / "vae", progress=False)
+        Trainer(tiny_config(data__path=str(image_folder), task="autoencoder"), tmp_path / "vae", AutoencoderRecipe, progress=False)

@@ -17,10 +17,11 @@ from safetensors import safe_open
 from diffusekit.diffusion_training import train
 from diffusekit.errors import DiffusekitWarning, UserError
 from diffusekit.files import read_tensors
-from diffusekit.finetune import FinetuneTrainer, finetune, finetune_config
+from diffusekit.finetune import FinetuneRecipe, finetune, finetune_config
 from diffusekit.losses import diffusion_loss
 from diffusekit.nn.state import weights_fingerprint
 from diffusekit.pipeline import Pipeline
+from diffusekit.trainer import Trainer
 
 LORA_KEY = re.compile(r"(unet|text_encoder)\..+\.lora_[AB]\.weight")
 
@@ -110,15 +111,15 @@ def test_prior_images_are_the_base_models_samples_weighted_as_dreambooth(trained
     monkeypatch.setenv("DIFFUSEKIT_CACHE", str(tmp_path / "cache"))
     config = finetune_config(trained_run, new_images, ["finetune.prior_images=3", "finetune.prior_weight=0.5", "finetune.prior_seed=7",
                                                        "sample.steps=3", "train.threads=1"])
-    trainer = FinetuneTrainer(config, tmp_path / "run", progress=False)
+    trainer = Trainer(config, tmp_path / "run", FinetuneRecipe, progress=False)
     expected = Pipeline.from_pretrained(trained_run, device="cpu").sample(3, seed=7, steps=3)
     drawn = trainer.dataset.images[8:].float() / 127.5 - 1
     assert len(trainer.dataset) == 11 and max_diff(drawn, expected) <= 1 / 127.5  # the base's own samples (as uint8)
-    assert torch.equal(trainer.item_weights, torch.tensor([1.0] * 8 + [0.5 * 8 / 3] * 3))  # lambda N / N'
+    assert torch.equal(trainer.recipe.item_weights, torch.tensor([1.0] * 8 + [0.5 * 8 / 3] * 3))  # lambda N / N'
     assert len(list((tmp_path / "cache" / "prior").glob("*.safetensors"))) == 1  # drawn once, then cached
     # the weighted loss is the mean of w_i times each image's own loss (the same t and noise)
     x0, t, noise = torch.randn(3, 1, 8, 8), torch.tensor([5, 50, 90]), torch.randn(3, 1, 8, 8)
-    weights, net, schedule = torch.tensor([1.0, 0.0, 2.0]), trainer.unet, trainer.schedule
+    weights, net, schedule = torch.tensor([1.0, 0.0, 2.0]), trainer.recipe.unet, trainer.recipe.schedule
     with torch.no_grad():
         sigma = schedule.t_to_sigma(t)
         each = [diffusion_loss(net, schedule, x0[i : i + 1], sigma=sigma[i : i + 1], noise=noise[i : i + 1]) for i in range(3)]

@@ -46,15 +46,16 @@ def test_rescale_matches_the_conditional_std_at_phi_one_and_is_identity_at_zero(
 
 
 def test_label_dropout_replaces_the_configured_share_with_the_null_class(tmp_path):
-    from diffusekit.diffusion_training import DiffusionTrainer
+    from diffusekit.diffusion_training import DiffusionRecipe
+    from diffusekit.trainer import Trainer
 
     config = Config(
         model=ModelConfig(channels=(8, 16), attention_levels=(), mid_attention=False, norm_groups=4, num_classes=10),
         data=DataConfig(dataset="mnist", image_size=8, limit=512),
         train=TrainConfig(batch_size=256, label_dropout=0.25),
     )
-    trainer = DiffusionTrainer(config, tmp_path, progress=False)
-    labels = torch.cat([trainer.next_batch()[1]["class_labels"] for _ in range(8)])
+    trainer = Trainer(config, tmp_path, DiffusionRecipe, progress=False)
+    labels = torch.cat([trainer.recipe.batches.next_batch()[1]["class_labels"] for _ in range(8)])
     null_share = (labels == 10).float().mean().item()
     assert 0.2 < null_share < 0.3
     assert set(labels[labels != 10].tolist()) == set(range(10))

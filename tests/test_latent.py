@@ -136,14 +136,15 @@ def test_psnr_and_ssim_against_closed_forms():
 
 
 def test_discriminator_step_uses_only_its_own_loss(tmp_path):
-    from diffusekit.autoencoder_training import VAETrainer
+    from diffusekit.autoencoder_training import AutoencoderRecipe
     from diffusekit.nn.discriminator import hinge_d_loss
+    from diffusekit.trainer import Trainer
 
     write_images(tmp_path / "images", random_images(8, channels=3, seed=5))
     config = vae_config(tmp_path / "images", vae_loss__disc_weight=0.5, vae_loss__disc_start=0, vae_loss__disc_channels=8,
                         vae_loss__disc_layers=1, train__grad_clip=0.0)
-    trainer = VAETrainer(config, tmp_path / "run", progress=False)
-    disc, inputs, seen = trainer.disc, [], {}
+    trainer = Trainer(config, tmp_path / "run", AutoencoderRecipe, progress=False)
+    disc, inputs, seen = trainer.recipe.disc, [], {}
     forward = disc.forward
     disc.forward = lambda x: inputs.append(x.detach().clone()) or forward(x)
     step = trainer.optimizers["disc_optimizer"].step

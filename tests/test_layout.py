@@ -113,13 +113,14 @@ def test_the_layout_can_be_forced_and_a_bad_value_is_one_error(cache, monkeypatc
 
 
 def test_pipelines_and_training_take_the_measured_layout_and_info_shows_it(cache, monkeypatch, capsys, image_folder, tmp_path):
-    from diffusekit.diffusion_training import DiffusionTrainer
+    from diffusekit.diffusion_training import DiffusionRecipe
+    from diffusekit.trainer import Trainer
 
     calls = []
     fixed_times(monkeypatch, {"channels_last": 2.0, "contiguous": 1.0, "channels_last_nchw_norms": 3.0}, calls)
     config = tiny_config(data__path=str(image_folder), train__max_steps=1)
-    trainer = DiffusionTrainer(config, tmp_path / "run", progress=False)
-    assert trainer.layout == "contiguous" and conv_layout(trainer.net) == "contiguous" and conv_layout(trainer.ema) == "contiguous"
+    trainer = Trainer(config, tmp_path / "run", DiffusionRecipe, progress=False)
+    assert trainer.recipe.layout == "contiguous" and conv_layout(trainer.net) == "contiguous" and conv_layout(trainer.ema) == "contiguous"
     pipe = Pipeline.from_parts(trainer_parts(trainer), device="cpu")
     assert conv_layout(pipe.net) == "channels_last"  # placed as before, until the first sampling call
     with warnings.catch_warnings():

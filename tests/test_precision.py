@@ -158,9 +158,10 @@ def test_torch_dtype_is_diffusers_name_for_it(trained_run):
 
 
 def test_bf16_training_keeps_float32_master_weights(image_folder, tmp_path):
-    from diffusekit.diffusion_training import DiffusionTrainer
+    from diffusekit.diffusion_training import DiffusionRecipe
+    from diffusekit.trainer import Trainer
 
-    trainer = DiffusionTrainer(tiny_config(data__path=str(image_folder), train__precision="bf16", train__max_steps=2), tmp_path / "run", progress=False)
+    trainer = Trainer(tiny_config(data__path=str(image_folder), train__precision="bf16", train__max_steps=2), tmp_path / "run", DiffusionRecipe, progress=False)
     assert trainer.autocast_dtype == torch.bfloat16
     result = trainer.run()
     assert result.step == 2 and all(p.dtype == torch.float32 for p in trainer.net.parameters())

@@ -18,7 +18,7 @@ LAYERS = {
         "optim", "version", "distill_losses"],
     2: ["nn"],
     3: ["config", "config_checks", "models", "io", "data", "images"],
-    4: ["trainer", "training_state", "diffusion_training", "autoencoder_training", "distill", "finetune", "conditioning", "sampling", "pipeline", "pipeline_lora", "image_info", "evaluate", "metrics"],
+    4: ["trainer", "training_state", "diffusion_batches", "diffusion_training", "autoencoder_training", "distill", "finetune", "conditioning", "sampling", "pipeline", "pipeline_lora", "image_info", "evaluate", "metrics"],
     5: ["cli", "__main__", "__init__", "serve"],
 }
 

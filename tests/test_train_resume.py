@@ -12,12 +12,13 @@ from conftest import assert_user_error, cli, tiny_config, write_preset
 
 import diffusekit.trainer as trainer_module
 from diffusekit.config import apply_overrides, config_to_dict
-from diffusekit.diffusion_training import DiffusionTrainer, train
+from diffusekit.diffusion_training import DiffusionRecipe, train
 from diffusekit.errors import ConfigError, DiffusekitWarning, UserError
 from diffusekit.files import read_tensors
 from diffusekit.io.checkpoint import latest_checkpoint
 from diffusekit.optim import ema_decay_at, ema_update, lr_at
 from diffusekit.pipeline import Pipeline
+from diffusekit.trainer import Trainer
 
 CHECKPOINT_FILES = {"config.json", "state.json", "model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors"}
 
@@ -42,7 +43,7 @@ def assert_same_tensors(a: dict, b: dict):
 
 
 def test_checkpoint_holds_the_trained_weights(run_config, tmp_path):
-    trainer = DiffusionTrainer(run_config(train__max_steps=2), tmp_path / "run", progress=False)
+    trainer = Trainer(run_config(train__max_steps=2), tmp_path / "run", DiffusionRecipe, progress=False)
     result = trainer.run()
     assert result.step == 2 and result.stopped_by == "max_steps"
     assert {p.name for p in result.checkpoint.iterdir()} == CHECKPOINT_FILES
@@ -120,11 +121,11 @@ def fake_clock(monkeypatch, seconds_per_step: float) -> None:
     """The clock of train.checkpoint_minutes moves `seconds_per_step` with each training step: no real waiting."""
     now = [0.0]
 
-    def train_step(self, real=DiffusionTrainer.train_step):
+    def train_step(self, real=Trainer.train_step):
         now[0] += seconds_per_step
         return real(self)
 
-    monkeypatch.setattr(DiffusionTrainer, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
     monkeypatch.setattr(trainer_module, "wall_clock", lambda: now[0])
 
 
@@ -234,8 +235,8 @@ def test_gradient_accumulation_matches_one_large_batch(run_config, tmp_path):
     """Batch 8 x accumulation 2 and batch 16 x 1 see the same 16 images and must give the same gradient."""
     grads = {}
     for batch, accumulation in ((16, 1), (8, 2)):
-        trainer = DiffusionTrainer(run_config(train__batch_size=batch, train__grad_accumulation=accumulation, train__grad_clip=0.0),
-                          tmp_path / f"run{batch}", progress=False)
+        trainer = Trainer(run_config(train__batch_size=batch, train__grad_accumulation=accumulation, train__grad_clip=0.0),
+                          tmp_path / f"run{batch}", DiffusionRecipe, progress=False)
         step = trainer.optimizers["optimizer"].step
 
         def capture(*args, trainer=trainer, step=step, batch=batch, **kwargs):

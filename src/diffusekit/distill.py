@@ -4,7 +4,8 @@
     diffusekit distill runs/mnist --method consistency --out runs/mnist-cm --steps 4 --budget 20m
 
 The student starts as the teacher's EMA weights; the frozen teacher runs in the loop. The loop, EMA,
-budgets, checkpoints and the bit-exact resume are trainer.Trainer's; the losses are distill_losses.py.
+budgets, checkpoints and the bit-exact resume are trainer.Trainer's; the data and conditions are
+diffusion_batches.py's (as `train`'s); the losses are distill_losses.py, composed in DistillRecipe.loss.
 
 progressive (Salimans & Ho 2022, Algorithm 2): stage by stage, a student of N DDIM steps learns
 what two steps of its teacher (2N steps) do; then it becomes the teacher of the next stage, from
@@ -46,7 +47,8 @@ from diffusekit import distributed
 from diffusekit.config import Config, apply_overrides, config_from_dict, config_to_dict
 from diffusekit.denoiser import ConsistencyDenoiser, Denoiser
 from diffusekit.devices import pick_device, prepare_module, use_all_cores
-from diffusekit.diffusion_training import DiffusionTrainer
+from diffusekit.diffusion_batches import DiffusionBatches
+from diffusekit.diffusion_training import images_or_latents
 from diffusekit.distill_losses import consistency_loss, progressive_target, x0_loss
 from diffusekit.durations import parse_duration
 from diffusekit.errors import UserError, warn
@@ -54,13 +56,14 @@ from diffusekit.files import read_json, read_tensors
 from diffusekit.guidance import GuidedDenoiser
 from diffusekit.io.checkpoint import latest_checkpoint, load_config, load_weights, resolve_checkpoint, write_sampling_checkpoint
 from diffusekit.io.runs import check_run_request
+from diffusekit.layout import choose_layout
 from diffusekit.losses import draw_sigma_and_noise
 from diffusekit.models import build_net, example_inputs
 from diffusekit.nn.state import load_state_dict_checked
 from diffusekit.optim import ema_update
-from diffusekit.pipeline import Pipeline
-from diffusekit.sigmas import ddim_step
-from diffusekit.trainer import TrainResult, run_training
+from diffusekit.schedule import make_schedule
+from diffusekit.sigmas import append_dims, ddim_step
+from diffusekit.trainer import Recipe, Trained, TrainResult, run_training
 
 METHODS = ("progressive", "consistency")
 GUIDANCE_EMBEDDING = 256  # LCM's width of the guidance-scale embedding (diffusers' time_cond_proj_dim)
@@ -151,7 +154,7 @@ def distill(teacher: str | Path | None, out: str | Path, *, method: str | None =
              "errors at high noise (Salimans & Ho 2022, sec. 4); a teacher trained with diffusion.prediction=v (the presets) distils better")
     if not resume:
         config = with_stage_steps(config, train_steps)
-    result = run_training(DistillTrainer, config, out, resume=resume, overwrite=overwrite, progress=progress)
+    result = run_training(DistillRecipe, config, out, resume=resume, overwrite=overwrite, progress=progress)
     trained = load_config(result.checkpoint).distill.trained_steps
     if trained != config.distill.steps and distributed.launched_rank() == 0:
         warn(f"the {result.stopped_by} ran out before the last stage: this student samples with {trained} steps (its checkpoint says so); "
@@ -204,151 +207,155 @@ def measured_stage_steps(config: Config, budget_s: float, repeats: int = 3) -> i
     return max(1, int(BUDGET_SHARE * budget_s / seconds))
 
 
-class DistillTrainer(DiffusionTrainer):
-    """DiffusionTrainer's data, conditions and sample grids; the teacher (and the target network) as extra modules."""
+class DistillRecipe(Recipe):
+    """A student learns from a frozen teacher: the diffusion run's data and conditions (DiffusionBatches), the
+    student as what trains, the teacher (and consistency's target network) in every checkpoint."""
 
-    def vae_weights(self) -> tuple[dict, str]:
-        source = self.resume_from or Path(self.config.distill.teacher)  # the autoencoder the teacher was trained with
-        return read_tensors(source / "vae.safetensors"), str(source)
+    def load_data(self):
+        source = self.trainer.resume_from or Path(self.trainer.config.distill.teacher)  # the autoencoder the teacher was trained with
+        dataset, self.vae = images_or_latents(self.trainer, lambda: (read_tensors(source / "vae.safetensors"), str(source)))
+        return dataset
 
-    def build(self) -> torch.nn.Module:
-        student = super().build()  # the schedule, labels, captions, the VAE; the student's U-Net (its guidance embedding at zero)
-        d = self.config.distill
+    def build(self) -> Trained:
+        t = self.trainer
+        d = t.config.distill
         if d.method not in METHODS or d.stage_steps < 1:
             raise UserError(f"distill.method = {d.method!r} and distill.stage_steps = {d.stage_steps}: a distillation run needs a method and its "
                             "steps per stage (distill.distill() works them out)")
-        self.stage_list, self.guided = stages(self.config), bool(self.config.model.guidance_embedding)
-        if self.resume_from is None:  # on resume every module comes from the checkpoint
+        self.schedule = make_schedule(t.config.diffusion)
+        self.batches = DiffusionBatches(t, self.vae)
+        self.batches.use_captions()
+        student = build_net(t.config)  # the teacher's network, its guidance embedding (if any) at zero
+        self.stage_list, self.guided = stages(t.config), bool(t.config.model.guidance_embedding)
+        if t.resume_from is None:  # on resume every module comes from the checkpoint
             weights = load_weights(Path(d.teacher), "ema")
             load_state_dict_checked(student, {**student.state_dict(), **weights}, d.teacher)  # all but the new embedding
-        teacher = copy.deepcopy(student)  # with the embedding at zero: the teacher exactly
-        self.teacher = self.extra_modules["teacher"] = prepare_module(teacher, self.device).requires_grad_(False).eval()
+        self.teacher = prepare_module(copy.deepcopy(student), t.device).requires_grad_(False).eval()  # with the embedding at zero: the teacher exactly
+        student = prepare_module(student, t.device)
+        choose_layout(student, example_inputs(t.config, t.config.train.batch_size, t.device), training=True, autocast_dtype=t.autocast_dtype)
+        saved = {"vae": self.vae} if self.vae is not None else {}
+        saved["teacher"] = self.teacher
         if d.method == "consistency":
-            self.target = self.extra_modules["target"] = copy.deepcopy(self.teacher)
-        return student
+            self.target = saved["target"] = copy.deepcopy(self.teacher)
+        return Trained(student, saved=saved)
 
     # ------------------------------------------------------------------ stages
 
     def stage_index(self, step: int) -> int:
-        return min(step // self.config.distill.stage_steps, len(self.stage_list) - 1)
+        return min(step // self.trainer.config.distill.stage_steps, len(self.stage_list) - 1)
 
-    def ema_age(self) -> int:
+    def ema_age(self, step: int) -> int:
         """Each progressive stage restarts the EMA's warm-up: its EMA is of this stage's student alone."""
-        return self.step - self.stage_index(self.step) * self.config.distill.stage_steps
+        return step - self.stage_index(step) * self.trainer.config.distill.stage_steps
 
     def begin_stage(self) -> None:
         """At a stage's first step the last stage's student (its EMA) becomes the teacher, and the new student starts
         as it (Salimans & Ho's Algorithm 2: theta <- eta), with fresh optimizer moments, so every stage trains as the first."""
-        per_stage = self.config.distill.stage_steps
-        if self.step == 0 or self.step % per_stage or self.step // per_stage >= len(self.stage_list):
+        t = self.trainer
+        step, per_stage = t.state.step, t.config.distill.stage_steps
+        if step == 0 or step % per_stage or step // per_stage >= len(self.stage_list):
             return
-        weights = self.ema.state_dict()
+        weights = t.ema.state_dict()
         self.teacher.load_state_dict(weights)
-        self.net.load_state_dict(weights)
-        for optimizer in self.optimizers.values():
+        t.net.load_state_dict(weights)
+        for optimizer in t.optimizers.values():
             optimizer.state.clear()
 
     def trained_steps(self) -> int:
         """What the student of the last finished step samples with."""
-        return self.stage_list[self.stage_index(max(self.step - 1, 0))].student_steps
+        return self.stage_list[self.stage_index(max(self.trainer.state.step - 1, 0))].student_steps
 
     def checkpoint_config(self) -> dict:
         """The run's config with the checkpoint's student's steps as its sampling and evaluation defaults."""
-        values, n = config_to_dict(self.config), self.trained_steps()
+        values, n = config_to_dict(self.trainer.config), self.trained_steps()
         values["distill"]["trained_steps"] = n
-        if self.config.distill.method == "progressive":
+        if self.trainer.config.distill.method == "progressive":
             values["sample"]["steps"] = values["eval"]["steps"] = n
         return values
 
     # ------------------------------------------------------------------ one step
 
-    def normal(self, like: torch.Tensor) -> torch.Tensor:
-        """eps ~ N(0, I) of x0's shape on the training generator (this rank's rows of a draw for the global batch)."""
-        draw = lambda n: torch.randn((n, *like.shape[1:]), generator=self.generator, device=self.generator.device, dtype=like.dtype)  # noqa: E731
-        return distributed.draw_for_global_batch(draw, len(like), self.rank, self.world).to(self.device)
-
-    def null_condition(self, cond: dict, n: int) -> dict:
-        """The unconditional input guidance pulls away from: the null class, or the empty prompt (caption row 0)."""
-        if "class_labels" in cond:
-            return {"class_labels": torch.full((n,), self.config.model.num_classes, dtype=torch.long, device=self.device)}
-        rows = torch.zeros(n, dtype=torch.long)
-        return {k: v for k, v in zip(("context", "context_mask"), (self.captions.hidden[rows].to(self.device), self.captions.mask[rows].to(self.device)))
-                if k in cond}
-
     def draws(self, x0: torch.Tensor, stage: Stage) -> dict[str, torch.Tensor]:
         """Everything random in a step, drawn for the whole batch before it is split into micro-batches."""
+        t = self.trainer
         if stage.kind == "guidance":
-            sigma, noise = draw_sigma_and_noise(self.schedule, x0, self.generator, self.rank, self.world)
+            sigma, noise = draw_sigma_and_noise(self.schedule, x0, t.generator, t.rank, t.world)
             out = {"sigma": sigma, "noise": noise}
         else:
-            intervals = stage.student_steps if stage.kind == "halve" else self.config.distill.solver_steps
-            out = {"interval": (self.uniform(len(x0)) * intervals).long().clamp(max=intervals - 1), "noise": self.normal(x0)}
+            intervals = stage.student_steps if stage.kind == "halve" else t.config.distill.solver_steps
+            out = {"interval": (self.batches.uniform(len(x0)) * intervals).long().clamp(max=intervals - 1), "noise": self.batches.normal(x0)}
         if self.guided:
-            d = self.config.distill
-            out["w"] = d.guidance_min + (d.guidance_max - d.guidance_min) * self.uniform(len(x0))
+            d = t.config.distill
+            out["w"] = d.guidance_min + (d.guidance_max - d.guidance_min) * self.batches.uniform(len(x0))
         return out
 
     def train_step(self) -> dict[str, float]:
+        t = self.trainer
         self.begin_stage()
-        stage = self.stage_list[self.stage_index(self.step)]
-        x0, cond, _ = self.next_batch()  # distillation weighs every item alike
+        stage = self.stage_list[self.stage_index(t.state.step)]
+        x0, cond, _ = self.batches.next_batch()  # distillation weighs every item alike
         draws = self.draws(x0, stage)
-        loss = self.backward_over_micro_batches(x0, cond, lambda part, x0_part, part_cond: self.loss(
-            stage, x0_part, part_cond, {k: v[part] for k, v in draws.items()}))
-        stepped = self.optimizer_step()
+        loss = t.backward_micro_batches(cond, lambda part, part_cond: self.loss(stage, x0[part], part_cond, {k: v[part] for k, v in draws.items()}))
+        stepped = t.optimizer_step()
         if stepped and stage.kind == "consistency":
-            ema_update(self.target, self.net, self.config.distill.target_ema)
-        self.finish_step(len(x0), stepped=stepped)
+            ema_update(self.target, t.net, t.config.distill.target_ema)
+        t.finish_step(len(x0), stepped=stepped)
         self.finish_stage()
         return {"loss": loss, "student_steps": stage.student_steps}
 
     def finish_stage(self) -> None:
         """After a progressive stage but the last: a checkpoint, and its student kept in RUN/students/N-steps/ (what
         `diffusekit slim` writes: it samples alone), so a run to 1 step leaves its 4- and 2-step students too."""
-        per_stage = self.config.distill.stage_steps
-        if self.config.distill.method != "progressive" or self.step % per_stage or self.step // per_stage >= len(self.stage_list):
+        t = self.trainer
+        per_stage = t.config.distill.stage_steps
+        if t.config.distill.method != "progressive" or t.state.step % per_stage or t.state.step // per_stage >= len(self.stage_list):
             return
-        ckpt = self.save()
-        if ckpt is not None and self.rank == 0:
-            out = self.run_dir / "students" / f"{self.trained_steps()}-steps"
+        ckpt = t.save()
+        if ckpt is not None and t.rank == 0:
+            out = t.run_dir / "students" / f"{self.trained_steps()}-steps"
             shutil.rmtree(out, ignore_errors=True)  # a stage trained again after a resume from before its end
             write_sampling_checkpoint(ckpt, out)
 
     def loss(self, stage: Stage, x0: torch.Tensor, cond: dict | None, draws: dict) -> torch.Tensor:
-        prediction = self.config.diffusion.prediction
-        student, teacher = Denoiser(self.train_net, self.schedule, prediction), Denoiser(self.teacher, self.schedule, prediction)
+        prediction = self.trainer.config.diffusion.prediction
+        student, teacher = Denoiser(self.trainer.train_net, self.schedule, prediction), Denoiser(self.teacher, self.schedule, prediction)
         with_w = {**(cond or {}), "guidance": draws["w"]} if self.guided else cond
         if stage.kind == "guidance":  # Meng et al. stage one: the guided teacher's x0_hat at w, in one call
             sigma = draws["sigma"]
-            x = x0 + sigma.to(x0.dtype).view(-1, 1, 1, 1) * draws["noise"]
+            x = x0 + append_dims(sigma, x0) * draws["noise"]
             with torch.no_grad():
-                target = GuidedDenoiser(teacher, self.null_condition(cond, len(x0)), draws["w"])(x, sigma, cond)
+                target = GuidedDenoiser(teacher, self.batches.null_condition(cond, len(x0)), draws["w"])(x, sigma, cond)
             return x0_loss(student(x, sigma, with_w), target, sigma)
         if stage.kind == "halve":  # the teacher walks the 2N-step grid, the student the N-step one inside it
-            grid = self.schedule.sampling_sigmas(2 * stage.student_steps, "trailing").to(self.device)
+            grid = self.schedule.sampling_sigmas(2 * stage.student_steps, "trailing").to(x0.device)
             i = draws["interval"]
             sigma, sigma_mid, sigma_next = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
-            x = x0 + sigma.to(x0.dtype).view(-1, 1, 1, 1) * draws["noise"]
+            x = x0 + append_dims(sigma, x0) * draws["noise"]
             target = progressive_target(teacher, x, sigma, sigma_mid, sigma_next, with_w)
             return x0_loss(student(x, sigma, with_w), target, sigma)
-        grid = self.consistency_grid()
+        grid = self.consistency_grid().to(x0.device)
         n = draws["interval"]
         sigma, sigma_next = grid[n], grid[n + 1]
-        x = x0 + sigma.to(x0.dtype).view(-1, 1, 1, 1) * draws["noise"]
+        x = x0 + append_dims(sigma, x0) * draws["noise"]
         with torch.no_grad():
-            solver = GuidedDenoiser(teacher, self.null_condition(cond, len(x0)), draws["w"]) if self.guided and cond else teacher
+            solver = GuidedDenoiser(teacher, self.batches.null_condition(cond, len(x0)), draws["w"]) if self.guided and cond else teacher
             x_next = ddim_step(x, solver(x, sigma, cond), sigma, sigma_next)  # the teacher's ODE step
             target = ConsistencyDenoiser(Denoiser(self.target, self.schedule, prediction), self.schedule)(x_next, sigma_next, with_w)
         prediction_f = ConsistencyDenoiser(student, self.schedule)(x, sigma, with_w)
-        return consistency_loss(prediction_f, target, self.config.distill.loss)
+        return consistency_loss(prediction_f, target, self.trainer.config.distill.loss)
 
     def consistency_grid(self) -> torch.Tensor:
         """The N + 1 decreasing noise levels of the teacher's ODE: N trailing timesteps, then sigma_min (t = 0), where f(x) = x."""
-        timesteps = self.schedule.timesteps(self.config.distill.solver_steps, "trailing")
+        timesteps = self.schedule.timesteps(self.trainer.config.distill.solver_steps, "trailing")
         sigmas = self.schedule.sigmas[timesteps]
-        return torch.cat([sigmas, sigmas.new_full((1,), self.schedule.sigma_min)]).to(self.device)
+        return torch.cat([sigmas, sigmas.new_full((1,), self.schedule.sigma_min)])
 
     def pipeline(self):
         """The EMA student as a pipeline, with the checkpoint's sampling defaults (progressive: this stage's steps)."""
-        config = config_from_dict(self.checkpoint_config(), "the distillation run")
-        return Pipeline(config, self.ema, self.device, vae=self.vae, text_encoder=self.text_encoder)
+        return self.batches.pipeline(self.trainer.ema, config_from_dict(self.checkpoint_config(), "the distillation run"))
+
+    def sample_grid(self) -> Path:
+        return self.batches.sample_grid(self.pipeline())
+
+    def evaluate(self) -> dict:
+        return self.batches.evaluate(self.pipeline())

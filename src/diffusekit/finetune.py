@@ -6,9 +6,9 @@ updates of its layers train (Hu et al. 2021: h = W0 x + (alpha / r) B A x, nn/lo
 
 The base model (a diffusekit run or checkpoint, a diffusers folder, or the shipped demo model) is loaded
 and frozen, LoRAs go on its attention layers (or other targets), and the same diffusion loss as `train`
-trains their A and B alone: FinetuneTrainer is DiffusionTrainer with its own load_data and build. The
-trainer's `net` is the LoRA's tensors as one module (nn.lora.LoRAWeights) and its `train_net` the base
-U-Net they sit on, so the optimizer, the EMA and every checkpoint hold the LoRA and nothing of the base
+trains their A and B alone (FinetuneRecipe: its data and networks here, its step diffusion_training.diffusion_step).
+What trains (the trainer's `net`) is the LoRA's tensors as one module (nn.lora.LoRAWeights), and a step runs
+the base U-Net they sit on, so the optimizer, the EMA and every checkpoint hold the LoRA and nothing of the base
 (a checkpoint is a few MB), and a resume continues bit for bit as in `train`. The base weights are never
 written; a resume checks (by the weights' fingerprint) that BASE is the model the run started from.
 
@@ -42,18 +42,20 @@ from diffusekit.data import ImageDataset, load_dataset, to_uint8
 from diffusekit.data.folder import describe_captions, load_folder, read_captions
 from diffusekit.data.latents import latent_dataset
 from diffusekit.devices import prepare_module
-from diffusekit.diffusion_training import DiffusionTrainer
+from diffusekit.diffusion_batches import DiffusionBatches
+from diffusekit.diffusion_training import diffusion_step
 from diffusekit.errors import UserError, warn
 from diffusekit.files import cache_dir, read_cached_tensors, save_tensors_atomic
 from diffusekit.io import diffusers
 from diffusekit.io.checkpoint import latest_checkpoint, load_config, resolve_checkpoint
 from diffusekit.io.lora import BASE_FINGERPRINT, BASE_NAME, RUN_FILE, save_lora, text_model
-from diffusekit.models import default_model, text_condition
+from diffusekit.layout import choose_layout
+from diffusekit.models import default_model, example_inputs
 from diffusekit.nn.lora import LoRAWeights, inject_lora
 from diffusekit.nn.state import weights_fingerprint
 from diffusekit.pipeline import Pipeline, load_model
 from diffusekit.schedule import make_schedule
-from diffusekit.trainer import TrainResult, run_training
+from diffusekit.trainer import Recipe, Trained, TrainResult, run_training
 
 ADAPTER = "finetune"  # the name of the LoRA being trained
 DEMO = "the shipped demo model"
@@ -105,7 +107,7 @@ def finetune(config: Config, run_dir: str | Path, *, resume: bool = False, overw
         if was.finetune.base != config.finetune.base and (was.model, was.diffusion, was.text) != (config.model, config.diffusion, config.text):
             raise UserError(f"'{base_path(config.finetune.base)}' is not the model '{run_dir}' was fine-tuned from "
                             f"({was.finetune.base or DEMO}): resume with that BASE")
-    return run_training(FinetuneTrainer, config, run_dir, resume=resume, overwrite=overwrite, progress=progress)
+    return run_training(FinetuneRecipe, config, run_dir, resume=resume, overwrite=overwrite, progress=progress)
 
 
 def join(a: ImageDataset, b: ImageDataset) -> ImageDataset:
@@ -113,46 +115,52 @@ def join(a: ImageDataset, b: ImageDataset) -> ImageDataset:
     return ImageDataset(torch.cat([a.images, b.images]), captions=captions)
 
 
-class FinetuneTrainer(DiffusionTrainer):
+class FinetuneRecipe(Recipe):
+    """LoRAs on a frozen base model learn the new images (and the class images) with the diffusion loss."""
+
     single_process_reason = "LoRA fine-tuning runs in one process"
 
     # ------------------------------------------------------------------ data: the new images (+ class images)
 
     def load_data(self):
-        fc = self.config.finetune
+        t = self.trainer
+        fc = t.config.finetune
         self.base = load_model(base_path(fc.base))
         self.check_base(weights_fingerprint(self.base.net))
-        fc = self.config.finetune  # with the base's fingerprint
-        new = load_dataset(self.config.data, self.progress)
-        print(describe_captions(self.config.data.path, len(new), new.captions))  # what was read, e.g. from 2 metadata.jsonl files
+        fc = t.config.finetune  # with the base's fingerprint
+        new = load_dataset(t.config.data, t.progress)
+        print(describe_captions(t.config.data.path, len(new), new.captions))  # what was read, e.g. from 2 metadata.jsonl files
         self.new_count, prior = len(new), self.prior_data()
         dataset = new if prior is None else join(new, prior)
+        self.item_weights = None
         if prior is not None:  # lambda N / N' per class image (the module docstring)
             self.item_weights = torch.cat([torch.ones(len(new)), torch.full((len(prior),), fc.prior_weight * len(new) / len(prior))])
         self.vae = None
         if self.base.vae is None:
             return dataset
-        self.vae = prepare_module(self.base.vae, self.device).requires_grad_(False).eval()
-        spec = json.dumps([asdict(self.config.data), fc.base_fingerprint, fc.prior_path, fc.prior_prompts, fc.prior_images, fc.prior_seed])
-        return latent_dataset(dataset, self.vae, f"finetune-{hashlib.sha256(spec.encode()).hexdigest()[:16]}", self.device, self.progress)
+        self.vae = prepare_module(self.base.vae, t.device).requires_grad_(False).eval()
+        spec = json.dumps([asdict(t.config.data), fc.base_fingerprint, fc.prior_path, fc.prior_prompts, fc.prior_images, fc.prior_seed])
+        return latent_dataset(dataset, self.vae, f"finetune-{hashlib.sha256(spec.encode()).hexdigest()[:16]}", t.device, t.progress)
 
     def check_base(self, fingerprint: str) -> None:
         """On resume BASE must be the model the run started from; the fingerprint goes into the run's config."""
-        fc = self.config.finetune
-        if self.resume_from is not None:
-            saved = load_config(self.resume_from).finetune
+        t = self.trainer
+        fc = t.config.finetune
+        if t.resume_from is not None:
+            saved = load_config(t.resume_from).finetune
             if saved.base_fingerprint != fingerprint:
                 raise UserError(
-                    f"'{base_path(fc.base)}' is not the model '{self.run_dir}' was fine-tuned from ({saved.base or DEMO}; U-Net "
+                    f"'{base_path(fc.base)}' is not the model '{t.run_dir}' was fine-tuned from ({saved.base or DEMO}; U-Net "
                     f"fingerprints {fingerprint[:12]} and {saved.base_fingerprint[:12]}): resume with that BASE"
                 )
-        self.config = replace(self.config, finetune=replace(fc, base_fingerprint=fingerprint))
+        t.config = replace(t.config, finetune=replace(fc, base_fingerprint=fingerprint))  # the run's config records it
 
     def prior_data(self) -> ImageDataset | None:
         """Class images for prior preservation: a folder's, or generated by the base model (cached), or None."""
-        fc, dc, text = self.config.finetune, self.config.data, bool(self.config.text.encoder)
+        config = self.trainer.config
+        fc, dc, text = config.finetune, config.data, bool(config.text.encoder)
         if fc.prior_path:
-            images, names, _ = load_folder(fc.prior_path, dc.image_size, dc.channels, dc.bad_images, 0, self.progress)
+            images, names, _ = load_folder(fc.prior_path, dc.image_size, dc.channels, dc.bad_images, 0, self.trainer.progress)
             captions = read_captions(fc.prior_path, names)
             if captions is None and text:
                 if len(fc.prior_prompts) != 1:
@@ -167,14 +175,15 @@ class FinetuneTrainer(DiffusionTrainer):
 
     def class_images(self, prompts: list[str] | None) -> torch.Tensor:
         """finetune.prior_images images the base model draws (with the run's sample.* settings) for the class prompts, cached."""
-        fc, sc = self.config.finetune, self.config.sample
-        spec = json.dumps([fc.base_fingerprint, prompts, fc.prior_images, fc.prior_seed, asdict(sc), self.config.data.image_size, self.device.type])
+        t = self.trainer
+        fc, sc = t.config.finetune, t.config.sample
+        spec = json.dumps([fc.base_fingerprint, prompts, fc.prior_images, fc.prior_seed, asdict(sc), t.config.data.image_size, t.device.type])
         path = cache_dir() / "prior" / f"{hashlib.sha256(spec.encode()).hexdigest()[:16]}.safetensors"
         cached = read_cached_tensors(path)
         if cached is not None and len(cached.get("images", ())) == fc.prior_images:
             return cached["images"]
-        pipe = Pipeline.from_parts(replace(self.base, config=self.config), str(self.device))  # the run's sample.* settings
-        images = to_uint8(pipe.sample(fc.prior_images, prompts=prompts, seed=fc.prior_seed, progress=self.progress))
+        pipe = Pipeline.from_parts(replace(self.base, config=t.config), str(t.device))  # the run's sample.* settings
+        images = to_uint8(pipe.sample(fc.prior_images, prompts=prompts, seed=fc.prior_seed, progress=t.progress))
         try:
             save_tensors_atomic({"images": images}, path)
         except (OSError, SafetensorError) as err:
@@ -183,95 +192,84 @@ class FinetuneTrainer(DiffusionTrainer):
 
     # ------------------------------------------------------------------ the networks: LoRAs on the frozen base
 
-    def build(self) -> torch.nn.Module:
-        fc, tc = self.config.finetune, self.config.train
-        self.schedule, self.labels = make_schedule(self.config.diffusion), None
-        self.unet = super().place(self.base.net).requires_grad_(False).eval()  # in its fastest layout for a training step
-        encoder = self.base.text_encoder.to(self.device) if self.base.text_encoder is not None else None
-        self.text_encoder, self.captions = self._caption_embeddings(encoder)
-        torch.manual_seed(tc.seed)  # the LoRAs' initial A, whatever loading drew before
+    def build(self) -> Trained:
+        t = self.trainer
+        fc = t.config.finetune
+        self.schedule = make_schedule(t.config.diffusion)
+        self.unet = prepare_module(self.base.net, t.device).requires_grad_(False).eval()
+        choose_layout(self.unet, example_inputs(t.config, t.config.train.batch_size, t.device), training=True, autocast_dtype=t.autocast_dtype)
+        encoder = self.base.text_encoder.to(t.device) if self.base.text_encoder is not None else None
+        self.batches = DiffusionBatches(t, self.vae, self.item_weights)
+        self.batches.use_captions(encoder, encode_every_step=fc.text_encoder)  # a text-encoder LoRA: captions encoded each step, with gradients
+        torch.manual_seed(t.config.train.seed)  # the LoRAs' initial A, whatever loading drew before
         nets = {"unet": self.unet}
         self.inject(self.unet, fc.targets)
         if fc.text_encoder:
-            if self.text_encoder is None:
+            if self.batches.text_encoder is None:
                 raise UserError(f"'{base_path(fc.base)}' has no text encoder to fine-tune; drop --text-encoder")
-            nets["text_encoder"] = text_model(self.text_encoder)
+            nets["text_encoder"] = text_model(self.batches.text_encoder)
             self.inject(nets["text_encoder"], ("attention",))
-        return LoRAWeights(nets, ADAPTER)
-
-    def place(self, net: torch.nn.Module) -> torch.nn.Module:
-        """The trained module is the LoRAs (LoRAWeights, already on the U-Net's device): nothing to move or lay out."""
-        return net
+        # what trains is the LoRAs' tensors as one module; a step runs the base U-Net they sit on
+        return Trained(LoRAWeights(nets, ADAPTER), runs_through=self.unet)
 
     def inject(self, net: torch.nn.Module, targets) -> None:
-        fc = self.config.finetune
+        fc = self.trainer.config.finetune
         try:
             inject_lora(net, ADAPTER, fc.rank, fc.alpha or None, targets, fc.dropout)
         except UserError as err:
             raise UserError(f"cannot fine-tune '{base_path(fc.base)}': {err}; choose layers it has with --lora-targets, "
                             "e.g. --lora-targets conv (the ResBlocks' convolutions)") from None
 
-    def wrap_for_ranks(self, net: torch.nn.Module) -> torch.nn.Module:
-        """What train_step runs: the base U-Net, which the LoRA's parameters (self.net) sit on."""
-        return self.unet
-
-    def caption_condition(self, rows: torch.Tensor) -> dict:
-        """With a text-encoder LoRA the captions are encoded every step, with gradients; else once (DiffusionTrainer)."""
-        if not self.config.finetune.text_encoder:
-            return super().caption_condition(rows)
-        hidden, mask = self.text_encoder([self.captions.texts[r] for r in rows.tolist()])
-        return text_condition(hidden, mask.to(self.device), self.config.text.mask_padding)
+    def train_step(self) -> dict[str, float]:
+        """The diffusion loss on new images and class images alike, each item weighted (module docstring)."""
+        return diffusion_step(self.trainer, self.batches, self.schedule)
 
     # ------------------------------------------------------------------ outputs: grids, the LoRA file
 
     @contextlib.contextmanager
     def ema_weights(self):
         """The EMA LoRA in the networks for a while (grids, evaluations, the LoRA file); then the trained one, bit for bit."""
-        live, mode = {k: v.clone() for k, v in self.net.state_dict().items()}, self.net.training
-        self.net.load_state_dict(self.ema.state_dict())
+        lora_net, ema = self.trainer.net, self.trainer.ema
+        live, mode = {k: v.clone() for k, v in lora_net.state_dict().items()}, lora_net.training
+        lora_net.load_state_dict(ema.state_dict())
         try:
             yield
         finally:
-            self.net.load_state_dict(live)
-            self.net.train(mode)  # a Pipeline puts the U-Net, and so its LoRAs, in eval mode
-
-    def pipeline(self) -> Pipeline:
-        return Pipeline(self.config, self.unet, self.device, vae=self.vae, text_encoder=self.text_encoder)
-
-    def grid_prompts(self, n: int) -> list[str]:
-        return super().grid_prompts(n, self.dataset.captions[: self.new_count])  # the new images' captions, not the class images'
+            lora_net.load_state_dict(live)
+            lora_net.train(mode)  # a Pipeline puts the U-Net, and so its LoRAs, in eval mode
 
     def sample_grid(self) -> Path:
+        """The base U-Net with the EMA LoRA, on the new images' captions (not the class images')."""
         with self.ema_weights():
-            return super().sample_grid()
+            return self.batches.sample_grid(self.batches.pipeline(self.unet), self.new_captions())
 
     def evaluate(self) -> dict:
         with self.ema_weights():
-            return super().evaluate()
+            return self.batches.evaluate(self.batches.pipeline(self.unet))
 
-    def start_outputs(self, resumed: bool) -> None:
-        """The run folder, then the grid before training (step 0: the base model), or on resume the LoRA file of its checkpoint."""
-        super().start_outputs(resumed)
+    def new_captions(self) -> list[str] | None:
+        return self.trainer.dataset.captions[: self.new_count] if self.batches.captions is not None else None
+
+    def on_start(self, resumed: bool) -> None:
+        """The grid before training (step 0: the base model), or on resume the LoRA file of its checkpoint."""
         if resumed:
             self.write_lora(final=False)
-        elif self.step == 0:
-            self.try_sample_grid()
+        elif self.trainer.state.step == 0:
+            self.trainer.try_sample_grid()
 
-    def save(self, final: bool = False) -> Path | None:
-        ckpt = super().save(final)
-        if ckpt is not None:
-            self.write_lora(final)
-        return ckpt
+    def on_saved(self, checkpoint: Path, final: bool) -> None:
+        self.write_lora(final)
 
     def write_lora(self, final: bool) -> None:
         """RUN/lora.safetensors: the EMA LoRA in the diffusers / peft layout, with the base model's fingerprint."""
-        fc, path = self.config.finetune, self.run_dir / RUN_FILE
-        prompts = list(dict.fromkeys(self.dataset.captions[: self.new_count]))[:64] if self.captions is not None else []
-        metadata = {BASE_FINGERPRINT: fc.base_fingerprint, BASE_NAME: fc.base or DEMO, "diffusekit.step": str(self.step),
+        t = self.trainer
+        fc, path = t.config.finetune, t.run_dir / RUN_FILE
+        prompts = list(dict.fromkeys(self.new_captions()))[:64] if self.batches.captions is not None else []
+        metadata = {BASE_FINGERPRINT: fc.base_fingerprint, BASE_NAME: fc.base or DEMO, "diffusekit.step": str(t.state.step),
                     "diffusekit.prompts": json.dumps(prompts)}
         try:
             with self.ema_weights():
-                save_lora(path, self.unet, ADAPTER, text_encoder=self.text_encoder, metadata=metadata)
+                save_lora(path, self.unet, ADAPTER, text_encoder=self.batches.text_encoder, metadata=metadata)
         except (OSError, SafetensorError) as err:
             if final:
                 raise UserError(f"could not write the LoRA file {path} ({err}); free some space, then --resume writes it from the last checkpoint") from None
