@@ -66,7 +66,7 @@ def test_serve_fuses_the_loras_into_its_models_and_images_record_them(capsys, tr
 
     served = {}
     monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: served.update(app=server.config.app))
-    code, out, _ = cli(capsys, "serve", "--model", trained_run, "--lora", f"{tuned_run}:0.5")
+    code, out, _ = cli(capsys, "serve", "--model", trained_run, "--lora", f"{tuned_run}:0.5", "--outputs", tmp_path / "outputs")
     assert code == 0 and f"LoRA lora from {tuned_run} at scale 0.5" in out
     with TestClient(served["app"], base_url="http://127.0.0.1:7860") as client:  # the Host guard admits loopback names only
         job = client.post("/api/jobs", json={"steps": 3, "seed": 4}).json()

@@ -1,6 +1,7 @@
 """The page in a real browser: Debian's chromium, headless, driven by Playwright for Python, against a real
 server with the shipped emoji model. It generates an image, finds it in the gallery with its prompt in its
-PNG, then paints a mask with the brush and inpaints; a screenshot is saved.
+PNG, then paints a mask with the brush and inpaints; a screenshot is saved. Another test restarts the server over
+the same outputs folder, finds the image in the gallery again and deletes it with its button.
 
 Needs /usr/bin/chromium (`make browser`, or apt-get install chromium) and the pip package playwright;
 without them the test is skipped and says which one is missing.
@@ -29,15 +30,31 @@ def open_browser(playwright, profile: Path):
                                                          viewport={"width": 1280, "height": 860})
 
 
-@pytest.fixture(scope="module")
-def studio():
+def need_a_browser() -> None:
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (run `make browser` or `apt-get install chromium`)")
     pytest.importorskip("playwright.sync_api", reason="the pip package playwright is not installed (pip install playwright)")
-    from diffusekit.serve import Limits, Server, create_app, load_pipes
 
-    server = Server(load_pipes([], device="cpu"), Limits())
-    with running_server(create_app(server)) as url:
+
+@pytest.fixture(scope="module")
+def pipes():
+    need_a_browser()
+    from diffusekit.serve import load_pipes
+
+    return load_pipes([], device="cpu")
+
+
+def serving(pipes, folder=None):
+    """A real server over the shipped model; with `folder`, its outputs folder."""
+    from diffusekit.serve import Limits, Server, create_app
+    from diffusekit.serve.gallery import Gallery
+
+    return running_server(create_app(Server(pipes, Limits(), gallery=Gallery(folder=folder))))
+
+
+@pytest.fixture(scope="module")
+def studio(pipes):
+    with serving(pipes) as url:
         yield url
 
 
@@ -80,5 +97,44 @@ def test_the_page_generates_an_image_shows_it_in_the_gallery_and_inpaints_with_t
         shot = Path(os.environ.get("DIFFUSEKIT_SCREENSHOT", tmp_path / "studio.png"))
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
+        browser.close()
+    assert errors == []
+
+
+def test_an_image_is_in_the_gallery_after_a_restart_and_its_delete_button_moves_it_to_trash(pipes, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    folder, errors = tmp_path / "outputs", []
+    with sync_playwright() as playwright:
+        browser = open_browser(playwright, tmp_path / "profile")
+        page = browser.new_page()
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        with serving(pipes, folder) as url:
+            page.goto(url)
+            page.wait_for_selector("#model option[value='emoji-t2i']", state="attached")
+            page.fill("#prompt", "rocket")
+            page.fill("#steps", "2")
+            page.click("#generate")
+            page.wait_for_selector("#gallery-items .item img", timeout=120_000)
+            image_id = page.get_attribute("#gallery-items .item", "data-image-id")
+        assert [p.name.endswith(f"-{image_id}.png") for p in folder.glob("*/*.png")] == [True]
+
+        with serving(pipes, folder) as url:  # a new server over the same folder: the same image, the same id
+            page.goto(url)
+            item = page.wait_for_selector(f"#gallery-items .item[data-image-id='{image_id}'] img", timeout=30_000)
+            assert "saved in" in page.inner_text("#gallery-info") and page.is_hidden("#notice")
+            item.click()
+            assert "rocket" in page.inner_text("#details-text")
+            page.click(f"#gallery-items .item[data-image-id='{image_id}'] .delete")
+            page.wait_for_selector(f"#gallery-items .item[data-image-id='{image_id}']", state="detached")
+            assert "trash/" in page.inner_text("#status")
+        assert not list(folder.glob("2*/*.png")) and len(list((folder / "trash").glob("*/*.png"))) == 1
+
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        with pytest.warns(Warning, match="is a file"), serving(pipes, blocker) as url:  # an outputs folder that cannot be: a notice
+            page.goto(url)
+            page.wait_for_selector("#notice:not([hidden])")
+            assert "is a file" in page.inner_text("#notice") and "memory only" in page.inner_text("#gallery-info")
         browser.close()
     assert errors == []

@@ -40,15 +40,27 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+DEFAULT_OUTPUTS = "outputs"  # beside where `serve` runs, as AUTOMATIC1111 and ComfyUI keep theirs
+
+
+def outputs_folder(args) -> Path | None:
+    """Where the server saves its images: --outputs DIR (or the deprecated --save DIR), else outputs/ in the working
+    folder; None with --no-save (in memory only)."""
+    if args.no_save and args.outputs is not None:
+        raise UserError("--no-save keeps images in memory only, --outputs names a folder to save them in; give one of the two")
+    return None if args.no_save else Path(args.outputs or DEFAULT_OUTPUTS)
+
+
 def _serve(args) -> None:
     import uvicorn
 
     from diffusekit.errors import warn
     from diffusekit.serve import LOOPBACK_HOSTS, Limits, Server, create_app, load_pipes
-    from diffusekit.serve.jobs import Gallery
+    from diffusekit.serve.gallery import Gallery
 
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is not a TCP port; use 1 to 65535 (e.g. 7860)")
+    folder = outputs_folder(args)
     loopback = args.host in LOOPBACK_HOSTS or args.host.startswith("127.")
     limits = Limits(max_prompt_chars=args.max_prompt_chars, max_n=args.max_n, max_steps=args.max_steps, max_size=args.max_size,
                     max_upload_bytes=args.max_upload_mb * 2**20)
@@ -58,11 +70,14 @@ def _serve(args) -> None:
         pipes = load_pipes(args.model or [], device=args.device, dtype=args.precision)
         for pipe in pipes.values():  # every served model gets the --lora files, fused into its weights in memory
             apply_loras(pipe, args.lora)
-        gallery = Gallery(args.gallery, Path(args.save) if args.save else None)
+        gallery = Gallery(args.gallery, folder)
         server = Server(pipes, limits, queue_size=args.queue, gallery=gallery, api_key=args.api_key)
         app = create_app(server, allowed_hosts=LOOPBACK_HOSTS + [args.host] if loopback else None)
         shown = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"serving {', '.join(pipes)} on http://{shown}:{args.port}/ (OpenAI API: http://{shown}:{args.port}/v1)", flush=True)
+        print(f"serving {', '.join(pipes)} on http://{shown}:{args.port}/ (OpenAI API: /v1, AUTOMATIC1111 API: /sdapi/v1)", flush=True)
+        if folder is None or gallery.outputs.problem is None:  # else a warning has said why they are not saved
+            print(f"images are saved in {folder.absolute()}/ (a folder per day)" if folder else
+                  f"images are kept in memory only (--no-save: the newest {args.gallery})", flush=True)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
         try:
             uvicorn.Server(config).run(sockets=[sock])
@@ -71,7 +86,8 @@ def _serve(args) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="a web page and an HTTP API (native and OpenAI-compatible) for your models, on localhost")
+    p = sub.add_parser("serve", help="a web page and HTTP APIs (native, OpenAI's and AUTOMATIC1111's) for your models, on localhost; "
+                       "every image is saved under outputs/")
     p.add_argument("--model", action="append", help="a run, checkpoint or diffusers folder (repeatable; default: the shipped emoji demo model)")
     add_lora_option(p)
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only); "
@@ -84,8 +100,13 @@ def register(sub) -> None:
     p.add_argument("--max-size", type=int, default=0, help="image side in pixels (default 0: four times the model's own size)")
     p.add_argument("--max-prompt-chars", type=positive_int, default=1000)
     p.add_argument("--max-upload-mb", type=positive_int, default=8, help="the largest uploaded image (init image or mask), encoded")
-    p.add_argument("--gallery", type=positive_int, default=256, help="images the gallery keeps (in memory)")
-    p.add_argument("--save", metavar="DIR", help="also write every image (a PNG with its parameters) into this folder")
+    p.add_argument("--outputs", metavar="DIR", help="where every image is saved, a PNG with its parameters in a folder per day "
+                   f"(DIR/2026-12-04/...png; deleted ones go to DIR/trash/); the gallery shows what is there (default: {DEFAULT_OUTPUTS}/ "
+                   "in the folder where serve runs)")
+    p.add_argument("--save", metavar="DIR", dest="outputs", help="deprecated: the same as --outputs DIR")
+    p.add_argument("--no-save", action="store_true", help="save nothing: keep images in memory only (the newest --gallery)")
+    p.add_argument("--gallery", type=positive_int, default=256, help="images kept in memory when they are not saved (--no-save, or "
+                   "while the outputs folder cannot be written); saved images are all in the gallery")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="the networks' number format (auto: bf16 where the CPU or GPU has it natively)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))

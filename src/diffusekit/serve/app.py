@@ -8,8 +8,11 @@ workers (jobs.py); it holds no diffusion logic.
     GET  /api/jobs/{id}             its state and, when done, its images
     GET  /api/jobs/{id}/events      server-sent events: running, progress (with an x0 preview), done / failed / cancelled
     DELETE /api/jobs/{id}           cancel it
-    GET  /api/jobs/{id}/animation.gif, /api/images, /api/images/{id}.png
+    GET  /api/jobs/{id}/animation.gif, /api/images?offset=&limit= (newest first), /api/images/{id}.png
+    DELETE /api/images/{id}         move it to the outputs folder's trash/ (gallery.py, outputs.py)
+    GET  /api/status                where images are saved, and why not when they cannot be
     POST /v1/images/generations     OpenAI's Images API (b64_json or url); GET /v1/models
+    /sdapi/v1/...                   AUTOMATIC1111's API: txt2img, img2img, progress, options, ... (sdapi.py)
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import collections
 import contextlib
 import hmac
 import json
-import logging
 import re
 import threading
 import time
@@ -30,31 +32,33 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from diffusekit.models import size_multiple
 from diffusekit.samplers import SAMPLERS
 from diffusekit.schedule import SPACINGS
-from diffusekit.serve.jobs import FINISHED, Gallery, Job, ModelWorker, QueueFull
-from diffusekit.serve.requests import JobRequest, Limits, OpenAIImageRequest, RequestError, check_job, mib, parse_body
+from diffusekit.serve.gallery import Gallery, GalleryImage
+from diffusekit.serve.jobs import FINISHED, Job, ModelWorker, QueueFull
+from diffusekit.serve.requests import JobRequest, Limits, OpenAIImageRequest, RequestError, check_job
+from diffusekit.serve.sdapi import add_sdapi_routes
+from diffusekit.serve.transport import GUARDED, KEEPALIVE_S, job_failure, presented_key, read_json, wait_for_job
 from diffusekit.version import __version__
 
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 ID = re.compile(r"[0-9a-f]{16}")
 HOST = re.compile(r"\[(?P<ipv6>[0-9a-f:.]*)\](?::\d{1,5})?|(?P<name>[^:\[\]]*)(?::\d{1,5})?|(?P<bare_ipv6>[0-9a-f:.]+)")
-LOG = logging.getLogger("uvicorn.error")  # uvicorn's own log: its format and --log-level
-KEEPALIVE_S = 1.0  # an idle event stream sends a comment this often, which is how a closed client is noticed
 MAX_JOBS_KEPT = 256  # finished jobs remembered (with their animations); the gallery keeps the images
+PAGE, MAX_PAGE = 100, 500  # gallery images per /api/images answer: by default, at most
 
 
 class Server:
     """The state behind the app: a worker per model, the jobs, the gallery, the limits and the API key."""
 
     def __init__(self, pipes: dict, limits: Limits, queue_size: int = 8, gallery: Gallery | None = None, api_key: str | None = None):
+        """gallery: where images go (default: the newest 256 in memory; Gallery(folder=...) saves them and shows what is there)."""
         if not pipes:
             raise ValueError("a server needs at least one model")
         self.limits, self.api_key = limits, api_key
-        self.gallery = gallery or Gallery()
+        self.gallery = gallery if gallery is not None else Gallery()
         self.workers = {name: ModelWorker(name, pipe, self.gallery, queue_size) for name, pipe in pipes.items()}
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self.lock = threading.Lock()
@@ -96,6 +100,14 @@ class Server:
     def summary(self, job: Job) -> dict:
         return job.summary(self.workers[job.model].position(job))
 
+    def image(self, name: str) -> GalleryImage:
+        """The gallery's image called `name` (its id, ".png" allowed); a 404 for any other name (never a path)."""
+        image_id = name.removesuffix(".png")
+        image = self.gallery.get(image_id) if ID.fullmatch(image_id) else None
+        if image is None:
+            raise RequestError(f"no image '{name[:40]}' in the gallery (deleted, or not made here)", "id", 404, "not_found")
+        return image
+
     def models(self) -> list[dict]:
         out = []
         for name, worker in self.workers.items():
@@ -109,29 +121,15 @@ class Server:
         return out
 
 
+def page_number(text: str, name: str, low: int, high: int) -> int:
+    """A paging query parameter (offset, limit) as a whole number in [low, high], or a 400 naming it."""
+    if not (text.isascii() and text.isdecimal() and len(text) <= 10 and low <= int(text) <= high):
+        raise RequestError(f"{name} must be a whole number from {low} to {high}, not '{text[:20]}'", name)
+    return int(text)
+
+
 def error_response(err: RequestError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-async def read_json(request: Request, kind, limits: Limits):
-    """The request's JSON body as `kind`: application/json only (a page elsewhere cannot post it without CORS), size-capped."""
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        raise RequestError("send the body as JSON with the header Content-Type: application/json", status=415, code="unsupported_media_type")
-    cap, body = limits.body_bytes(), bytearray()
-    declared = request.headers.get("content-length", "")
-    too_large = RequestError(f"the request body is larger than the {mib(cap)} allowed; send smaller images", status=413, code="too_large")
-    if declared.isascii() and declared.isdecimal() and (len(declared) > 18 or int(declared) > cap):
-        raise too_large
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > cap:
-                raise too_large
-    except ClientDisconnect:
-        where = f"{request.client.host}:{request.client.port}" if request.client else "a client"
-        LOG.warning(f"{where} went away after {len(body)} of {declared or '?'} bytes of its {request.method} {request.url.path[:80]} body")
-        raise RequestError("the client disconnected before sending the whole body", status=499, code="client_disconnected") from None
-    return await run_in_threadpool(parse_body, bytes(body), kind)
 
 
 def host_name(header: str) -> str | None:
@@ -142,7 +140,7 @@ def host_name(header: str) -> str | None:
 
 class Guard:
     """Pure ASGI middleware (it leaves streaming and disconnects alone): the Host check against DNS rebinding,
-    and the API key on /api/ and /v1/ (the page itself needs none: it asks for the key)."""
+    and the API key on /api/, /v1/ and /sdapi/ (the page itself needs none: it asks for the key)."""
 
     def __init__(self, app, server: Server, allowed_hosts: list[str] | None):
         self.app, self.server, self.allowed_hosts = app, server, allowed_hosts
@@ -155,10 +153,8 @@ class Guard:
         if self.allowed_hosts is not None and host_name(headers.get("host", "")) not in self.allowed_hosts:
             refusal = RequestError(f"Host '{headers.get('host', '')[:60]}' is not this server's name; open http://127.0.0.1:PORT/",
                                    status=421, code="bad_host")
-        elif self.server.api_key and (scope["path"].startswith("/api/") or scope["path"].startswith("/v1/")):
-            given = headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
-            if not hmac.compare_digest(token.encode(), self.server.api_key.encode()):
+        elif self.server.api_key and scope["path"].startswith(GUARDED):
+            if not hmac.compare_digest(presented_key(headers).encode(), self.server.api_key.encode()):
                 refusal = RequestError("this server needs an API key: send the header Authorization: Bearer KEY", status=401, code="invalid_api_key")
         if refusal is not None:
             return await error_response(refusal)(scope, receive, send)
@@ -249,16 +245,35 @@ def create_app(server: Server, allowed_hosts: list[str] | None = None) -> FastAP
         return Response(job.animation, media_type="image/gif")
 
     @app.get("/api/images")
-    def gallery():
-        return {"images": [image.summary() for image in server.gallery.newest_first()]}
+    def gallery(offset: str = "0", limit: str = str(PAGE)):
+        first, count = page_number(offset, "offset", 0, 10**9), page_number(limit, "limit", 1, MAX_PAGE)
+        images, total = server.gallery.page(first, count)
+        return {"images": [image.summary() for image in images], "offset": first, "limit": count, "total": total}
+
+    @app.get("/api/status")
+    def status():
+        return server.gallery.status()
 
     @app.get("/api/images/{name}")
     def image_file(name: str):
-        image_id = name.removesuffix(".png")
-        image = server.gallery.get(image_id) if ID.fullmatch(image_id) else None
-        if image is None:
-            raise RequestError(f"no image '{name[:40]}' in the gallery (it keeps the newest {server.gallery.capacity})", "id", 404, "not_found")
-        return Response(image.png, media_type="image/png", headers={"Content-Disposition": f'inline; filename="diffusekit-{image.id}.png"'})
+        image = server.image(name)
+        png = server.gallery.png(image)
+        if png is None:
+            raise RequestError(f"the file of image '{image.id}' is gone from the outputs folder", "id", 404, "not_found")
+        return Response(png, media_type="image/png", headers={"Content-Disposition": f'inline; filename="diffusekit-{image.id}.png"'})
+
+    @app.delete("/api/images/{name}")
+    def delete_image(name: str):
+        image = server.image(name)
+        try:
+            trashed = server.gallery.delete(image.id)
+        except KeyError:
+            raise RequestError(f"no image '{image.id}' in the gallery (deleted, or not made here)", "id", 404, "not_found") from None
+        except OSError as err:
+            raise RequestError(f"could not move image '{image.id}' into the trash of the outputs folder ({err.strerror or err}); "
+                               "make the folder writable and try again", "id", 500, "outputs_unwritable") from None
+        folder = server.gallery.outputs.root if trashed is not None else None
+        return {"id": image.id, "deleted": True, "trash": trashed.relative_to(folder).as_posix() if folder else None}
 
     @app.get("/v1/models")
     def openai_models():
@@ -268,21 +283,10 @@ def create_app(server: Server, allowed_hosts: list[str] | None = None) -> FastAP
     async def openai_generations(request: Request):
         req = await read_json(request, OpenAIImageRequest, server.limits)
         job, _ = await run_in_threadpool(server.submit, JobRequest(**req.job_fields()))
-        queue = job.watch(asyncio.get_running_loop())
-        try:
-            while not job.done.is_set():
-                if await request.is_disconnected():
-                    return Response(status_code=499)  # nobody to answer: unwatch (below) cancels the job
-                try:
-                    await asyncio.wait_for(queue.get(), KEEPALIVE_S)
-                except asyncio.TimeoutError:
-                    pass
-        finally:
-            job.unwatch(queue)
-        if job.status != "done":
-            status = 400 if job.error and job.error.get("type") == "invalid_request_error" else 500
-            message = (job.error or {}).get("message", f"the job was {job.status}")
-            raise RequestError(message, status=status, code=(job.error or {}).get("code", job.status))
+        if not await wait_for_job(request, job):
+            return Response(status_code=499)  # nobody to answer; the job was cancelled
+        if failure := job_failure(job):
+            raise failure
         base = str(request.base_url).rstrip("/")
         data = [{"b64_json": base64.b64encode(image.png).decode()} if req.response_format == "b64_json" else {"url": base + image.summary()["url"]}
                 for image in job.images]
@@ -291,4 +295,5 @@ def create_app(server: Server, allowed_hosts: list[str] | None = None) -> FastAP
             item["seed"], item["index"] = image.seed, image.index
         return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{job.call['size']}x{job.call['size']}"}
 
+    add_sdapi_routes(app, server)  # AUTOMATIC1111's /sdapi/v1 (sdapi.py)
     return app

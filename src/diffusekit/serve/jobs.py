@@ -1,4 +1,4 @@
-"""Jobs, one worker thread per model with a bounded queue, and the gallery of images made since the start.
+"""Jobs and one worker thread per model with a bounded queue; each finished image goes into the gallery (gallery.py).
 
 A job is one call of a Pipeline. Its worker runs one job at a time; the callback of every sampler
 step publishes progress (with a small x0 preview) to whoever watches the job, and raises
@@ -15,12 +15,10 @@ import collections
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from diffusekit.errors import UserError, warn
-from diffusekit.files import atomic_write
+from diffusekit.errors import UserError
 from diffusekit.images import gif_bytes, make_grid, png_bytes, to_pil
+from diffusekit.serve.gallery import Gallery, GalleryImage
 
 PREVIEW_EVERY_S = 0.2  # at most five previews a second: a decode and a PNG each
 FINISHED = ("done", "failed", "cancelled")
@@ -34,51 +32,6 @@ class QueueFull(Exception):
     def __init__(self, retry_after: int, size: int):
         super().__init__(f"the queue of this model is full ({size} jobs wait); try again in {retry_after} s")
         self.retry_after, self.size = retry_after, size
-
-
-@dataclass
-class GalleryImage:
-    id: str
-    job: str
-    model: str
-    png: bytes
-    parameters: str
-    seed: int
-    index: int
-    created: float = field(default_factory=time.time)
-
-    def summary(self) -> dict:
-        return {"id": self.id, "job": self.job, "model": self.model, "url": f"/api/images/{self.id}.png", "parameters": self.parameters,
-                "seed": self.seed, "index": self.index, "created": self.created}
-
-
-class Gallery:
-    """The last `capacity` images, newest last; optionally also written as PNG files into `folder`."""
-
-    def __init__(self, capacity: int = 256, folder: Path | None = None):
-        self.capacity, self.folder = capacity, folder
-        self.images: collections.OrderedDict[str, GalleryImage] = collections.OrderedDict()
-        self.lock = threading.Lock()
-
-    def add(self, image: GalleryImage) -> None:
-        if self.folder is not None:
-            name = time.strftime("%Y%m%d-%H%M%S", time.localtime(image.created)) + f"-{image.id}.png"
-            try:
-                atomic_write(self.folder / name, lambda tmp: tmp.write_bytes(image.png), sync=False)
-            except OSError as err:  # a full disk: the image is still in the gallery
-                warn(f"could not save {name} into {self.folder} ({err})")
-        with self.lock:
-            self.images[image.id] = image
-            while len(self.images) > self.capacity:
-                self.images.popitem(last=False)
-
-    def get(self, image_id: str) -> GalleryImage | None:
-        with self.lock:
-            return self.images.get(image_id)
-
-    def newest_first(self) -> list[GalleryImage]:
-        with self.lock:
-            return list(reversed(self.images.values()))
 
 
 class Job:

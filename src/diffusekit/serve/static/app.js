@@ -169,6 +169,7 @@ async function onEvent(event) {
     for (const image of job.images) await addToGallery(image, true);
     if (job.images.length) select(job.images[0]);
     if (job.animation) { $("animation").src = await blobUrl(job.animation); $("animation").hidden = false; }
+    await loadStatus();  // a full disk or an unwritable outputs folder shows up with the first image it could not save
     return true;
   } else if (event.event === "failed") {
     setStatus(event.job.error ? event.job.error.message : "failed", true);
@@ -180,25 +181,62 @@ async function onEvent(event) {
   return false;
 }
 
-// ------------------------------------------------------------------ the gallery
+// ------------------------------------------------------------------ the gallery (pages of the server's, newest first)
 
 const gallery = new Map();
+const PAGE = 60;
 
-async function addToGallery(image, newest) {
+function insertFigure(image, src, newest) {
   if (gallery.has(image.id)) return;
   const figure = document.createElement("figure");
   figure.className = "item";
   figure.dataset.imageId = image.id;
   const img = document.createElement("img");
   img.alt = image.parameters.split("\n")[0] || "image";
-  img.src = await blobUrl(image.url);
+  img.src = src;
   const caption = document.createElement("figcaption");
   caption.textContent = `${img.alt} · seed ${image.seed}#${image.index}`;
-  figure.append(img, caption);
+  const remove = document.createElement("button");
+  remove.type = "button"; remove.className = "delete"; remove.textContent = "×";
+  remove.title = "delete (moved to the outputs folder's trash/)"; remove.setAttribute("aria-label", "delete");
+  remove.addEventListener("click", (event) => { event.stopPropagation(); deleteImage(image); });
+  figure.append(img, caption, remove);
   figure.addEventListener("click", () => select(image));
-  gallery.set(image.id, { image, figure, src: img.src });
+  gallery.set(image.id, { image, figure, src });
   const items = $("gallery-items");
   if (newest) items.prepend(figure); else items.append(figure);
+}
+
+async function addToGallery(image, newest) {
+  if (!gallery.has(image.id)) insertFigure(image, await blobUrl(image.url), newest);
+}
+
+async function loadPage() {  // the next page of older images: the server's offset is how many the page shows already
+  const data = await (await api(`/api/images?offset=${gallery.size}&limit=${PAGE}`)).json();
+  const fresh = data.images.filter((image) => !gallery.has(image.id));
+  const sources = await Promise.all(fresh.map((image) => blobUrl(image.url).catch(() => null)));
+  fresh.forEach((image, k) => { if (sources[k]) insertFigure(image, sources[k], false); });
+  $("gallery-more").hidden = gallery.size >= data.total || data.images.length === 0;
+}
+
+async function deleteImage(image) {
+  try {
+    const answer = await (await api(`/api/images/${image.id}`, { method: "DELETE" })).json();
+    const entry = gallery.get(image.id);
+    if (entry) { entry.figure.remove(); gallery.delete(image.id); }
+    if (state.selected && state.selected.id === image.id) { state.selected = null; $("details").hidden = true; }
+    setStatus(answer.trash ? `moved to ${answer.trash} in the outputs folder` : "deleted");
+    await loadStatus();
+  } catch (err) {
+    setStatus(err.message, true);
+  }
+}
+
+async function loadStatus() {  // where images go; a notice when they cannot be saved there
+  const status = await (await api("/api/status")).json();
+  $("notice").textContent = status.notice || "";
+  $("notice").hidden = !status.notice;
+  $("gallery-info").textContent = `${status.images} image(s), ` + (status.saving ? `saved in ${status.outputs}` : "kept in memory only");
 }
 
 function select(image) {
@@ -240,6 +278,7 @@ async function init() {
   $("clear-mask").addEventListener("click", () => { const c = $("mask-canvas"); c.getContext("2d").clearRect(0, 0, c.width, c.height); state.hasMask = false; });
   $("use-init").addEventListener("click", () => { const e = state.selected && gallery.get(state.selected.id); if (e) loadInit(e.src); });
   $("use-settings").addEventListener("click", useSettings);
+  $("gallery-more").addEventListener("click", () => loadPage().catch((e) => setStatus(e.message, true)));
   const mask = $("mask-canvas");
   mask.addEventListener("pointerdown", (e) => { state.painting = true; mask.setPointerCapture(e.pointerId); paint(e, true); });
   mask.addEventListener("pointermove", (e) => { if (state.painting) paint(e); });
@@ -250,8 +289,8 @@ async function init() {
 async function start() {
   try {
     await loadModels();
-    const data = await (await api("/api/images")).json();
-    for (const image of data.images) await addToGallery(image, false);
+    await loadStatus();
+    await loadPage();
     setStatus("ready");
   } catch (err) {
     setStatus(err.message, true);
