@@ -50,6 +50,7 @@ def describe(pipe, n: int, prompts=None, negative: str | None = None, labels=Non
     options = pipe.sampler_options(settings, given.get("eta"), given.get("variance"))  # what the sampler really ran with
     guided = prompts != [""] or labels is not None
     loras = lora_text(pipe)
+    controls = pipe.control_fields(given.get("control_image"), given)  # "ControlNet 0": AUTOMATIC1111's ControlNet extension's field
     texts = []
     for i in range(n):
         fields = {"Steps": settings.steps, "Sampler": settings.sampler, "Schedule type": settings.spacing,
@@ -60,7 +61,7 @@ def describe(pipe, n: int, prompts=None, negative: str | None = None, labels=Non
                   "Denoising strength": default_strength(strength, masked) if edit else None,
                   "Mask blur": mask_blur if masked else None, "Eta": options.get("eta"), "Variance": options.get("variance"),
                   "Jump length": jump_length if jump_n_sample > 1 else None, "Jump samples": jump_n_sample if jump_n_sample > 1 else None,
-                  "Guidance rescale": settings.guidance_rescale or None, "Precision": pipe.precision, "Version": f"diffusekit {__version__}"}
+                  "Guidance rescale": settings.guidance_rescale or None, **controls, "Precision": pipe.precision, "Version": f"diffusekit {__version__}"}
         texts.append(format_parameters(prompts[i % len(prompts)], negative or "", fields))
     return texts
 
@@ -75,9 +76,10 @@ class ImageOutput(list):
     and `.parameters`, each image's parameters text (also in image.info["parameters"]; images.png_bytes and the
     CLI write it into the PNG)."""
 
-    def __init__(self, images, parameters: list[str]):
+    def __init__(self, images, parameters: list[str], attention=None):
         super().__init__(images)
         self.parameters = parameters
+        self.attention = attention  # with return_attention=True: the prompt's cross-attention maps (attention_maps.AttentionMaps)
 
     @property
     def images(self) -> list:

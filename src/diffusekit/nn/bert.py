@@ -144,7 +144,11 @@ class BertTokenizer:
 
     def __init__(self, path: Path, model_max_length: int):
         self.json, self.model_max_length = path.read_text(), model_max_length
-        self.pad_id = (json.loads(self.json).get("padding") or {}).get("pad_id", 0)
+        settings = json.loads(self.json)
+        self.pad_id = (settings.get("padding") or {}).get("pad_id", 0)
+        added = settings.get("added_tokens") or []  # transformers' names for what attention maps leave out: [CLS], [SEP], [PAD]
+        self.all_special_ids = [t["id"] for t in added if t.get("special")]
+        self.unk_token_id = next((t["id"] for t in added if t.get("content") == "[UNK]"), None)
         self.variants, self.lock = {}, threading.Lock()
 
     def variant(self, max_length: int | None, pad: bool):
@@ -171,6 +175,11 @@ class BertTokenizer:
         encodings = self.variant(limit, padding == "max_length" and limit is not None).encode_batch(prompts)
         out = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings]}
         return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()} if return_tensors == "pt" else out
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        """The token of each id, as the vocabulary spells it (word pieces keep their '##')."""
+        tokenizer = self.variant(None, False)
+        return [tokenizer.id_to_token(i) for i in ids]
 
 
 def read_bert_config(folder: Path) -> BertConfig | None:

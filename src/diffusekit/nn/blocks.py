@@ -136,16 +136,20 @@ class Attention(nn.Module):
 
     Keys and values come from `context` [B, L, context_dim] when given (cross-attention),
     else from the input itself. `mask` [B, L] (True or 1: attend) hides padding tokens.
+    `recorder`: None, or an object whose record(q, k, mask) sees a cross-attention layer's queries and keys
+    (nn/attention_recorder.py sets it on the layers it watches: DAAM's maps); the output is the same either way.
     """
 
     # Inputs with more queries than this are attended in slices of this many queries: the same result,
     # with at most query_chunk x L attention scores alive at a time. (PyTorch's fused kernels avoid the
     # full N x L matrix anyway; the slicing bounds memory where it falls back to the plain math kernel.)
     query_chunk = 4096
+    recorder = None  # what watches this layer's probabilities (attention_recorder.recording); None: nothing, the usual case
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False, dropout: float = 0.0):
         super().__init__()
         self.heads = heads
+        self.cross = context_dim is not None  # attends to a context (the text), not to its own input
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=bias)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=bias)
@@ -157,6 +161,8 @@ class Attention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)
         k, v = (proj(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2) for proj in (self.to_k, self.to_v))
         attn_mask = mask.bool()[:, None, None, :] if mask is not None else None
+        if self.recorder is not None:
+            self.recorder.record(q, k, attn_mask)
         out = sliced_attention(q, k, v, attn_mask, self.query_chunk).transpose(1, 2).reshape(b, n, dim)
         for layer in self.to_out:
             out = layer(out)

@@ -97,6 +97,13 @@ class TextEncoder(torch.nn.Module):
             if length > self.max_length:
                 warn(f"prompt truncated to {self.max_length} tokens (it has {length}): {prompt[:60]!r}")
 
+    def prompt_tokens(self, prompt: str) -> list[tuple[int, str]]:
+        """(position in the encoded sequence, token) of each token of `prompt` as the tokenizer splits it (word pieces
+        as it gives them: 'shiny', '##ness'), without padding and special tokens ([CLS], [SEP], <|endoftext|>)."""
+        ids = self.tokenizer([prompt], padding="max_length", truncation=True, max_length=self.max_length)["input_ids"][0]
+        left_out = set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id}  # an unknown word is still a word
+        return [(i, token) for i, (token_id, token) in enumerate(zip(ids, self.tokenizer.convert_ids_to_tokens(ids))) if token_id not in left_out]
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden [B, max_length, D] float32, mask [B, max_length] long) for a list of prompts."""
