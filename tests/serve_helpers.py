@@ -32,6 +32,10 @@ class CharEncoder(torch.nn.Module):
                 hidden[row, k], mask[row, k] = self.table[code], 1
         return hidden, mask
 
+    def prompt_tokens(self, prompt: str) -> list[tuple[int, str]]:
+        """(position in the encoded sequence, character) of the characters encode() reads (what attention maps are drawn for)."""
+        return list(enumerate(prompt[:4], 1))
+
 
 def tiny_pipe(text: bool = False, seed: int = 0) -> Pipeline:
     """An 8 x 8 grayscale pixel model (T = 100), untrained; with text=True conditioned on CharEncoder prompts."""

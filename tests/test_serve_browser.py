@@ -138,3 +138,35 @@ def test_an_image_is_in_the_gallery_after_a_restart_and_its_delete_button_moves_
             assert "is a file" in page.inner_text("#notice") and "memory only" in page.inner_text("#gallery-info")
         browser.close()
     assert errors == []
+
+
+def test_the_inside_panel_draws_the_schedule_and_a_word_of_the_prompt_shows_its_attention_over_the_image(studio, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = open_browser(playwright, tmp_path / "profile")
+        page = browser.new_page()
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(studio)
+        page.wait_for_selector("#model option[value='emoji-t2i']", state="attached")
+        steps = int(page.input_value("#steps"))
+        page.wait_for_function(f"document.querySelectorAll('#schedule-chart circle').length === {2 * steps}")  # a dot per step on each curve
+        page.fill("#steps", "4")
+        page.wait_for_function("document.querySelectorAll('#schedule-chart circle').length === 8")
+        curve = page.get_attribute("#schedule-chart polyline.log-snr", "points")
+        assert len(curve.split()) == 1000 and "4 " in page.inner_text("#schedule-info")  # the model's 1000 timesteps
+
+        page.fill("#prompt", "red apple")
+        page.check("#attention")
+        page.click("#generate")
+        page.wait_for_selector("#tokens .token", timeout=120_000)
+        assert [t.inner_text() for t in page.query_selector_all("#tokens .token")] == ["red", "apple"]
+        assert page.is_hidden("#attention-overlay")
+        page.click("#tokens .token:has-text('apple')")
+        assert page.is_visible("#attention-overlay") and page.get_attribute("#attention-overlay", "src").startswith("data:image/png")
+        apple = page.get_attribute("#attention-overlay", "src")
+        page.click("#tokens .token:has-text('red')")
+        assert page.get_attribute("#attention-overlay", "src") != apple  # each word its own map
+        browser.close()
+    assert errors == []

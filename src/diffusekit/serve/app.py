@@ -6,7 +6,8 @@ workers (jobs.py); it holds no diffusion logic.
     GET  /api/models                the models, their sizes, samplers and the limits
     POST /api/jobs                  submit a job -> 202 {id, status, position, ...}; 429 + Retry-After when the queue is full
     GET  /api/jobs/{id}             its state and, when done, its images
-    GET  /api/jobs/{id}/events      server-sent events: running, progress (with an x0 preview), done / failed / cancelled
+    GET  /api/models/{name}/schedule?steps=&schedule=&size=   the noise schedule and a sampling's sigmas (inside.py)
+    GET  /api/jobs/{id}/events      server-sent events: running, progress (previews of x0_hat and x_t), done / failed / cancelled
     DELETE /api/jobs/{id}           cancel it
     GET  /api/jobs/{id}/animation.gif, /api/images?offset=&limit= (newest first), /api/images/{id}.png
     DELETE /api/images/{id}         move it to the outputs folder's trash/ (gallery.py, outputs.py)
@@ -37,16 +38,19 @@ from diffusekit.models import size_multiple
 from diffusekit.samplers import SAMPLERS
 from diffusekit.schedule import SPACINGS
 from diffusekit.serve.gallery import Gallery, GalleryImage
+from diffusekit.serve.inside import schedule_answer
 from diffusekit.serve.jobs import FINISHED, Job, ModelWorker, QueueFull
 from diffusekit.serve.requests import JobRequest, Limits, OpenAIImageRequest, RequestError, check_job
 from diffusekit.serve.sdapi import add_sdapi_routes
 from diffusekit.serve.transport import GUARDED, KEEPALIVE_S, job_failure, presented_key, read_json, wait_for_job
 from diffusekit.version import __version__
 
-STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8", "inside.js": "text/javascript; charset=utf-8",
+          "style.css": "text/css; charset=utf-8"}
 ID = re.compile(r"[0-9a-f]{16}")
 HOST = re.compile(r"\[(?P<ipv6>[0-9a-f:.]*)\](?::\d{1,5})?|(?P<name>[^:\[\]]*)(?::\d{1,5})?|(?P<bare_ipv6>[0-9a-f:.]+)")
 MAX_JOBS_KEPT = 256  # finished jobs remembered (with their animations); the gallery keeps the images
+MAX_ATTENTION_KEPT = 32  # of those, the newest jobs that keep their attention maps (up to n x tokens small PNGs each)
 PAGE, MAX_PAGE = 100, 500  # gallery images per /api/images answer: by default, at most
 
 
@@ -82,6 +86,8 @@ class Server:
             self.jobs[job.id] = job
             for old_id in [i for i, j in self.jobs.items() if j.status in FINISHED][: max(0, len(self.jobs) - MAX_JOBS_KEPT)]:
                 del self.jobs[old_id]
+            for old in [j for j in self.jobs.values() if j.attention is not None or j.call.get("return_attention")][:-MAX_ATTENTION_KEPT]:
+                old.attention = None
         return job, position
 
     def close(self) -> None:
@@ -188,6 +194,7 @@ def create_app(server: Server, allowed_hosts: list[str] | None = None) -> FastAP
 
     app.get("/", include_in_schema=False)(lambda: static("index.html"))
     app.get("/app.js", include_in_schema=False)(lambda: static("app.js"))
+    app.get("/inside.js", include_in_schema=False)(lambda: static("inside.js"))
     app.get("/style.css", include_in_schema=False)(lambda: static("style.css"))
 
     @app.get("/api/health")
@@ -197,6 +204,13 @@ def create_app(server: Server, allowed_hosts: list[str] | None = None) -> FastAP
     @app.get("/api/models")
     def models():
         return {"models": server.models(), "limits": vars(server.limits)}
+
+    @app.get("/api/models/{name}/schedule")
+    def noise_schedule(name: str, steps: str | None = None, schedule: str | None = None, size: str | None = None):
+        pipe = server.worker(name).pipe
+        steps_asked = page_number(steps, "steps", 1, server.limits.max_steps) if steps is not None else None
+        size_asked = page_number(size, "size", 1, 2**20) if size is not None else None
+        return schedule_answer(pipe, server.limits, steps_asked, schedule, size_asked)
 
     @app.post("/api/jobs", status_code=202)
     async def submit(request: Request):
@@ -221,7 +235,8 @@ def create_app(server: Server, allowed_hosts: list[str] | None = None) -> FastAP
 
         async def stream():
             try:
-                first = {"event": job.status if job.status in FINISHED else "state", "job": server.summary(job), "preview": job.preview}
+                first = {"event": job.status if job.status in FINISHED else "state", "job": server.summary(job), "preview": job.preview,
+                         "noisy": job.noisy}
                 yield f"event: {first['event']}\ndata: {json.dumps(first)}\n\n"
                 while first["event"] not in FINISHED:
                     try:

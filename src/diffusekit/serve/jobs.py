@@ -1,7 +1,7 @@
 """Jobs and one worker thread per model with a bounded queue; each finished image goes into the gallery (gallery.py).
 
 A job is one call of a Pipeline. Its worker runs one job at a time; the callback of every sampler
-step publishes progress (with a small x0 preview) to whoever watches the job, and raises
+step publishes progress (with small previews of x0_hat and of the noisy x_t) to whoever watches the job, and raises
 JobCancelled when the job was cancelled, which unwinds the sampler. Watchers are asyncio queues
 fed from the worker thread with call_soon_threadsafe. A job that had watchers and lost them all
 (every client that waited for it disconnected) is cancelled.
@@ -10,17 +10,17 @@ fed from the worker thread with call_soon_threadsafe. A job that had watchers an
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import secrets
 import threading
 import time
 
 from diffusekit.errors import UserError
-from diffusekit.images import gif_bytes, make_grid, png_bytes, to_pil
+from diffusekit.images import gif_bytes, png_bytes
 from diffusekit.serve.gallery import Gallery, GalleryImage
+from diffusekit.serve.inside import attention_summary, step_previews
 
-PREVIEW_EVERY_S = 0.2  # at most five previews a second: a decode and a PNG each
+PREVIEW_EVERY_S = 0.2  # at most five previews a second: two decodes (x0_hat, x_t) and PNGs each
 FINISHED = ("done", "failed", "cancelled")
 
 
@@ -44,7 +44,9 @@ class Job:
         self.images: list[GalleryImage] = []
         self.animation: bytes | None = None
         self.created, self.started, self.finished = time.time(), None, None
-        self.preview: str | None = None
+        self.preview: str | None = None  # the latest x0_hat preview (a PNG data URL), and the x_t beside it
+        self.noisy: str | None = None
+        self.attention: dict | None = None  # with "attention": true, each token's maps (inside.attention_summary)
         self.cancel_requested = threading.Event()
         self.done = threading.Event()
         self.lock = threading.Lock()
@@ -54,7 +56,7 @@ class Job:
     def summary(self, position: int | None = None) -> dict:
         return {"id": self.id, "model": self.model, "status": self.status, "step": self.step, "steps": self.steps, "position": position,
                 "seed": self.seed, "images": [image.summary() for image in self.images], "error": self.error,
-                "animation": f"/api/jobs/{self.id}/animation.gif" if self.animation else None,
+                "animation": f"/api/jobs/{self.id}/animation.gif" if self.animation else None, "attention": self.attention,
                 "events": f"/api/jobs/{self.id}/events", "created": self.created, "started": self.started, "finished": self.finished}
 
     def publish(self, event: dict) -> None:
@@ -89,12 +91,6 @@ class Job:
         self.status, self.error, self.finished = status, error, time.time()
         self.done.set()
         self.publish({"event": status, "job": self.summary()})
-
-
-def preview_url(pipe, info: dict) -> str:
-    """The batch's current x0_hat as a small PNG data URL (the x0 preview of the page)."""
-    grid = make_grid(pipe.preview(info), padding=0)
-    return "data:image/png;base64," + base64.b64encode(png_bytes(to_pil(grid))).decode()
 
 
 class ModelWorker:
@@ -176,17 +172,18 @@ class ModelWorker:
             job.step, job.steps = info["i"] + 1, info["steps"]
             if job.animate:
                 frames.append(self.pipe.preview(info, 1, noisy=True))
-            preview, now = None, time.monotonic()
+            previews, now = {"preview": None, "noisy": None}, time.monotonic()
             if now - last_preview >= PREVIEW_EVERY_S and job.step < job.steps:
-                last_preview, preview = now, preview_url(self.pipe, info)
-                job.preview = preview
-            job.publish({"event": "progress", "step": job.step, "steps": job.steps, "preview": preview})
+                last_preview, previews = now, step_previews(self.pipe, info)
+                job.preview, job.noisy = previews["preview"], previews["noisy"]
+            job.publish({"event": "progress", "step": job.step, "steps": job.steps, **previews})
 
         try:
             output = self.pipe(callback=on_step, **job.call)
             images = [GalleryImage(secrets.token_hex(8), job.id, self.name, png_bytes(image, text), text, job.seed, job.first_index + i)
                       for i, (image, text) in enumerate(zip(output.images, output.parameters))]
             job.animation = gif_bytes(frames) if frames else None
+            job.attention = attention_summary(output.attention) if output.attention is not None else None
         except JobCancelled:
             return job.finish("cancelled")
         except UserError as err:

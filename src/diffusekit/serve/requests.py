@@ -15,11 +15,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from diffusekit.attention_maps import AttentionCollector
 from diffusekit.config_checks import MAX_SEED
 from diffusekit.errors import UserError
 from diffusekit.images import mask_tensor, open_image
 from diffusekit.inpaint import default_strength, strength_start
 from diffusekit.models import size_multiple
+from diffusekit.nn.attention_recorder import cross_attention_layers
 from diffusekit.samplers import SAMPLERS
 from diffusekit.schedule import SPACINGS
 
@@ -80,6 +82,7 @@ class JobRequest(BaseModel):
     jump_length: int = 10
     jump_n_sample: int = 1
     animate: bool = False
+    attention: bool = Field(False, description="a text-to-image job's cross-attention maps, one per token of the prompt")
 
 
 class OpenAIImageRequest(BaseModel):
@@ -201,6 +204,27 @@ def decode_upload(data: str, what: str, limits: Limits):
         raise RequestError(f"{err}; send a PNG, JPEG or WebP image", what) from None
 
 
+def check_size(size: int | None, config, limits: Limits) -> int:
+    """The image size asked for (None: the model's own), or a RequestError listing the sizes this model makes here."""
+    multiple, largest = size_multiple(config), limits.size_limit(config)
+    size = size if size is not None else config.data.image_size
+    sizes = ", ".join(str(s) for s in range(multiple, largest + 1, multiple)[:12])
+    _check(size % multiple == 0 and multiple <= size <= largest, f"size = {size}: this model makes sizes that are multiples of {multiple}, "
+           f"up to {largest} here; use one of: {sizes}", "size")
+    return size
+
+
+def check_attention(pipe, prompt: str) -> bool:
+    """"attention": true needs a model with cross-attention and one prompt with words (attention_maps.py's checks)."""
+    _check(bool(cross_attention_layers(pipe.net)), f"the model {pipe.name} has no cross-attention (it is not text-to-image), so it has "
+           "no attention maps; drop \"attention\" or choose a text-to-image model", "attention")
+    try:
+        AttentionCollector(pipe, prompt)
+    except UserError as err:
+        raise RequestError(f"attention: {err}", "attention") from None
+    return True
+
+
 def check_job(req: JobRequest, pipe, limits: Limits, name: str = "") -> tuple[dict, int]:
     """(the keyword arguments of pipe(...), the seed) for a request, or a RequestError naming the field."""
     config = pipe.config
@@ -220,14 +244,12 @@ def check_job(req: JobRequest, pipe, limits: Limits, name: str = "") -> tuple[di
     _check_range(req.guidance, limits.max_guidance, "guidance", "1: no guidance")
     _check_range(req.eta, limits.max_eta, "eta", "0: deterministic")
     _check(0 <= req.index <= 2**31, f"index = {req.index}: use a whole number from 0 to {2**31}", "index")
-    multiple, largest = size_multiple(config), limits.size_limit(config)
-    size = req.size if req.size is not None else config.data.image_size
-    sizes = ", ".join(str(s) for s in range(multiple, largest + 1, multiple)[:12])
-    _check(size % multiple == 0 and multiple <= size <= largest, f"size = {size}: this model makes sizes that are multiples of {multiple}, "
-           f"up to {largest} here; use one of: {sizes}", "size")
+    size = check_size(req.size, config, limits)
     call = {"prompt": req.prompt if text_model else None, "n": req.n, "negative": req.negative_prompt or None, "steps": steps,
             "sampler": req.sampler, "spacing": req.schedule, "guidance": req.guidance, "guidance_rescale": req.guidance_rescale,
             "eta": req.eta, "seed": seed, "size": size, "first_index": req.index}
+    if req.attention:
+        call["return_attention"] = check_attention(pipe, req.prompt)
     try:  # the model's own checks of the sampling settings, now rather than in the worker
         settings = pipe.settings(**{k: call[k] for k in ("n", "steps", "sampler", "spacing", "seed", "guidance", "guidance_rescale", "eta")})
         pipe.sampler_options(settings, req.eta, None)

@@ -39,8 +39,9 @@ function applyModel() {
   fillSelect($("size"), m.sizes, m.size);
   $("steps").value = m.defaults.steps;
   $("guidance").value = m.defaults.guidance;
-  $("prompt").disabled = $("negative").disabled = !m.text;
+  $("prompt").disabled = $("negative").disabled = $("attention").disabled = !m.text;
   $("model-info").textContent = `${m.size} px, ${m.latent ? "latent" : "pixel"} model, hash ${m.fingerprint}`;
+  scheduleSoon();
 }
 
 async function loadModels() {
@@ -105,8 +106,9 @@ function requestBody() {
     model: $("model").value, prompt: $("prompt").value, negative_prompt: $("negative").value, sampler: $("sampler").value,
     schedule: $("schedule").value, steps: Number($("steps").value), guidance: Number($("guidance").value), size: Number($("size").value),
     n: Number($("n").value), seed: seedMode === "random" ? null : Number($("seed").value), animate: $("animate").checked,
+    attention: $("attention").checked,
   };
-  if (!currentModel().text) { body.prompt = ""; body.negative_prompt = ""; }
+  if (!currentModel().text) { body.prompt = ""; body.negative_prompt = ""; body.attention = false; }
   if (state.hasInit) {
     body.image = canvasData($("init-canvas"));
     body.strength = Number($("strength").value);
@@ -155,7 +157,7 @@ async function follow(jobId) {
 }
 
 async function onEvent(event) {
-  if (event.preview) { $("preview").src = event.preview; $("preview").hidden = false; }
+  showPreviews(event);
   if (event.event === "progress") {
     $("progress").value = event.step / event.steps;
     setStatus(`step ${event.step} of ${event.steps}`);
@@ -166,6 +168,7 @@ async function onEvent(event) {
     $("progress").value = 1;
     setStatus(`done: ${job.images.length} image(s), seed ${job.seed}`);
     state.lastSeed = job.seed;
+    keepAttention(job);
     for (const image of job.images) await addToGallery(image, true);
     if (job.images.length) select(job.images[0]);
     if (job.animation) { $("animation").src = await blobUrl(job.animation); $("animation").hidden = false; }
@@ -247,7 +250,7 @@ function select(image) {
   $("details-text").textContent = image.parameters;
   $("download").href = entry ? entry.src : image.url;
   $("download").download = `diffusekit-${image.id}.png`;
-  if (entry) { $("preview").src = entry.src; $("preview").hidden = false; }
+  if (entry) showImage(entry.src, image.id);
 }
 
 function useSettings() {
@@ -269,6 +272,7 @@ async function init() {
   $("api-key").value = localStorage.getItem("diffusekit-api-key") || "";
   $("api-key").addEventListener("change", () => { localStorage.setItem("diffusekit-api-key", $("api-key").value); start(); });
   $("model").addEventListener("change", applyModel);
+  for (const id of ["steps", "schedule", "size"]) $(id).addEventListener("input", scheduleSoon);
   $("form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", () => state.job && api(`/api/jobs/${state.job}`, { method: "DELETE" }).catch((e) => setStatus(e.message, true)));
   $("reuse-seed").addEventListener("click", () => { if (state.lastSeed !== null) { $("seed").value = state.lastSeed; $("seed-mode").value = "fixed"; } });
