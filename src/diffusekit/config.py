@@ -213,9 +213,17 @@ class FinetuneConfig:
 
 
 @dataclass
+class ControlNetConfig:
+    """ControlNet training (`diffusekit train-controlnet`, controlnet_training.py): only the ControlNet trains, on a frozen base."""
+    base: str = ""  # the base model as given: a run, checkpoint or diffusers folder ("": the shipped demo model)
+    base_fingerprint: str = ""  # sha256 of the base U-Net's weights (nn/state.py), checked on resume
+    control: str = "canny"  # canny | scribble (annotators.py) | a folder of control images with the training images' file names
+
+
+@dataclass
 class Config:
     description: str = ""
-    task: str = "diffusion"  # diffusion | autoencoder (`diffusekit train-vae`) | finetune (`diffusekit finetune`)
+    task: str = "diffusion"  # diffusion | autoencoder (`diffusekit train-vae`) | finetune (`diffusekit finetune`) | controlnet
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -228,6 +236,7 @@ class Config:
     vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
 
 
 # Keys that may differ between a run and its resumption; everything else must match.
@@ -252,6 +261,7 @@ RESUMABLE_KEYS = {
     "distill.trained_steps",  # each checkpoint records its own
     "finetune.base",  # the same base may be given by another path: its fingerprint must match (finetune.py checks it)
     "finetune.base_fingerprint",
+    "controlnet.base", "controlnet.base_fingerprint",  # as finetune's (controlnet_training.py checks the fingerprint)
 }
 RESUMABLE_SECTIONS = {"sample", "eval"}
 

@@ -262,7 +262,7 @@ def check_process(config) -> None:
 def validate(config):
     """Range and consistency checks of a config.Config, section by section; returns it unchanged."""
     for check in (check_model, check_diffusion, check_data, check_train, check_sampling, check_text, check_vae_loss, check_distill,
-                  check_guidance_embedding, check_finetune, check_eval):
+                  check_guidance_embedding, check_finetune, check_controlnet, check_eval):
         check(config)
     return config
 
@@ -295,7 +295,7 @@ def check_diffusion(config) -> None:
 def check_data(config) -> None:
     """The task, the dataset and the image size, which must pass through the autoencoder and the network."""
     data = config.data
-    _choice("task", config.task, ("diffusion", "autoencoder", "finetune"))
+    _choice("task", config.task, ("diffusion", "autoencoder", "finetune", "controlnet"))
     _choice("data.dataset", data.dataset, ("mnist", "folder", "emoji", "none"))
     _choice("data.bad_images", data.bad_images, ("skip", "abort"))
     _check(data.channels in (1, 3), "data.channels must be 1 (grayscale) or 3 (RGB)")
@@ -379,3 +379,7 @@ def check_eval(config) -> None:
     _check(e.every >= 0 and e.n >= 10 and e.steps >= 1, "eval.every must be >= 0, eval.n >= 10 and eval.steps >= 1")
     _choice("eval.sampler", e.sampler, SAMPLERS)
     _choice("eval.features", e.features, ("", "mnist", "random", "inception"))
+
+
+def check_controlnet(config) -> None:
+    _check(bool(config.controlnet.control), "controlnet.control must be canny, scribble or a folder of control images (--control)")

@@ -100,11 +100,14 @@ class Denoiser:
     def sigma_max(self) -> float:
         return self.schedule.sigma_max
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+    def network_inputs(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, the network's time t, alpha, s) for x at sigma: what the network sees (a ControlNet too, control.py)."""
         sigma = sigma.to(x.device, torch.float64).expand(x.shape[0])
         alpha, s = self.schedule.coefficients(sigma)
-        x_t = x * append_dims(alpha, x)
-        t = self.schedule.net_time(self.schedule.sigma_to_t(sigma))
+        return x * append_dims(alpha, x), self.schedule.net_time(self.schedule.sigma_to_t(sigma)), alpha, s
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        x_t, t, alpha, s = self.network_inputs(x, sigma)
         dtype = network_dtype(self.net)
         output = self.net(x_t.to(dtype), t, **cast_floats(cond, dtype)).to(x.dtype)
         self.check_finite(output, x, t)

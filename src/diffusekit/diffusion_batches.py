@@ -80,7 +80,7 @@ class DiffusionBatches:
     def next_batch(self) -> tuple[torch.Tensor, dict | None, torch.Tensor | None]:
         """(x0, the condition, each item's loss weight or None) of the next batch."""
         t = self.trainer
-        idx = t.state.stream.next_indices()
+        idx = self.last_indices = t.state.stream.next_indices()  # the dataset rows (a ControlNet run takes their control images)
         weights = self.item_weights[idx].to(self.device) if self.item_weights is not None else None
         if self.vae is not None:  # a fresh z ~ q(z | x) from the cached posterior
             x0 = self.dataset.sample(idx, t.generator, t.rank, t.world).to(self.device)

@@ -246,13 +246,13 @@ def save_lora(path: str | Path, net: nn.Module, name: str, text_encoder: nn.Modu
     return save_tensors_atomic(tensors, path, metadata=header)
 
 
-def parse_lora_spec(spec: str) -> tuple[Path, float]:
+def parse_lora_spec(spec: str, what: str = "a LoRA", example: str = "style.safetensors:0.8") -> tuple[Path, float]:
     """The CLI's FILE[:SCALE]: "style.safetensors:0.8" -> (style.safetensors, 0.8); no ':SCALE' means 1.0.
 
     A spec that names an existing file is that file (so a name with ':' in it works whole); otherwise
-    the part after the last ':' must be a number, else a UserError."""
+    the part after the last ':' must be a number, else a UserError (--control IMAGE[:SCALE] reads the same way)."""
     if not spec:
-        raise UserError("a LoRA is given as FILE or FILE:SCALE, e.g. style.safetensors:0.8; got an empty string")
+        raise UserError(f"{what} is given as FILE or FILE:SCALE, e.g. {example}; got an empty string")
     if Path(spec).is_file() or ":" not in spec:
         return Path(spec), 1.0
     file, _, scale = spec.rpartition(":")
@@ -261,5 +261,5 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
     except ValueError:
         value = math.nan
     if not file or not math.isfinite(value):
-        raise UserError(f"cannot read {spec!r} as FILE:SCALE: {scale!r} is not a number (write e.g. style.safetensors:0.8)")
+        raise UserError(f"cannot read {spec!r} as FILE:SCALE: {scale!r} is not a number (write e.g. {example})")
     return Path(file), value

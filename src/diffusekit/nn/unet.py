@@ -186,6 +186,18 @@ class UNet(nn.Module):
         w = torch.ones(x.shape[0], device=x.device) if guidance is None else guidance.to(x.device, torch.float32).reshape(-1).expand(x.shape[0])
         return timestep_embedding((w - 1) * 1000, self.guidance_embedding, flip_sin_to_cos=False, freq_shift=1)
 
+    def embed(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, guidance: torch.Tensor | None) -> torch.Tensor:
+        """The time embedding (plus the class's and the guidance scale's) every resnet receives; a ControlNet
+        (nn/controlnet.py) calls this on its own copy of these layers."""
+        t = t.to(x.device, torch.float32).reshape(-1).expand(x.shape[0])
+        emb = timestep_embedding(t, self.conv_in.out_channels, self.flip_sin_to_cos, self.freq_shift).to(x.dtype)
+        emb = self.time_embedding(emb, UNet.embed_guidance(self, guidance, x) if self.guidance_embedding else None)
+        if self.num_classes:
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.class_embedding(class_labels).to(emb.dtype)
+        return emb
+
     def forward(
         self,
         x: torch.Tensor,
@@ -194,25 +206,26 @@ class UNet(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
+        down_block_additional_residuals: list[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, C, H, W] at (possibly fractional) timesteps t; class labels, or text token embeddings
         `context` [B, L, D] with `context_mask` [B, L] (1: a real token, 0: padding); `guidance` [B], the
-        classifier-free guidance scale a guidance-distilled U-Net takes as an input (default 1: none)."""
+        classifier-free guidance scale a guidance-distilled U-Net takes as an input (default 1: none).
+        A ControlNet's residuals (diffusers' names) are added to the skips and to the mid block's output."""
         self.check_input(x, context)
-        t = t.to(x.device, torch.float32).reshape(-1).expand(x.shape[0])
-        emb = timestep_embedding(t, self.conv_in.out_channels, self.flip_sin_to_cos, self.freq_shift).to(x.dtype)
-        emb = self.time_embedding(emb, self.embed_guidance(guidance, x) if self.guidance_embedding else None)
-        if self.num_classes:
-            if class_labels is None:
-                class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
-            emb = emb + self.class_embedding(class_labels).to(emb.dtype)
+        emb = self.embed(x, t, class_labels, guidance)
 
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
             h, block_skips = block(h, emb, context, context_mask)
             skips += block_skips
+        if down_block_additional_residuals is not None:
+            skips = [skip + residual for skip, residual in zip(skips, down_block_additional_residuals, strict=True)]
         h = self.mid_block(h, emb, context, context_mask)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
         for block in self.up_blocks:
             h = block(h, emb, skips, context, context_mask)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
