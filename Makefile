@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "open-clip-torch>=2.20"  # only its CLIP vocabulary file is read (io/clip_vocab.py); its deps would pull torchvision
 	@$(MAKE) --no-print-directory emoji-font symbol-font
 	@$(MAKE) --no-print-directory browser
 	touch $(STAMP)

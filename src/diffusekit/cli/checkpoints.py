@@ -123,7 +123,15 @@ def _system(args) -> None:
 
 def _export(args) -> None:
     from diffusekit.io.diffusers_export import export_diffusers
+    from diffusekit.io.single_file_export import export_single_file
 
+    if args.format == "single-file":
+        if args.components:
+            raise UserError("--components applies to --format diffusers; a single file holds the U-Net, VAE and text encoder together")
+        for note in export_single_file(args.checkpoint, args.out, weights=args.weights):
+            print(f"note: {note}")
+        print(f"wrote a Stable Diffusion single file to {args.out}")
+        return
     components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
     for note in export_diffusers(args.checkpoint, args.out, components=components, weights=args.weights):
         print(f"note: {note}")
@@ -145,10 +153,11 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
 
-    p = sub.add_parser("export", help="write a run as a diffusers folder (DDPMPipeline or Stable Diffusion layout)")
+    p = sub.add_parser("export", help="write a run as a diffusers folder (DDPMPipeline or Stable Diffusion layout) or a Stable Diffusion single file")
     p.add_argument("checkpoint", metavar="RUN_OR_CKPT")
-    p.add_argument("out", metavar="OUT", help="a new folder")
-    p.add_argument("--format", choices=("diffusers",), default="diffusers")
+    p.add_argument("out", metavar="OUT", help="a new folder (diffusers) or a new .safetensors file (single-file)")
+    p.add_argument("--format", choices=("diffusers", "single-file"), default="diffusers",
+                   help="diffusers: a folder; single-file: one .safetensors in the original SD 1.x / 2.x layout (AUTOMATIC1111, ComfyUI)")
     p.add_argument("--components", help="write only these parts, e.g. unet,vae (of unet or transformer (a DiT), vae, text_encoder, scheduler), without model_index.json")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.set_defaults(func=_export)

@@ -29,6 +29,7 @@ from diffusekit.files import read_json as read_json_object
 from diffusekit.files import read_tensors
 from diffusekit.io.diffusers_keys import (
     BLOCKS,
+    CONTROL_COMPONENTS,
     FALLBACK_SAMPLER,
     FLOW_SCHEDULER_KEYS,
     FLOW_SCHEDULERS,
@@ -282,7 +283,7 @@ def find_parts(path: Path) -> Folder:
     index = read_json(path / "model_index.json", "model_index.json")
     parts = {}
     for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, list) or value[:1] == [None] or name in SKIPPED_COMPONENTS:
+        if name.startswith("_") or not isinstance(value, list) or value[:1] == [None] or name in SKIPPED_COMPONENTS + CONTROL_COMPONENTS:
             continue  # metadata, flags, absent parts ([null, null]) and parts that do not take part in sampling
         if name not in READ_COMPONENTS:
             raise UserError(f"model_index.json: component {name} = {value!r} is not supported; diffusekit reads {', '.join(READ_COMPONENTS)} "

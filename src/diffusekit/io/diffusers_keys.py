@@ -182,6 +182,7 @@ FALLBACK_SAMPLER = "dpmpp_2m"  # for schedulers diffusekit has no twin of (PNDM,
 
 READ_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")  # not part of sampling
+CONTROL_COMPONENTS = ("controlnet",)  # a ControlNet pipeline's: read by io/controlnet.py (Pipeline.from_pretrained loads it)
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin")
 SD_GUIDANCE = 7.5  # StableDiffusionPipeline's default guidance scale
 
