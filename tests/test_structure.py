@@ -15,10 +15,11 @@ PACKAGE = ROOT / "src" / "diffusekit"
 # docs/architecture.md's layers, bottom to top; a module may import its own layer and the ones below.
 LAYERS = {
     1: ["errors", "files", "devices", "seeds", "durations", "precision", "layout", "compiled", "sigmas", "flow", "schedule", "denoiser", "losses", "samplers", "guidance", "inpaint", "distributed",
-        "optim", "version", "distill_losses"],
+        "optim", "version", "distill_losses", "control"],
     2: ["nn"],
-    3: ["config", "config_checks", "models", "io", "data", "images"],
-    4: ["trainer", "training_state", "diffusion_batches", "diffusion_training", "autoencoder_training", "distill", "finetune", "conditioning", "sampling", "pipeline", "pipeline_lora", "image_info", "evaluate", "metrics"],
+    3: ["config", "config_checks", "models", "io", "data", "images", "figures", "annotators"],
+    4: ["trainer", "training_state", "diffusion_batches", "diffusion_training", "autoencoder_training", "distill", "finetune", "controlnet_training", "conditioning", "sampling", "pipeline", "pipeline_lora", "pipeline_controlnet", "image_info", "evaluate", "metrics",
+        "attention_maps", "explain", "process_view"],
     5: ["cli", "__main__", "__init__", "serve"],
 }
 

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,13 +31,14 @@ from diffusekit.denoiser import ConsistencyDenoiser, Denoiser, network_dtype
 from diffusekit.devices import pick_device, prepare_module, use_all_cores
 from diffusekit.errors import UserError, warn
 from diffusekit.image_info import ImageOutput, describe, fingerprint, model_name, with_fused_loras
-from diffusekit.io import diffusers
+from diffusekit.io import diffusers, single_file
 from diffusekit.io.checkpoint import load_parts
 from diffusekit.layout import apply_layout, choose_layout
 from diffusekit.models import ModelParts, example_inputs, image_shape, size_multiple
 from diffusekit.nn.lora import fused_digests
 from diffusekit.nn.state import weights_fingerprint
 from diffusekit.nn.vae import AutoencoderKL
+from diffusekit.pipeline_controlnet import ControlNetMethods, check_control_names
 from diffusekit.pipeline_lora import LoRAMethods
 from diffusekit.precision import dtype_name, resolve_dtype
 from diffusekit.samplers import SAMPLER_OPTIONS
@@ -46,8 +48,13 @@ from diffusekit.schedule import make_schedule
 LARGE_IMAGE_PIXELS = 256 * 256  # from this size on, the VAE decodes one image at a time
 
 
-def load_model(path: str | Path, weights: str = "ema") -> ModelParts:
-    """The networks of a diffusekit run or checkpoint folder (EMA weights unless weights="model") or of a diffusers folder, on the CPU."""
+def load_model(path: str | Path, weights: str = "ema", config: str | Path | None = None, overrides=()) -> ModelParts:
+    """The networks of a diffusekit run or checkpoint folder (EMA weights unless weights="model"), of a diffusers folder or of
+    a Stable Diffusion single file (config: a diffusers folder's configs for it; overrides: --set strings), on the CPU."""
+    if single_file.is_single_file(path):
+        return single_file.read_single_file(path, config, overrides)
+    if config is not None or overrides:
+        raise UserError(f"--config and --set apply to single-file checkpoints (.safetensors / .ckpt) only, and '{path}' is a folder; leave them out")
     if diffusers.is_diffusers_folder(path):  # a Stable Diffusion / diffusers folder (model_index.json or a UNet config.json)
         if weights != "ema":
             raise UserError(f"'{path}' is a diffusers folder: it has one set of weights, so --weights {weights} does not apply")
@@ -55,7 +62,7 @@ def load_model(path: str | Path, weights: str = "ema") -> ModelParts:
     return load_parts(path, weights)
 
 
-class Pipeline(LoRAMethods):
+class Pipeline(LoRAMethods, ControlNetMethods):
     """Samples of a diffusion model; for a latent model `vae` decodes the sampled latents."""
 
     def __init__(self, config: Config, net: torch.nn.Module, device: torch.device | str = "cpu", checkpoint: Path | None = None,
@@ -77,6 +84,7 @@ class Pipeline(LoRAMethods):
         self.layouts: dict[tuple, str] = {}  # (batch, size, device) -> the network's memory layout for it (use_fastest_layout)
         self.layout_now: str | None = None  # the layout the network is in (None: as placed)
         self.name = model_name(checkpoint)
+        self.controlnets: dict = {}  # name -> (ControlNet, its hash), in the order they steer (pipeline_controlnet.py)
 
     def make_denoiser(self):
         """D(x, sigma, cond) over the (compiled) network; a consistency student's x0_hat is its consistency function."""
@@ -98,11 +106,20 @@ class Pipeline(LoRAMethods):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, weights: str = "ema", device: str = "auto", dtype="fp32", torch_dtype=None,
-                        compile: bool = False) -> "Pipeline":
+                        compile: bool = False, controlnet=None, config: str | Path | None = None, overrides=()) -> "Pipeline":
         """A diffusekit run or checkpoint folder (EMA weights unless weights="model"), or a diffusers folder.
-        dtype (or diffusers' name torch_dtype): "auto" picks bf16 where the hardware has it natively."""
+        dtype (or diffusers' name torch_dtype): "auto" picks bf16 where the hardware has it natively.
+        controlnet: ControlNet folder(s) to load (a ControlNet pipeline folder's controlnet/ is loaded by default)."""
         use_all_cores()
-        return cls.from_parts(load_model(path, weights), device, dtype=torch_dtype if torch_dtype is not None else dtype, compile=compile)
+        pipe = cls.from_parts(load_model(path, weights, config, overrides), device, dtype=torch_dtype if torch_dtype is not None else dtype, compile=compile)
+        return pipe.load_controlnets(path, controlnet)
+
+    @classmethod
+    def from_single_file(cls, path: str | Path, config: str | Path | None = None, device: str = "auto", dtype="fp32", overrides=()) -> "Pipeline":
+        """An SD 1.x / 2.x .safetensors / .ckpt file; config: a diffusers folder's configs for it (io/single_file.py)."""
+        if not single_file.is_single_file(path):
+            raise UserError(f"'{path}' is not a .safetensors or .ckpt file; give a Stable Diffusion single file")
+        return cls.from_pretrained(path, device=device, dtype=dtype, config=config, overrides=overrides)
 
     @classmethod
     def from_parts(cls, parts: ModelParts, device: str = "auto", dtype="fp32", compile: bool = False) -> "Pipeline":
@@ -128,6 +145,7 @@ class Pipeline(LoRAMethods):
             self.vae = prepare_module(self.vae, self.device)
         if self.text_encoder is not None:
             self.text_encoder = self.text_encoder.to(self.device)
+        self.controlnets = {name: (net.to(self.device), hash_) for name, (net, hash_) in self.controlnets.items()}
         return self
 
     @torch.no_grad()
@@ -222,6 +240,9 @@ class Pipeline(LoRAMethods):
         jump_length: int = 10,
         jump_n_sample: int = 1,
         first_index: int = 0,
+        attention=None,
+        control_image=None,
+        **control,
     ) -> torch.Tensor:
         """n images as a tensor in [-1, 1] (a latent model's samples decoded). Image i depends only on (seed, i), not on batch_size.
 
@@ -238,9 +259,13 @@ class Pipeline(LoRAMethods):
         mask [1 or n, 1, H, W] in [0, 1] (1: repaint), strength in (0, 1] (default 0.8, or 1 with a mask: how much
         of the schedule is walked); jump_n_sample > 1 resamples every jump_length steps (RePaint).
         first_index: the index of the first image in the seed's stream, so that image i of a seed can be made alone.
+        attention: an attention_maps.AttentionCollector that records each batch's cross-attention maps (DAAM).
+        control_image (a picture or [1 or n, 3, H, W] in [-1, 1]; a list: one per loaded ControlNet) with control settings
+        controlnet_conditioning_scale, control_guidance_start, control_guidance_end (diffusers' names; pipeline_controlnet.py).
         """
         request = SampleRequest(n, steps, sampler, spacing, seed, labels, prompts, negative, guidance, guidance_rescale, eta, variance,
-                                batch_size, size, noise, image, mask, strength, jump_length, jump_n_sample, first_index)
+                                batch_size, size, noise, image, mask, strength, jump_length, jump_n_sample, first_index, control_image,
+                                check_control_names(control))
         plan = make_plan(self, request)  # the stages: sampling.py
         self.use_fastest_layout(plan.network_batch, size)
         bar = tqdm(total=n * plan.walks, desc=f"sampling ({plan.settings.sampler}, {plan.walks} steps)", unit="step", disable=not progress, leave=False)
@@ -254,7 +279,8 @@ class Pipeline(LoRAMethods):
 
             x = start_latents(self, plan, batch)
             denoiser, cond = compose_denoiser(self, plan, batch)
-            x = run_sampler(plan, denoiser, x, cond, batch, on_step)
+            with attention.recording(self, plan, batch) if attention is not None else nullcontext():
+                x = run_sampler(plan, denoiser, x, cond, batch, on_step)
             out.append(self.decode(x) if self.vae is not None else x.clamp(-1, 1).cpu())
         bar.close()
         return torch.cat(out)
@@ -297,7 +323,7 @@ class Pipeline(LoRAMethods):
 
     def __call__(self, prompt=None, n: int | None = None, *, num_images_per_prompt: int | None = None, height: int | None = None,
                  width: int | None = None, generator: torch.Generator | None = None, image=None, mask_image=None, mask_blur: float = 0.0,
-                 **kwargs) -> "ImageOutput":
+                 return_attention: bool = False, **kwargs) -> "ImageOutput":
         """PIL images: pipe("a red apple", n=4, steps=20, guidance=4) for a text-to-image model,
         pipe(n=16) for an unconditional one (labels=... for a class-conditional one).
 
@@ -307,7 +333,9 @@ class Pipeline(LoRAMethods):
         and generator, which draws the initial noise (the per-step noise of stochastic samplers
         still comes from `seed`). image (a PIL image, cropped and resized to the output size) and
         mask_image (white: repaint; blurred by mask_blur pixels) edit an image (sample()'s strength, ...).
-        Returns an ImageOutput: a list of PIL images with `.images` and each image's `.parameters`."""
+        Returns an ImageOutput: a list of PIL images with `.images` and each image's `.parameters`; with
+        return_attention=True its `.attention` holds each token's cross-attention maps (attention_maps.AttentionMaps)."""
+        from diffusekit.attention_maps import AttentionCollector
         from diffusekit.images import image_tensor, make_grid, mask_tensor, to_pil
 
         kwargs = rename_diffusers_arguments(kwargs)
@@ -335,12 +363,13 @@ class Pipeline(LoRAMethods):
             kwargs["mask"] = mask_image
         if image is not None:
             kwargs["image"] = image if isinstance(image, torch.Tensor) else image_tensor(image, size, channels)
-        images = self.sample(n, prompts=prompts, **kwargs)
+        attention = AttentionCollector(self, prompts) if return_attention else None
+        images = self.sample(n, prompts=prompts, attention=attention, **kwargs)
         texts = describe(self, n, prompts=prompts, edit=image is not None, masked=mask_image is not None, mask_blur=mask_blur, **kwargs)
         pictures = [to_pil(make_grid(img[None], ncols=1, padding=0)) for img in images]
         for picture, text in zip(pictures, texts):
             picture.info["parameters"] = text
-        return ImageOutput(pictures, texts)
+        return ImageOutput(pictures, texts, attention.result() if attention is not None else None)
 
 
 # diffusers' StableDiffusionPipeline names for arguments Pipeline.sample takes under its own names

@@ -3,7 +3,7 @@
     plan = make_plan(pipe, request)                # settings -> sigmas -> conditions -> edit inputs; every check before any work
     for batch in plan.batches():
         x = start_latents(pipe, plan, batch)           # noise, or the init image noised to the strength's level
-        denoiser, cond = compose_denoiser(pipe, plan, batch)  # guidance, known-region inpainting: wrappers of D(x, sigma, cond)
+        denoiser, cond = compose_denoiser(pipe, plan, batch)  # ControlNets, guidance, inpainting: wrappers of D(x, sigma, cond)
         x = run_sampler(plan, denoiser, x, cond, batch, callback)  # the sampler (RePaint: its resampling loop around it)
         images = pipe.to_images(x)                     # decode
 
@@ -12,12 +12,13 @@ A new model family or conditioning (a ControlNet, another autoencoder) plugs int
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from diffusekit.conditioning import conditions
 from diffusekit.config import SampleConfig
+from diffusekit.control import ControlNetDenoiser
 from diffusekit.errors import UserError
 from diffusekit.guidance import GuidedDenoiser
 from diffusekit.inpaint import KnownRegionDenoiser, check_resampling, default_strength, noised_start, sample_resampled, strength_start
@@ -51,6 +52,8 @@ class SampleRequest:
     jump_length: int = 10
     jump_n_sample: int = 1
     first_index: int = 0
+    control_image: object = None  # ControlNets' control images and settings (pipeline_controlnet.py)
+    control: dict | None = None  # {"controlnet_conditioning_scale": ..., "control_guidance_start": ..., "control_guidance_end": ...}
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class SamplingPlan:
     known: torch.Tensor | None
     mask: torch.Tensor | None
     strength: float
+    controls: tuple = ()  # control.Control's: the ControlNets at work, their images and settings
 
     def batches(self):
         r, size = self.request, self.settings.batch_size
@@ -125,7 +129,8 @@ def make_plan(pipe, r: SampleRequest) -> SamplingPlan:
     strength = default_strength(r.strength, mask is not None)
     if r.image is not None:
         sigmas = sigmas[strength_start(settings.steps, strength):]
-    return SamplingPlan(r, settings, options, sigmas, shape, cond, uncond, scale, guidance_input, known, mask, strength)
+    controls = pipe.control_inputs(r.control_image, r.control or {}, r.n, shape)
+    return SamplingPlan(r, settings, options, sigmas, shape, cond, uncond, scale, guidance_input, known, mask, strength, controls)
 
 
 def one_or_each(tensor: torch.Tensor | None, batch: Batch) -> torch.Tensor | None:
@@ -143,14 +148,16 @@ def start_latents(pipe, plan: SamplingPlan, batch: Batch) -> torch.Tensor:
 
 
 def compose_denoiser(pipe, plan: SamplingPlan, batch: Batch):
-    """(the denoiser this batch samples, its condition): the model's D wrapped in guidance and inpainting as asked."""
+    """(the denoiser this batch samples, its condition): the model's D wrapped in ControlNets, guidance and inpainting as asked."""
     cond = {k: v[batch.part] for k, v in plan.cond.items()} if plan.cond else None
     denoiser = pipe.denoiser
+    if plan.controls:  # innermost: under guidance both halves of the batch get the control image
+        denoiser = ControlNetDenoiser(denoiser, [replace(c, image=one_or_each(c.image, batch)) for c in plan.controls], plan.sigmas)
     if plan.guidance_input and cond is not None:  # the guidance scale is an input: one call per step
         cond["guidance"] = torch.full((batch.count,), float(plan.scale), device=pipe.device)
     elif plan.scale != 1.0:
         uncond = {k: v[batch.part] for k, v in plan.uncond.items()}
-        denoiser = GuidedDenoiser(pipe.denoiser, uncond, plan.scale, plan.settings.guidance_rescale)
+        denoiser = GuidedDenoiser(denoiser, uncond, plan.scale, plan.settings.guidance_rescale)
     if plan.mask is not None:
         denoiser = KnownRegionDenoiser(denoiser, one_or_each(plan.known, batch), one_or_each(plan.mask, batch))
     return denoiser, cond

@@ -1,4 +1,4 @@
-"""`diffusekit` commands: train, train-vae, distill, finetune, sample, generate, edit, eval, info, export, slim, presets, noise, serve.
+"""`diffusekit` commands: train, train-vae, distill, finetune, train-controlnet, sample, generate, edit, eval, info, export, slim, presets, noise, explain, serve.
 
 Each module here holds a few commands: their parsers (`register`) and the thin functions that
 run them over layer 4. Mistakes a user can make (UserError) are printed as one line and exit
@@ -11,10 +11,10 @@ import argparse
 import sys
 import warnings
 
-from diffusekit.cli import checkpoints, finetune, quality, sampling, serving, tools, training
+from diffusekit.cli import checkpoints, controlnet, explain, finetune, quality, sampling, serving, tools, training
 from diffusekit.errors import DiffusekitWarning, UserError
 
-COMMAND_GROUPS = (training, finetune, sampling, quality, checkpoints, tools, serving)
+COMMAND_GROUPS = (training, finetune, controlnet, sampling, quality, checkpoints, tools, explain, serving)
 
 
 class Parser(argparse.ArgumentParser):

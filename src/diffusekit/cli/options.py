@@ -68,6 +68,9 @@ def add_sampling_args(p: argparse.ArgumentParser, n: int, out: str) -> None:
     p.add_argument("--animate", metavar="GIF", help="also write the reverse process as an animated GIF")
     p.add_argument("--batch-size", type=positive_int, help="images sampled at once (default: the model's sample.batch_size, 64); the images do not depend on it")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--config", metavar="FOLDER", help="a single-file model (.safetensors / .ckpt): a diffusers folder whose configs "
+                   "(scheduler, tokenizer, head counts) replace the family's defaults")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a single-file model: override its config, e.g. --set diffusion.prediction=eps")
     add_speed_args(p)
 
 
@@ -119,3 +122,49 @@ def apply_loras(pipe, specs) -> None:
         print(f"LoRA {name} from {path} at scale {scale:g}")
     if specs:
         pipe.fuse_lora(keep_original=False)  # never unfused here: no copy of the weights needed
+
+
+# ----------------------------------------------------------------------------- ControlNets (generate, edit)
+
+
+def control_spec(text: str):
+    """--control IMAGE[:SCALE] -> (path, scale); a scale that is not a number is a one-line usage error."""
+    from diffusekit.errors import UserError
+    from diffusekit.io.lora import parse_lora_spec
+
+    try:
+        return parse_lora_spec(text, what="a control image", example="edges.png:0.8")
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_control_options(p: argparse.ArgumentParser) -> None:
+    """--controlnet RUN_OR_FOLDER and --control IMAGE[:SCALE], each repeatable and paired in order; control_arguments reads them."""
+    p.add_argument("--controlnet", action="append", metavar="RUN_OR_FOLDER",
+                   help="a ControlNet: a diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors), a "
+                        "`train-controlnet` run, or a ControlNet 1.x file (.safetensors, .pth); repeatable")
+    p.add_argument("--control", action="append", type=control_spec, metavar="IMAGE[:SCALE]",
+                   help="the control image of each --controlnet, in order (edges, a scribble: white lines on black), at a scale "
+                        "(default 1), e.g. edges.png:0.8")
+    p.add_argument("--control-start", type=float, default=0.0, help="the fraction of the steps after which the ControlNets act (default 0)")
+    p.add_argument("--control-end", type=float, default=1.0, help="the fraction of the steps after which they stop (default 1)")
+
+
+def control_arguments(pipe, args) -> dict:
+    """Load each --controlnet into the pipeline; Pipeline.sample's control arguments from --control (the images opened, not resized)."""
+    from diffusekit.errors import UserError
+    from diffusekit.images import open_image
+
+    controlnets, controls = getattr(args, "controlnet", None) or [], getattr(args, "control", None) or []
+    for folder in controlnets:
+        print(f"ControlNet {pipe.load_controlnet(folder)} from {folder}")
+    if controls and not pipe.controlnets:
+        raise UserError(f"--control {controls[0][0]} needs a ControlNet: add --controlnet RUN_OR_FOLDER (a diffusers ControlNet folder, a run or a file)")
+    if len(controls) != len(pipe.controlnets) and (controls or controlnets):
+        raise UserError(f"{len(pipe.controlnets)} ControlNet(s) ({', '.join(pipe.controlnets)}) but {len(controls)} --control: "
+                        "give one --control IMAGE[:SCALE] per ControlNet, in order")
+    if not controls:
+        return {}
+    return {"control_image": [open_image(path, f"control image {path}") for path, _ in controls],
+            "controlnet_conditioning_scale": [scale for _, scale in controls],
+            "control_guidance_start": args.control_start, "control_guidance_end": args.control_end}

@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from diffusekit.cli.options import add_lora_option, add_sampling_args, apply_loras, describe_speed, positive_int
+from diffusekit.cli.options import add_control_options, add_lora_option, add_sampling_args, apply_loras, control_arguments, describe_speed, positive_int
 from diffusekit.config_checks import check_mask_blur
-from diffusekit.errors import UserError
+from diffusekit.errors import UserError, warn
 
 
 def _sample(args) -> None:
@@ -21,11 +21,15 @@ def _sample(args) -> None:
     recorded = read_from(args)
     check_image_outputs(args)
     pipe = Pipeline.from_pretrained(getattr(args, "checkpoint", None) or args.model or default_model(), weights=args.weights, device=args.device,
-                                    dtype=args.precision, compile=args.compile)
+                                    dtype=args.precision, compile=args.compile, config=args.config, overrides=args.set or ())
     apply_loras(pipe, args.lora)
+    control = control_arguments(pipe, args)
+    if recorded is not None and "ControlNet 0" in recorded and not control:
+        warn(f"'{args.source}' was made with a ControlNet ({recorded['ControlNet 0']}); give --controlnet and --control to make it again")
     if recorded is not None:
         check_recorded_model(recorded, pipe, args.source)
     check_arguments(args, pipe)
+    attention = attention_collector(args, pipe)
     edit = {}
     if args.command == "edit":
         size = args.size or pipe.config.data.image_size
@@ -45,9 +49,10 @@ def _sample(args) -> None:
     chosen = dict(steps=args.steps, sampler=args.sampler, spacing=args.spacing, seed=args.seed, labels=args.label, prompts=args.prompt or None,
                   negative=args.negative, guidance=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta, size=args.size,
                   first_index=args.index)
-    images = pipe.sample(args.n, **chosen, **edit, batch_size=args.batch_size, callback=record if args.animate else None, progress=True)
+    images = pipe.sample(args.n, **chosen, **edit, **control, batch_size=args.batch_size, callback=record if args.animate else None, progress=True,
+                         attention=attention)
     texts = describe(pipe, args.n, **chosen, **{k: v for k, v in edit.items() if k not in ("image", "mask")}, edit=bool(edit),
-                     masked="mask" in edit, mask_blur=getattr(args, "mask_blur", None))
+                     masked="mask" in edit, **control, mask_blur=getattr(args, "mask_blur", None))
     _write_images(images, Path(args.out), "samples" if args.command == "sample" else "images", texts, args.index)
     last = args.index + args.n - 1
     print(f"seed {pipe.settings(seed=args.seed).seed}, images {args.index}..{last}: any one of them again alone with "
@@ -59,6 +64,32 @@ def _sample(args) -> None:
         except OSError as err:
             raise UserError(f"could not write the animation to '{args.animate}' ({err}); free some space or choose another --animate") from None
         print(f"wrote the reverse process ({len(frames)} frames) to {args.animate}")
+    if attention is not None:
+        write_attention_maps(images, attention.result(), args.attention_maps)
+
+
+def attention_collector(args, pipe):
+    """With --attention-maps: the collector of the prompt's cross-attention maps, checked before any work."""
+    from diffusekit.attention_maps import AttentionCollector
+
+    words = [w for w in (getattr(args, "attention_words", None) or "").split(",") if w.strip()]
+    if not getattr(args, "attention_maps", None):
+        if words:
+            raise UserError("--attention-words picks the words of --attention-maps FILE.png; add that option")
+        return None
+    return AttentionCollector(pipe, args.prompt, words)
+
+
+def write_attention_maps(images, attention, path: str) -> None:
+    from diffusekit.attention_maps import draw_attention
+    from diffusekit.images import atomic_save
+
+    try:
+        atomic_save(draw_attention(images, attention), path)
+    except OSError as err:
+        raise UserError(f"could not write the attention maps to '{path}' ({err}); free some space or choose another --attention-maps") from None
+    shown = f" (the first {min(len(images), 8)} images)" if len(images) > 8 else ""
+    print(f"wrote the cross-attention maps of {', '.join(map(repr, attention.tokens))}{shown} to {path}")
 
 
 # what `--from IMAGE.png` takes from the image's parameters where the command line does not say: option -> field
@@ -163,15 +194,18 @@ def check_image_outputs(args) -> None:
     without --overwrite, or that is an input of this command (init image, mask, --from PNG: never, even with --overwrite)."""
     from diffusekit.io.runs import overlap
 
-    out, animate = Path(args.out), args.animate
+    out, animate, maps = Path(args.out), args.animate, getattr(args, "attention_maps", None)
+    if maps and (Path(maps).is_dir() or Path(maps).suffix.lower() not in IMAGE_SUFFIXES):
+        raise UserError(f"--attention-maps '{maps}' is {'a folder' if Path(maps).is_dir() else 'not an image file name'}; give a .png file name")
     if out.suffix.lower() in IMAGE_SUFFIXES and out.is_dir():
         raise UserError(f"--out '{out}' is a folder; give a new file name for a grid, or a folder name without an image suffix for one PNG per image")
     if out.suffix.lower() not in IMAGE_SUFFIXES and out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is an existing file, not a folder; give a .png name for a grid, or a folder for one PNG per image")
     if animate and Path(animate).is_dir():
         raise UserError(f"--animate '{animate}' is a folder; give a .gif file name")
-    written = output_files(out, args.index, args.n) + ([Path(animate)] if animate else [])
-    inputs = {"the init image": getattr(args, "init", None), "the mask": getattr(args, "mask", None), "--from": args.source}
+    written = output_files(out, args.index, args.n) + [Path(extra) for extra in (animate, maps) if extra]
+    inputs = {"the init image": getattr(args, "init", None), "the mask": getattr(args, "mask", None), "--from": args.source,
+              **{f"the control image {i}": path for i, (path, _) in enumerate(getattr(args, "control", None) or [])}}
     for what, path in inputs.items():
         clash = next((w for w in written if path is not None and overlap(w, Path(path))), None)
         if clash is not None:
@@ -179,7 +213,8 @@ def check_image_outputs(args) -> None:
     existing = [w for w in written if w.exists()]
     if existing and not args.overwrite:
         names = ", ".join(str(w) for w in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-        raise UserError(f"{names} already exist{'s' if len(existing) == 1 else ''}; choose another --out (or --animate), or pass --overwrite to replace")
+        raise UserError(f"{names} already exist{'s' if len(existing) == 1 else ''}; choose another --out (or --animate, --attention-maps), "
+                        "or pass --overwrite to replace")
 
 
 def output_files(out: Path, start: int, n: int) -> list[Path]:
@@ -222,6 +257,11 @@ def register(sub) -> None:
     add_sampling_args(p, n=8, out="generated.png")
     add_from(p)
     add_lora_option(p)
+    add_control_options(p)
+    p.add_argument("--attention-maps", metavar="FILE.png", help="also draw where each word of the prompt lands in the images: "
+                   "its cross-attention over layers, heads and steps (DAAM)")
+    p.add_argument("--attention-words", metavar="WORDS", help="with --attention-maps: only these tokens, comma-separated, "
+                   "as words or indices (red,apple or 0,1)")
     p.set_defaults(func=_sample, label=None)
 
     p = sub.add_parser("edit", help="image to image (SDEdit) and inpainting: an image changed by a prompt, or only where a mask is white")
@@ -238,6 +278,7 @@ def register(sub) -> None:
     add_sampling_args(p, n=1, out="edited.png")
     add_from(p)
     add_lora_option(p)
+    add_control_options(p)
     p.set_defaults(func=_sample)
 
 

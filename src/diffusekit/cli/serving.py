@@ -88,7 +88,7 @@ def _serve(args) -> None:
 def register(sub) -> None:
     p = sub.add_parser("serve", help="a web page and HTTP APIs (native, OpenAI's and AUTOMATIC1111's) for your models, on localhost; "
                        "every image is saved under outputs/")
-    p.add_argument("--model", action="append", help="a run, checkpoint or diffusers folder (repeatable; default: the shipped emoji demo model)")
+    p.add_argument("--model", action="append", help="a run, checkpoint or diffusers folder, or a Stable Diffusion single file (repeatable; default: the shipped emoji demo model)")
     add_lora_option(p)
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only); "
                    "another one exposes the server, so give it an --api-key")
