@@ -103,6 +103,11 @@ def test_scribbles_and_a_folder_of_control_images(sd_folder, square_folder, tmp_
     write_images(controls, scribbles.permute(0, 2, 3, 1).numpy(), names=sorted(p.name for p in square_folder.glob("*.png")))
     result = trained(sd_folder, square_folder, tmp_path / "run", "train.max_steps=1", control=str(controls))
     assert (result.run_dir / "controlnet" / "config.json").is_file()
+    # --overwrite knows the run's controlnet/ folder as the run's own: the same run again, from scratch
+    again = train_controlnet(controlnet_config(sd_folder, square_folder, str(controls), ["train.batch_size=8", "train.threads=1", "sample.steps=2",
+                                                                                          "sample.n=4", "train.max_steps=1"]),
+                             result.run_dir, overwrite=True, progress=False)
+    assert again.step == 1 and (result.run_dir / "controlnet" / "config.json").is_file()
     (controls / sorted(p.name for p in controls.iterdir())[0]).unlink()
     with pytest.raises(UserError, match="has no image named"):
         trained(sd_folder, square_folder, tmp_path / "run2", "train.max_steps=1", control=str(controls))

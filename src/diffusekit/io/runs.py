@@ -88,8 +88,9 @@ def checkpoint_to_resume(run_dir: Path, config: Config) -> Path:
 
 
 # What diffusekit writes into a run folder, by name: RUN/config.json, RUN/metrics.jsonl, sample grids
-# (and their prompts), evaluation reports, checkpoint folders, the `latest` pointer, a fine-tuning run's LoRA and what a killed
-# write leaves behind (.NAME.*.tmp files, .tmp-* folders). --overwrite deletes these and nothing else.
+# (and their prompts), evaluation reports, checkpoint folders, the `latest` pointer, a fine-tuning run's LoRA,
+# a ControlNet run's controlnet/ folder and what a killed write leaves behind (.NAME.*.tmp files, .tmp-* folders).
+# --overwrite deletes these and nothing else.
 RUN_FILE_PATTERNS = (
     "config.json", "metrics.jsonl", ".config.json.*", ".metrics.jsonl.*",
     "samples/step_*.png", "samples/step_*.json", "samples/.step_*",
@@ -97,6 +98,7 @@ RUN_FILE_PATTERNS = (
     "checkpoints/latest", "checkpoints/.latest.*", "checkpoints/step_*/*", "checkpoints/.tmp-*/*",
     "students/*-steps/*", "students/.tmp-*/*",  # a progressive distillation's students of its earlier stages
     "lora.safetensors", ".lora.safetensors.*",  # a `diffusekit finetune` run's LoRA
+    "controlnet/*", ".tmp-controlnet-*/*", ".tmp-controlnet-*/old/*",  # a `train-controlnet` run's ControlNet folder (diffusers' layout)
 )
 
 
@@ -109,7 +111,8 @@ def run_contents(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.rglob("*") if p.is_symlink() or not p.is_dir())
 
 
-RUN_FOLDER_PATTERNS = ("samples", "eval", "checkpoints", "checkpoints/step_*", "checkpoints/.tmp-*", "students", "students/*-steps", "students/.tmp-*")
+RUN_FOLDER_PATTERNS = ("samples", "eval", "checkpoints", "checkpoints/step_*", "checkpoints/.tmp-*", "students", "students/*-steps", "students/.tmp-*",
+                       "controlnet", ".tmp-controlnet-*", ".tmp-controlnet-*/old")
 
 
 def clear_run_dir(run_dir: Path) -> None:
