@@ -6,6 +6,8 @@ control images, scales and step fractions checked into control.Control's.
 
 A mixin of pipeline.Pipeline: it works on the pipeline's U-Net (`self.net`), device and dtype. ControlNets are used in
 the order they were loaded; control_image and the three settings are one value for all or a list, one per ControlNet.
+control_image may also be a dict {name: image}: only those ControlNets steer (the studio's jobs). control_module names the
+annotator that made each control image (default "none"), which the images record as the ControlNet line's Module.
 """
 
 from __future__ import annotations
@@ -72,11 +74,18 @@ class ControlNetMethods:
         if not self.controlnets:
             raise UserError("a control image needs a ControlNet, and none is loaded: give --controlnet RUN_OR_FOLDER "
                             "(Python: pipe.load_controlnet(folder))")
-        count = len(self.controlnets)
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        if len(images) != count:
-            raise UserError(f"{len(images)} control image(s) for {count} ControlNet(s) ({', '.join(self.controlnets)}); give one per ControlNet")
-        out = [{"image": image} for image in images]
+        if isinstance(images, dict):  # {name: image}: only these ControlNets steer, in this order
+            unknown = [name for name in images if name not in self.controlnets]
+            if unknown:
+                raise UserError(f"no ControlNet named '{unknown[0]}' is loaded; loaded: {', '.join(self.controlnets)}")
+            out = [{"name": name, "image": image} for name, image in images.items()]
+        else:
+            images = list(images) if isinstance(images, (list, tuple)) else [images]
+            if len(images) != len(self.controlnets):
+                raise UserError(f"{len(images)} control image(s) for {len(self.controlnets)} ControlNet(s) ({', '.join(self.controlnets)}); "
+                                "give one per ControlNet")
+            out = [{"name": name, "image": image} for name, image in zip(self.controlnets, images)]
+        count = len(out)
         for key, default in SETTINGS:
             value = given.get(key, default)
             values = list(value) if isinstance(value, (list, tuple)) else [value] * count
@@ -86,6 +95,12 @@ class ControlNetMethods:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise UserError(f"{key} = {v!r} is not a number; give a number such as {default} (--control IMAGE:SCALE takes the scale)")
                 entry[key] = float(v)
+        modules = given.get("control_module", "none")  # the annotator that made each control image: the PNG's Module
+        modules = list(modules) if isinstance(modules, (list, tuple)) else [modules] * count
+        if len(modules) != count or not all(isinstance(m, str) for m in modules):
+            raise UserError(f"control_module = {given.get('control_module')!r}: give one annotator name (e.g. 'canny'), or one per ControlNet")
+        for entry, module in zip(out, modules):
+            entry["control_module"] = module
         for entry in out:
             start, end = entry["control_guidance_start"], entry["control_guidance_end"]
             if not 0 <= start < end <= 1:
@@ -99,7 +114,8 @@ class ControlNetMethods:
         if entries and not hasattr(self.denoiser, "network_inputs"):
             raise UserError("ControlNets steer a model's plain denoiser; a consistency student's sampling takes none: use its teacher")
         controls = []
-        for (name, (net, _)), entry in zip(self.controlnets.items(), entries):
+        for entry in entries:
+            name, (net, _) = entry["name"], self.controlnets[entry["name"]]
             size = shape[-1] * net.downsample_factor
             image = control_tensor(entry["image"], name, n, size, net.shape.conditioning_channels)
             controls.append(Control(net, ((image + 1) / 2).clamp(0, 1).to(self.device), entry["controlnet_conditioning_scale"],
@@ -110,9 +126,10 @@ class ControlNetMethods:
         """What images record of their ControlNets, as AUTOMATIC1111's ControlNet extension writes it:
         ControlNet 0: "Module: none, Model: NAME [HASH], Weight: 1, Guidance Start: 0, Guidance End: 1"."""
         entries = self.control_settings(images, given)
-        return {f"ControlNet {i}": f"Module: none, Model: {name} [{hash_}], Weight: {e['controlnet_conditioning_scale']:g}, "
-                                   f"Guidance Start: {e['control_guidance_start']:g}, Guidance End: {e['control_guidance_end']:g}"
-                for i, ((name, (_, hash_)), e) in enumerate(zip(self.controlnets.items(), entries))}
+        return {f"ControlNet {i}": f"Module: {e['control_module']}, Model: {e['name']} [{self.controlnets[e['name']][1]}], "
+                                   f"Weight: {e['controlnet_conditioning_scale']:g}, Guidance Start: {e['control_guidance_start']:g}, "
+                                   f"Guidance End: {e['control_guidance_end']:g}"
+                for i, e in enumerate(entries)}
 
 
 def control_tensor(image, name: str, n: int, size: int, channels: int) -> torch.Tensor:
@@ -135,7 +152,7 @@ def control_tensor(image, name: str, n: int, size: int, channels: int) -> torch.
 
 def check_control_names(control: dict) -> dict:
     """Pipeline.sample()'s control settings: diffusers' names, nothing else."""
-    unknown = sorted(set(control) - {name for name, _ in SETTINGS})
+    unknown = sorted(set(control) - {name for name, _ in SETTINGS} - {"control_module"})
     if unknown:
         raise TypeError(f"Pipeline.sample() got unexpected keyword argument(s) {', '.join(unknown)}")
     return control

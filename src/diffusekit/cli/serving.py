@@ -40,6 +40,21 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def load_controlnets(pipes: dict, paths) -> None:
+    """Each --controlnet into every served model it fits (its input channels, skips and cross-attention width); one that
+    fits none of them is a UserError naming why."""
+    for path in paths or []:
+        fitted, refusal = [], None
+        for model, pipe in pipes.items():
+            try:
+                fitted.append(f"{pipe.load_controlnet(path)} on {model}")
+            except UserError as err:
+                refusal = err
+        if not fitted:
+            raise UserError(f"--controlnet {path} fits none of the served models: {refusal}")
+        print(f"ControlNet {', '.join(fitted)} from {path}", flush=True)
+
+
 DEFAULT_OUTPUTS = "outputs"  # beside where `serve` runs, as AUTOMATIC1111 and ComfyUI keep theirs
 
 
@@ -70,6 +85,7 @@ def _serve(args) -> None:
         pipes = load_pipes(args.model or [], device=args.device, dtype=args.precision)
         for pipe in pipes.values():  # every served model gets the --lora files, fused into its weights in memory
             apply_loras(pipe, args.lora)
+        load_controlnets(pipes, args.controlnet)
         gallery = Gallery(args.gallery, folder)
         server = Server(pipes, limits, queue_size=args.queue, gallery=gallery, api_key=args.api_key)
         app = create_app(server, allowed_hosts=LOOPBACK_HOSTS + [args.host] if loopback else None)
@@ -90,6 +106,9 @@ def register(sub) -> None:
                        "every image is saved under outputs/")
     p.add_argument("--model", action="append", help="a run, checkpoint or diffusers folder, or a Stable Diffusion single file (repeatable; default: the shipped emoji demo model)")
     add_lora_option(p)
+    p.add_argument("--controlnet", action="append", metavar="RUN_OR_FOLDER",
+                   help="a ControlNet (a diffusers ControlNet folder, a `train-controlnet` run or a ControlNet 1.x file), loaded into "
+                        "every served model it fits; jobs steer with it through \"control\" (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only); "
                    "another one exposes the server, so give it an --api-key")
     p.add_argument("--port", type=int, default=7860)
@@ -99,7 +118,7 @@ def register(sub) -> None:
     p.add_argument("--max-steps", type=positive_int, default=100, help="sampling steps per request")
     p.add_argument("--max-size", type=int, default=0, help="image side in pixels (default 0: four times the model's own size)")
     p.add_argument("--max-prompt-chars", type=positive_int, default=1000)
-    p.add_argument("--max-upload-mb", type=positive_int, default=8, help="the largest uploaded image (init image or mask), encoded")
+    p.add_argument("--max-upload-mb", type=positive_int, default=8, help="the largest uploaded image (init image, mask or control image), encoded")
     p.add_argument("--outputs", metavar="DIR", help="where every image is saved, a PNG with its parameters in a folder per day "
                    f"(DIR/2026-12-04/...png; deleted ones go to DIR/trash/); the gallery shows what is there (default: {DEFAULT_OUTPUTS}/ "
                    "in the folder where serve runs)")

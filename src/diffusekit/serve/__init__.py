@@ -1,6 +1,6 @@
 """`diffusekit serve`: a local web studio and HTTP API over Pipelines (layer 5: it parses, checks and calls
 pipeline.py; no diffusion logic here). app.py holds the routes, jobs.py the model workers, gallery.py the images
-(outputs.py: the outputs folder they are saved in), requests.py the request bodies and limits, inside.py the
+(outputs.py: the outputs folder they are saved in), requests.py the request bodies and limits (control_requests.py: a job's ControlNet controls, /api/annotate), inside.py the
 inside view (the schedule, x_t previews, attention maps), static/ the page
 (plain HTML, CSS and JS, nothing fetched).
 

@@ -5,7 +5,8 @@ workers (jobs.py); it holds no diffusion logic.
     GET  /                          the page (static/: plain HTML, CSS and JS shipped in the package)
     GET  /api/models                the models, their sizes, samplers and the limits
     POST /api/jobs                  submit a job -> 202 {id, status, position, ...}; 429 + Retry-After when the queue is full
-    GET  /api/jobs/{id}             its state and, when done, its images
+    GET  /api/jobs/{id}             its state and, when done, its images (and notes: a control image resized)
+    POST /api/annotate              an image's Canny edges or scribble as a PNG, as a job's "control" would use it (control_requests.py)
     GET  /api/models/{name}/schedule?steps=&schedule=&size=   the noise schedule and a sampling's sigmas (inside.py)
     GET  /api/jobs/{id}/events      server-sent events: running, progress (previews of x0_hat and x_t), done / failed / cancelled
     DELETE /api/jobs/{id}           cancel it
@@ -37,15 +38,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from diffusekit.models import size_multiple
 from diffusekit.samplers import SAMPLERS
 from diffusekit.schedule import SPACINGS
+from diffusekit.serve.control_requests import annotate_png, check_controls
 from diffusekit.serve.gallery import Gallery, GalleryImage
 from diffusekit.serve.inside import schedule_answer
 from diffusekit.serve.jobs import FINISHED, Job, ModelWorker, QueueFull
-from diffusekit.serve.requests import JobRequest, Limits, OpenAIImageRequest, RequestError, check_job
+from diffusekit.serve.requests import AnnotateRequest, JobRequest, Limits, OpenAIImageRequest, RequestError, check_job
 from diffusekit.serve.sdapi import add_sdapi_routes
 from diffusekit.serve.transport import GUARDED, KEEPALIVE_S, job_failure, presented_key, read_json, wait_for_job
 from diffusekit.version import __version__
 
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8", "inside.js": "text/javascript; charset=utf-8",
+          "control.js": "text/javascript; charset=utf-8",
           "style.css": "text/css; charset=utf-8"}
 ID = re.compile(r"[0-9a-f]{16}")
 HOST = re.compile(r"\[(?P<ipv6>[0-9a-f:.]*)\](?::\d{1,5})?|(?P<name>[^:\[\]]*)(?::\d{1,5})?|(?P<bare_ipv6>[0-9a-f:.]+)")
@@ -77,7 +80,9 @@ class Server:
     def submit(self, req: JobRequest) -> tuple[Job, int]:
         worker = self.worker(req.model)
         call, seed = check_job(req, worker.pipe, self.limits, worker.name)
-        job = Job(worker.name, call, seed, req.index, req.animate)
+        control, notes = check_controls(req.control, worker.pipe, self.limits, call["size"])
+        job = Job(worker.name, {**call, **control}, seed, req.index, req.animate)
+        job.notes = notes
         try:
             position = worker.submit(job)
         except QueueFull as full:
@@ -120,6 +125,7 @@ class Server:
             config, multiple = worker.pipe.config, size_multiple(worker.pipe.config)
             largest = self.limits.size_limit(config)
             out.append({"name": name, "fingerprint": worker.pipe.fingerprint, "size": config.data.image_size, "text": worker.pipe.text_encoder is not None,
+                        "controlnets": list(worker.pipe.controlnets),
                         "latent": worker.pipe.vae is not None, "sizes": list(range(multiple, largest + 1, multiple)), "samplers": list(SAMPLERS),
                         "schedules": list(SPACINGS), "defaults": {"sampler": config.sample.sampler, "schedule": config.sample.spacing,
                                                                   "steps": min(config.sample.steps, self.limits.max_steps),
@@ -195,6 +201,7 @@ def create_app(server: Server, allowed_hosts: list[str] | None = None) -> FastAP
     app.get("/", include_in_schema=False)(lambda: static("index.html"))
     app.get("/app.js", include_in_schema=False)(lambda: static("app.js"))
     app.get("/inside.js", include_in_schema=False)(lambda: static("inside.js"))
+    app.get("/control.js", include_in_schema=False)(lambda: static("control.js"))
     app.get("/style.css", include_in_schema=False)(lambda: static("style.css"))
 
     @app.get("/api/health")
@@ -217,6 +224,11 @@ def create_app(server: Server, allowed_hosts: list[str] | None = None) -> FastAP
         req = await read_json(request, JobRequest, server.limits)
         job, position = await run_in_threadpool(server.submit, req)
         return JSONResponse(job.summary(position), status_code=202)
+
+    @app.post("/api/annotate")
+    async def annotate(request: Request):
+        req = await read_json(request, AnnotateRequest, server.limits)
+        return Response(await run_in_threadpool(annotate_png, req, server.limits), media_type="image/png")
 
     @app.get("/api/jobs/{job_id}")
     def job_state(job_id: str):

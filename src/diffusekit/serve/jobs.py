@@ -47,6 +47,7 @@ class Job:
         self.preview: str | None = None  # the latest x0_hat preview (a PNG data URL), and the x_t beside it
         self.noisy: str | None = None
         self.attention: dict | None = None  # with "attention": true, each token's maps (inside.attention_summary)
+        self.notes: list[str] = []  # what the server changed of the request (a control image resized)
         self.cancel_requested = threading.Event()
         self.done = threading.Event()
         self.lock = threading.Lock()
@@ -56,7 +57,7 @@ class Job:
     def summary(self, position: int | None = None) -> dict:
         return {"id": self.id, "model": self.model, "status": self.status, "step": self.step, "steps": self.steps, "position": position,
                 "seed": self.seed, "images": [image.summary() for image in self.images], "error": self.error,
-                "animation": f"/api/jobs/{self.id}/animation.gif" if self.animation else None, "attention": self.attention,
+                "animation": f"/api/jobs/{self.id}/animation.gif" if self.animation else None, "attention": self.attention, "notes": self.notes,
                 "events": f"/api/jobs/{self.id}/events", "created": self.created, "started": self.started, "finished": self.finished}
 
     def publish(self, event: dict) -> None:
@@ -87,7 +88,7 @@ class Job:
         self.cancel_requested.set()
 
     def finish(self, status: str, error: dict | None = None) -> None:
-        self.call = {k: v for k, v in self.call.items() if k not in ("image", "mask_image")}  # the uploads are not kept
+        self.call = {k: v for k, v in self.call.items() if k not in ("image", "mask_image", "control_image")}  # the uploads are not kept
         self.status, self.error, self.finished = status, error, time.time()
         self.done.set()
         self.publish({"event": status, "job": self.summary()})

@@ -41,8 +41,8 @@ class Limits:
     max_eta: float = 1.0  # DDIM's eta: 0 deterministic, 1 the DDPM posterior
 
     def body_bytes(self) -> int:
-        """The largest request body: an image and a mask in base64 (4/3 of their size) and the rest."""
-        return 3 * self.max_upload_bytes + 2**16
+        """The largest request body: an image, a mask and two control images in base64 (4/3 of their size) and the rest."""
+        return 6 * self.max_upload_bytes + 2**16
 
     def size_limit(self, config) -> int:
         return self.max_size or 4 * config.data.image_size
@@ -56,6 +56,27 @@ class RequestError(Exception):
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class ControlRequest(BaseModel):
+    """One ControlNet's control in a job (serve/control_requests.py checks it); numbers must be JSON numbers."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+    image: str = Field(description="the control image, base64 (a data: URL works): white lines on black for edges and scribbles")
+    controlnet: str | None = Field(None, description="the ControlNet's name (GET /api/models); may be left out when the model has one")
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    annotator: Literal["none", "canny", "scribble"] = "none"
+
+
+class AnnotateRequest(BaseModel):
+    """POST /api/annotate: an image's Canny edges or scribble, as a job's control would use them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    image: str
+    annotator: Literal["none", "canny", "scribble"] = "canny"
+    size: int | None = Field(None, description="the job's output size (the image's centre square resized to it); default the image's")
 
 
 class JobRequest(BaseModel):
@@ -83,6 +104,7 @@ class JobRequest(BaseModel):
     jump_n_sample: int = 1
     animate: bool = False
     attention: bool = Field(False, description="a text-to-image job's cross-attention maps, one per token of the prompt")
+    control: list[ControlRequest] | None = Field(None, description="ControlNets' control images and settings (control_requests.py)")
 
 
 class OpenAIImageRequest(BaseModel):

@@ -40,6 +40,7 @@ function applyModel() {
   $("steps").value = m.defaults.steps;
   $("guidance").value = m.defaults.guidance;
   $("prompt").disabled = $("negative").disabled = $("attention").disabled = !m.text;
+  showControlPanel(m);
   $("model-info").textContent = `${m.size} px, ${m.latent ? "latent" : "pixel"} model, hash ${m.fingerprint}`;
   scheduleSoon();
 }
@@ -71,13 +72,17 @@ function loadInit(src) {
   image.src = src;
 }
 
-function paint(event, first) {  // a round brush stroke from the last point to this one, in image pixels
-  const canvas = $("mask-canvas"), box = canvas.getBoundingClientRect();
+function stroke(canvas, event, last, colour, width) {  // a round brush stroke from `last` (null: a dot) to the pointer, in canvas pixels
+  const box = canvas.getBoundingClientRect();
   const x = (event.clientX - box.left) * canvas.width / box.width, y = (event.clientY - box.top) * canvas.height / box.height;
-  const g = canvas.getContext("2d"), last = first || !state.last ? { x, y } : state.last;
-  g.strokeStyle = "#00d5ff"; g.lineWidth = Number($("brush").value); g.lineCap = g.lineJoin = "round";
-  g.beginPath(); g.moveTo(last.x, last.y); g.lineTo(x + 0.01, y); g.stroke();
-  state.last = { x, y };
+  const g = canvas.getContext("2d"), from = last || { x, y };
+  g.strokeStyle = colour; g.lineWidth = width; g.lineCap = g.lineJoin = "round";
+  g.beginPath(); g.moveTo(from.x, from.y); g.lineTo(x + 0.01, y); g.stroke();
+  return { x, y };
+}
+
+function paint(event, first) {  // the inpainting mask's brush
+  state.last = stroke($("mask-canvas"), event, first ? null : state.last, "#00d5ff", Number($("brush").value));
   state.hasMask = true;
 }
 
@@ -109,6 +114,8 @@ function requestBody() {
     attention: $("attention").checked,
   };
   if (!currentModel().text) { body.prompt = ""; body.negative_prompt = ""; body.attention = false; }
+  const controls = controlEntry();
+  if (controls) body.control = controls;
   if (state.hasInit) {
     body.image = canvasData($("init-canvas"));
     body.strength = Number($("strength").value);
@@ -166,7 +173,7 @@ async function onEvent(event) {
   } else if (event.event === "done") {
     const job = event.job;
     $("progress").value = 1;
-    setStatus(`done: ${job.images.length} image(s), seed ${job.seed}`);
+    setStatus(`done: ${job.images.length} image(s), seed ${job.seed}` + (job.notes && job.notes.length ? ` (${job.notes.join("; ")})` : ""));
     state.lastSeed = job.seed;
     keepAttention(job);
     for (const image of job.images) await addToGallery(image, true);
@@ -283,6 +290,7 @@ async function init() {
   $("use-init").addEventListener("click", () => { const e = state.selected && gallery.get(state.selected.id); if (e) loadInit(e.src); });
   $("use-settings").addEventListener("click", useSettings);
   $("gallery-more").addEventListener("click", () => loadPage().catch((e) => setStatus(e.message, true)));
+  initControl();
   const mask = $("mask-canvas");
   mask.addEventListener("pointerdown", (e) => { state.painting = true; mask.setPointerCapture(e.pointerId); paint(e, true); });
   mask.addEventListener("pointermove", (e) => { if (state.painting) paint(e); });
