@@ -81,6 +81,7 @@ def process_group(device_name: str = "auto"):
         dist.init_process_group("gloo", timeout=TIMEOUT)
     try:
         yield
+        dist.barrier()  # leave together: a rank that tears down its gloo connections while another still holds them can abort
     finally:
         dist.destroy_process_group()
 
