@@ -1,15 +1,12 @@
 """The one training loop every model diffusekit trains goes through.
 
     Trainer(config, run_dir, DiffusionRecipe).run()    # or run_training(DiffusionRecipe, config, run_dir)
-
 A Recipe says what a kind of run trains: it loads the data, builds the parts (Trained: what the
 optimizer trains, what else a checkpoint holds), writes one optimizer step (its loss) and what to
 show (sample grids, evaluations). The Trainer does the rest: data order, warm-up/cosine learning rate,
 EMA, a tqdm bar, metrics.jsonl, time and step budgets, atomic checkpoints and a resume that continues
-bit for bit (the training state, training_state.TrainingState, is one object the trainer owns).
-Recipes: diffusion_training.DiffusionRecipe, finetune.FinetuneRecipe, distill.DistillRecipe,
-autoencoder_training.AutoencoderRecipe.
-
+bit for bit (the training state, training_state.TrainingState, is one object the trainer owns). Recipes:
+DiffusionRecipe, FinetuneRecipe, DistillRecipe, AutoencoderRecipe, ControlNetRecipe. What a run writes:
     RUN/config.json  RUN/metrics.jsonl  RUN/samples/step_*.png  RUN/checkpoints/step_*/
 
 Several processes (torchrun; distributed.py): train.batch_size is per rank, so a step
@@ -33,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import sys
 import time
@@ -83,7 +81,10 @@ def run_training(recipe: type["Recipe"], config: Config, run_dir: str | Path, *,
         trainer = Trainer(config, run_dir, recipe, progress, resume_from=ckpt)  # loads the data: a bad dataset fails here, before anything is deleted
         if overwrite and ckpt is None and run_dir.exists() and distributed.is_main():
             clear_run_dir(run_dir)
-        return trainer.run(resume_from=ckpt)
+        result = trainer.run(resume_from=ckpt)
+        del trainer  # it and its recipe refer to each other: free them (DDP holds the process group) while the group is up,
+        gc.collect()  # not in a garbage collection after it is gone (gloo aborts then)
+        return result
 
 
 def window_means(window: list[dict[str, float]]) -> dict[str, float]:
