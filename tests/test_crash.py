@@ -300,3 +300,19 @@ def test_sampling_a_run_with_a_damaged_newest_checkpoint_uses_the_newest_intact_
     assert_user_error(cli(capsys, "sample", copy, "--n", "1", "--steps", "2", "--out", tmp_path / "y.png"),
                       f"no checkpoint of the run '{copy}' is intact", f"step_{2 * EVERY:08d}/ema.safetensors' is damaged", f"step_{EVERY:08d}/config.json")
     assert not (tmp_path / "y.png").exists()
+
+
+def test_an_output_kept_beside_the_checkpoints_that_cannot_be_written_warns_and_is_an_error_only_at_the_end(tmp_path):
+    """A LoRA file or ControlNet folder a recipe rewrites with each checkpoint (training_state.save_output), on a full disk."""
+    from diffusekit.training_state import save_output
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.warns(DiffusekitWarning, match=r"could not write the LoRA file .*No space left.*training goes on"):
+        save_output("the LoRA file", tmp_path / "lora.safetensors", full_disk, final=False)
+    with pytest.raises(UserError, match=r"could not write the ControlNet folder .*--resume writes it from the last checkpoint"):
+        save_output("the ControlNet folder", tmp_path / "controlnet", full_disk, final=True)
+    written = []
+    save_output("the LoRA file", tmp_path / "lora.safetensors", lambda: written.append(1), final=True)
+    assert written == [1]

@@ -33,7 +33,7 @@ from diffusekit.data.latents import latent_dataset
 from diffusekit.devices import prepare_module
 from diffusekit.diffusion_batches import DiffusionBatches
 from diffusekit.diffusion_training import diffusion_step
-from diffusekit.errors import UserError, warn
+from diffusekit.errors import UserError
 from diffusekit.files import write_json_atomic
 from diffusekit.finetune import DEMO, base_config, base_path, check_base
 from diffusekit.images import save_grid
@@ -43,6 +43,7 @@ from diffusekit.nn.state import weights_fingerprint
 from diffusekit.pipeline import load_model
 from diffusekit.schedule import make_schedule
 from diffusekit.trainer import Recipe, Trained, TrainResult, run_training
+from diffusekit.training_state import save_output
 
 RUN_FOLDER = "controlnet"  # RUN/controlnet/: the EMA ControlNet in diffusers' layout
 # training defaults of a ControlNet run (the base's own train.* are for training from scratch)
@@ -174,10 +175,5 @@ class ControlNetRecipe(Recipe):
     def write_folder(self, final: bool) -> None:
         """RUN/controlnet/: the EMA ControlNet as a diffusers ControlNetModel folder."""
         path = self.trainer.run_dir / RUN_FOLDER
-        try:
-            write_controlnet(self.trainer.ema, path, replace_existing=True)
-        except OSError as err:
-            if final:
-                raise UserError(f"could not write the ControlNet to {path} ({err}); free some space, then --resume writes it") from None
-            warn(f"could not write the ControlNet to {path} ({err}); training goes on")
+        save_output("the ControlNet folder", path, lambda: write_controlnet(self.trainer.ema, path, replace_existing=True), final)
 

@@ -56,6 +56,7 @@ from diffusekit.nn.state import weights_fingerprint
 from diffusekit.pipeline import Pipeline, load_model
 from diffusekit.schedule import make_schedule
 from diffusekit.trainer import Recipe, Trained, TrainResult, run_training
+from diffusekit.training_state import save_output
 
 ADAPTER = "finetune"  # the name of the LoRA being trained
 DEMO = "the shipped demo model"
@@ -276,10 +277,9 @@ class FinetuneRecipe(Recipe):
         prompts = list(dict.fromkeys(self.new_captions()))[:64] if self.batches.captions is not None else []
         metadata = {BASE_FINGERPRINT: fc.base_fingerprint, BASE_NAME: fc.base or DEMO, "diffusekit.step": str(t.state.step),
                     "diffusekit.prompts": json.dumps(prompts)}
-        try:
+
+        def write():
             with self.ema_weights():
                 save_lora(path, self.unet, ADAPTER, text_encoder=self.batches.text_encoder, metadata=metadata)
-        except (OSError, SafetensorError) as err:
-            if final:
-                raise UserError(f"could not write the LoRA file {path} ({err}); free some space, then --resume writes it from the last checkpoint") from None
-            warn(f"could not write the LoRA file {path} ({err}); training goes on")
+
+        save_output("the LoRA file", path, write, final)

@@ -121,3 +121,15 @@ def restore(trainer, ckpt: Path) -> None:
     if saved_batch != trainer.global_batch and trainer.rank == 0:
         warn(f"the global batch is now {trainer.global_batch} images (train.batch_size x grad_accumulation x {trainer.world} processes); "
              f"the run trained with {saved_batch} so far")
+
+
+def save_output(what: str, path: Path, write, final: bool) -> None:
+    """write() an output a recipe rewrites with each checkpoint (a LoRA file, a ControlNet folder) at `path`. A failure
+    (full disk) is a warning and training goes on, as for a checkpoint; at the final save it is an error saying how to
+    get the output back: --resume writes it again from the last checkpoint."""
+    try:
+        write()
+    except (OSError, SafetensorError) as err:
+        if final:
+            raise UserError(f"could not write {what} {path} ({err}); free some space, then --resume writes it from the last checkpoint") from None
+        warn(f"could not write {what} {path} ({err}); training goes on")
